@@ -1,0 +1,140 @@
+"""Shared LightningDataModule logic: a train/val/test split with val carved from train."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from compresslab.errors import DatasetNotFoundError
+
+
+class ClassificationDataModule(pl.LightningDataModule, ABC):
+    """Base datamodule for image/sequence classification.
+
+    Subclasses implement :meth:`_train_dataset` (with training augmentation),
+    :meth:`_train_dataset_for_eval` (same samples, eval transform) and
+    :meth:`_test_dataset`, and set ``input_shape`` (without batch dim) and
+    ``num_classes``. The validation split is a fixed-seed random subset of the
+    training set (``val_fraction``, ``split_seed``), evaluated without augmentation.
+    """
+
+    name: str = "dataset"
+    input_shape: tuple[int, ...] = ()
+    num_classes: int = 0
+    #: True when the training transform is random (crop/flip...): per-sample
+    #: caches of teacher outputs are then invalid.
+    has_augmentation: bool = False
+
+    def __init__(
+        self,
+        root: str | Path = "data",
+        download: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise ValueError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
+        self.root = Path(root)
+        self.download = bool(download)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.val_fraction = float(val_fraction)
+        self.split_seed = int(split_seed)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.augment = bool(augment)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # ---- to implement -------------------------------------------------
+    @abstractmethod
+    def _train_dataset(self) -> Dataset:
+        """The training samples with the training transform."""
+
+    def _train_dataset_for_eval(self) -> Dataset:
+        return self._train_dataset()
+
+    @abstractmethod
+    def _test_dataset(self) -> Dataset:
+        """The test split with the eval transform."""
+
+    def expected_files(self) -> Sequence[Path]:
+        """Files whose absence means the dataset is not on disk (empty: always available)."""
+        return ()
+
+    # ---- shared -------------------------------------------------------
+    def check_available(self) -> None:
+        """Fail early, naming the path and the download option, when files are missing."""
+        if self.download:
+            return
+        missing = [p for p in self.expected_files() if not Path(p).exists()]
+        if missing:
+            raise DatasetNotFoundError(
+                f"Dataset '{self.name}' not found under {self.root.resolve()} "
+                f"(missing: {', '.join(str(m) for m in missing[:3])}). "
+                f"Set dataset.root=<dir with the files>, or dataset.download=true on a machine with internet."
+            )
+
+    def prepare_data(self) -> None:
+        self.check_available()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        self.check_available()
+        train_aug = self._train_dataset()
+        train_eval = self._train_dataset_for_eval()
+        n = len(train_aug)
+        n_val = max(1, int(round(n * self.val_fraction)))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+        self.val_indices = sorted(perm[:n_val])
+        self.train_indices = sorted(perm[n_val:])
+        self.train_set = Subset(train_aug, self.train_indices)
+        self.val_set = Subset(train_eval, self.val_indices)
+        self.test_set = self._test_dataset()
+
+    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, self.eval_batch_size)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False, self.eval_batch_size)
+
+    def example_batch(self, batch_size: int = 1) -> torch.Tensor:
+        """A batch of real test inputs, for latency and MAC measurement."""
+        xs = [self.test_set[i][0] for i in range(min(batch_size, len(self.test_set)))]
+        x = torch.stack(xs)
+        if x.shape[0] < batch_size:  # tiny test sets: repeat to reach the batch size
+            reps = -(-batch_size // x.shape[0])
+            x = x.repeat(reps, *([1] * (x.dim() - 1)))[:batch_size]
+        return x
+
+    def describe(self) -> dict:
+        """What a model builder and results.json need to know about the data."""
+        return {"name": self.name, "input_shape": list(self.input_shape), "num_classes": self.num_classes}

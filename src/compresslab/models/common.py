@@ -1,0 +1,76 @@
+"""Helpers shared by the model definitions, and the safe model builder."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from compresslab.errors import ConfigError
+
+#: Only callables under these modules may be named by a config or an artifact's arch spec.
+ALLOWED_TARGET_PREFIXES = ("compresslab.models.",)
+
+
+def require_image_input(model_name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
+    """Check that ``input_shape`` is (C, H, W); a clear error otherwise."""
+    if len(input_shape) != 3:
+        raise ConfigError(
+            f"Model '{model_name}' needs image input (C, H, W) but the dataset gives {tuple(input_shape)}. "
+            "For 1-D data (mnist1d) pick a 1-D or flat model, e.g. student=cnn1d, student=mlp."
+        )
+    c, h, w = (int(v) for v in input_shape)
+    return c, h, w
+
+
+def require_sequence_input(model_name: str, input_shape: Sequence[int]) -> tuple[int, int]:
+    """Check that ``input_shape`` is (C, L) for 1-D convolutional models."""
+    if len(input_shape) != 2:
+        raise ConfigError(
+            f"Model '{model_name}' needs 1-D input (C, L) but the dataset gives {tuple(input_shape)}. "
+            "For images pick a 2-D model, e.g. student=lenet5 or student=resnet20."
+        )
+    return int(input_shape[0]), int(input_shape[1])
+
+
+def build_model(arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """Build a model from an arch spec ``{"_target_": "compresslab.models....", **kwargs}``.
+
+    The spec is plain data (it is stored inside artifacts next to the state
+    dict), and only targets inside ``compresslab.models`` are accepted, so
+    rebuilding a model from a file never imports arbitrary code.
+    """
+    from hydra.utils import get_method
+
+    spec = dict(arch)
+    target = spec.pop("_target_", None)
+    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+        raise ConfigError(
+            f"Architecture spec must have a _target_ inside compresslab.models, got {target!r}. "
+            "Pick a model config: teacher=<name> / student=<name> (see conf/arch/)."
+        )
+    factory = get_method(target)
+    return factory(input_shape=tuple(int(v) for v in input_shape), num_classes=int(num_classes), **spec)
+
+
+def init_weights(module: nn.Module) -> None:
+    """Kaiming-normal convs, unit BN, small-normal linear: the usual CIFAR-net init."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def flat_features(module: nn.Module, input_shape: Sequence[int]) -> int:
+    """Number of features ``module`` produces for one input of ``input_shape``, flattened."""
+    was_training = module.training
+    module.eval()
+    out = module(torch.zeros(1, *input_shape))
+    module.train(was_training)
+    return int(out.flatten(1).shape[1])
