@@ -2,5 +2,21 @@
 
 from compresslab.data.base import ClassificationDataModule
 from compresslab.data.embedded import DigitsDataModule, MNIST1DDataModule
+from compresslab.data.vision import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    MNISTDataModule,
+)
 
-__all__ = ["ClassificationDataModule", "DigitsDataModule", "MNIST1DDataModule"]
+__all__ = [
+    "ClassificationDataModule",
+    "DigitsDataModule",
+    "MNIST1DDataModule",
+    "MNISTDataModule",
+    "FashionMNISTDataModule",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "ImageFolderDataModule",
+]

@@ -1,0 +1,120 @@
+"""Saving and loading models as safe files: an architecture spec plus a state dict.
+
+A model file is a ``torch.save`` of plain data only (strings, numbers, lists,
+dicts, tensors), so :func:`load_model_file` reads it with ``weights_only=True``
+and rebuilds the module from the spec through :func:`compresslab.models.build_model`,
+which only accepts targets inside ``compresslab.models``. No pickled code runs.
+Compression methods with other formats (sparse, int8, bit-packed) register a
+loader in :data:`LOADERS` under their ``format`` string.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from compresslab.errors import CheckpointError
+from compresslab.models import build_model
+
+DENSE_FORMAT = "compresslab.dense/1"
+
+#: format string -> function(payload) -> nn.Module, for artifacts in other encodings.
+LOADERS: dict[str, Callable[[dict], nn.Module]] = {}
+
+
+def atomic_torch_save(obj: Any, path: Path) -> None:
+    """Write ``obj`` with ``torch.save`` to a temp file in the same dir, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_payload(
+    model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
+    meta: Mapping[str, Any] | None = None,
+) -> dict:
+    """The plain-data dict that describes a dense model file."""
+    return {
+        "format": DENSE_FORMAT,
+        "arch": dict(arch),
+        "input_shape": [int(v) for v in input_shape],
+        "num_classes": int(num_classes),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+
+
+def save_model_file(path: Path, model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int],
+                    num_classes: int, meta: Mapping[str, Any] | None = None) -> Path:
+    """Save a dense fp32 model as arch spec + state dict (atomic)."""
+    atomic_torch_save(model_payload(model, arch, input_shape, num_classes, meta), Path(path))
+    return Path(path)
+
+
+def read_payload(path: Path) -> dict:
+    """Read a compresslab file with ``weights_only=True``; clear errors for missing/foreign files."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"No such checkpoint/artifact: {path.resolve()}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refused or corrupt
+        raise CheckpointError(
+            f"Cannot load {path} safely (weights_only=True): {exc}. compresslab only loads files "
+            "holding plain tensors/containers (its own model files, Lightning checkpoints, state dicts)."
+        ) from exc
+
+
+def model_from_payload(payload: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a model from a payload read by :func:`read_payload`."""
+    fmt = payload.get("format")
+    if fmt == DENSE_FORMAT:
+        model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+        model.load_state_dict(payload["state_dict"])
+        return model.eval()
+    if fmt in LOADERS:
+        return LOADERS[fmt](dict(payload)).eval()
+    raise CheckpointError(f"Unknown artifact format {fmt!r}; known: {[DENSE_FORMAT, *LOADERS]}")
+
+
+def load_model_file(path: Path) -> nn.Module:
+    """Load any compresslab model file/artifact into a working module in eval mode."""
+    return model_from_payload(read_payload(path))
+
+
+def load_state_dict_into(model: nn.Module, path: Path) -> nn.Module:
+    """Load weights from a compresslab model file, a Lightning checkpoint, or a plain state dict.
+
+    Lightning checkpoints store the module's parameters under ``state_dict`` with
+    a ``model.`` prefix (compresslab's modules keep the network as ``self.model``).
+    """
+    payload = read_payload(path)
+    if isinstance(payload, dict) and payload.get("format") == DENSE_FORMAT:
+        state = payload["state_dict"]
+    elif isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        state = {k[len("model."):]: v for k, v in payload["state_dict"].items() if k.startswith("model.")}
+        state = state or payload["state_dict"]
+    elif isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
+        state = payload
+    else:
+        raise CheckpointError(f"{path}: not a model file, Lightning checkpoint or state dict")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"{path} does not match the configured architecture: {exc}. "
+            "Check that teacher=<arch> names the architecture the checkpoint was trained with."
+        ) from exc
+    return model

@@ -1,0 +1,101 @@
+"""Obtain the teacher: load ``teacher.ckpt``, or train it once and cache it by config hash.
+
+The cache lives in ``paths.teacher_cache`` as ``<arch>-<dataset>-<hash>.pt`` (a safe
+model file) plus a ``.json`` describing what was hashed. A file lock makes
+concurrent sweep jobs that need the same teacher wait for the one that trains
+it; the file appears by atomic rename, so nobody reads a half-written teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+from filelock import FileLock
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from compresslab.artifact import read_payload, load_state_dict_into, save_model_file
+from compresslab.models import build_model
+from compresslab.train import ClassifierModule, fit_with_checkpoints
+
+#: Dataset keys that change what is loaded, not which samples/labels a model sees.
+_DATA_KEYS_IGNORED = {"root", "download", "num_workers", "eval_batch_size", "pin_memory", "persistent_workers"}
+#: Trainer keys that change the numbers a training run produces.
+_TRAINER_KEYS_HASHED = ("precision", "limit_train_batches", "limit_val_batches", "max_steps",
+                        "accumulate_grad_batches", "gradient_clip_val")
+CACHE_VERSION = 1
+
+
+def arch_spec(model_cfg: DictConfig) -> dict:
+    """The plain-dict arch spec (``_target_`` + kwargs) of a teacher/student config."""
+    return OmegaConf.to_container(model_cfg.arch, resolve=True)
+
+
+def teacher_identity(cfg: DictConfig) -> dict:
+    """Everything that determines a trained teacher: data, arch, recipe, seed, trainer numerics."""
+    data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in _DATA_KEYS_IGNORED}
+    recipe = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in ("ckpt", "name")}
+    trainer = {k: cfg.trainer.get(k) for k in _TRAINER_KEYS_HASHED}
+    return {"version": CACHE_VERSION, "dataset": data, "teacher": recipe, "seed": int(cfg.seed), "trainer": trainer}
+
+
+def teacher_cache_path(cfg: DictConfig) -> Path:
+    """``<cache>/<arch>-<dataset>-<12 hex of sha256(identity)>.pt``."""
+    ident = json.dumps(teacher_identity(cfg), sort_keys=True, default=str)
+    digest = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return Path(cfg.paths.teacher_cache) / f"{cfg.teacher.name}-{cfg.dataset.name}-{digest}.pt"
+
+
+def build_recipe_module(model: nn.Module, recipe: DictConfig, num_classes: int) -> ClassifierModule:
+    """A :class:`ClassifierModule` with the optimizer/scheduler/label smoothing of a recipe node."""
+    return ClassifierModule(
+        model,
+        num_classes,
+        optimizer=instantiate(recipe.optimizer),
+        scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
+        label_smoothing=recipe.get("label_smoothing", 0.0),
+    )
+
+
+def obtain_teacher(
+    cfg: DictConfig, datamodule, trainer_factory: Callable[..., pl.Trainer], log: Callable[[str], Any] = print,
+) -> tuple[nn.Module, dict] | tuple[None, None]:
+    """Return ``(teacher in eval mode, info)``; info has ``path``, ``source`` and test accuracies."""
+    if cfg.teacher.get("arch") is None:
+        return None, None
+    shape, classes = datamodule.input_shape, datamodule.num_classes
+    spec = arch_spec(cfg.teacher)
+    if cfg.teacher.get("ckpt"):
+        path = Path(cfg.teacher.ckpt)
+        model = load_state_dict_into(build_model(spec, shape, classes), path)
+        return model.eval(), {"path": str(path), "source": "checkpoint"}
+
+    path = teacher_cache_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.exists():
+            log(f"teacher: cached {path}")
+            payload = read_payload(path)
+            model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+            model.load_state_dict(payload["state_dict"])
+            return model.eval(), {"path": str(path), "source": "cache", **payload["meta"]}
+        log(f"teacher: training {cfg.teacher.name} -> {path}")
+        pl.seed_everything(int(cfg.seed), workers=True)
+        model = build_model(spec, shape, classes)
+        module = build_recipe_module(model, cfg.teacher, classes)
+        work_dir = path.with_suffix(".work")
+        fit = fit_with_checkpoints(
+            module, datamodule, trainer_factory, work_dir, cfg.teacher.epochs, resume=True,
+        )
+        meta = {k: fit[k] for k in ("acc_top1", "acc_top1_last", "best_epoch", "train_time_s")}
+        save_model_file(path, model, spec, shape, classes, meta=meta)
+        path.with_suffix(".json").write_text(json.dumps(
+            {"identity": teacher_identity(cfg), "metrics": meta}, indent=2, default=str))
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return model.eval(), {"path": str(path), "source": "trained", **meta}

@@ -1,0 +1,79 @@
+"""Weights & Biases through Lightning's WandbLogger: offline by default, finished in a ``finally``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+METRIC_ROWS = ("teacher", "reference", "student")
+
+
+def make_logger(cfg: DictConfig, run_dir: Path, axes: Mapping[str, Any]):
+    """A WandbLogger for ``logger=wandb`` (offline unless ``logger.mode=online``), else None."""
+    lcfg = cfg.logger
+    if lcfg.name == "none":
+        return None
+    if lcfg.name != "wandb":
+        from compresslab.errors import ConfigError
+
+        raise ConfigError(f"Unknown logger '{lcfg.name}'; choose logger=wandb or logger=none")
+    from pytorch_lightning.loggers import WandbLogger
+
+    mode = str(lcfg.mode or "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    tags = list(lcfg.tags or []) + [f"{k}={v}" for k, v in axes.items() if v not in (None, "none")]
+    return WandbLogger(
+        project=lcfg.project,
+        entity=lcfg.entity,
+        name=f"{axes.get('dataset')}-{axes.get('student')}-{Path(run_dir).name}",
+        save_dir=str(run_dir),
+        offline=mode == "offline",
+        mode=mode,
+        group=lcfg.group,
+        job_type=lcfg.job_type,
+        tags=tags[:64],
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def flatten_metrics(record: Mapping[str, Any]) -> dict:
+    """``{"student/acc_top1": ..., "teacher/params": ...}`` for the W&B run summary."""
+    flat = {}
+    for row in METRIC_ROWS:
+        metrics = record.get(row) or {}
+        for key, value in metrics.items():
+            if isinstance(value, (int, float, str, bool)) or value is None:
+                flat[f"{row}/{key}"] = value
+    flat["status"] = record.get("status")
+    return flat
+
+
+def log_final(logger, record: Mapping[str, Any]) -> None:
+    """Put the final metrics in the run summary and a teacher/reference/student ``wandb.Table``."""
+    if logger is None:
+        return
+    import wandb
+
+    run = logger.experiment
+    run.summary.update(flatten_metrics(record))
+    keys = sorted({k for row in METRIC_ROWS for k in (record.get(row) or {})
+                   if isinstance((record.get(row) or {}).get(k), (int, float, str, bool))})
+    table = wandb.Table(columns=["model", *keys])
+    for row in METRIC_ROWS:
+        metrics = record.get(row) or {}
+        if metrics:
+            table.add_data(row, *[metrics.get(k) for k in keys])
+    run.log({"results": table})
+
+
+def finish(logger, failed: bool) -> None:
+    """Close the W&B run (safe to call for no logger); marks failed runs with exit code 1."""
+    if logger is None:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)

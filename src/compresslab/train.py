@@ -1,0 +1,151 @@
+"""The LightningModule that trains one classifier (a teacher, or a student from scratch),
+and the helper that runs a fit with best/last checkpoints."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ClassifierModule(pl.LightningModule):
+    """Supervised training of ``model`` with cross-entropy (optional label smoothing).
+
+    ``optimizer`` and ``scheduler`` are partials (Hydra ``_partial_: true``) that
+    take the parameters / the optimizer. Logs ``train/loss``, ``val/acc``
+    (top-1, monitored for the best checkpoint), ``test/acc`` and top-5 when
+    there are more than 5 classes.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.num_classes = int(num_classes)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.label_smoothing = float(label_smoothing)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.top5 = num_classes > 5
+        if self.top5:
+            self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss and logits for one training batch (subclasses add distillation terms)."""
+        logits = self.model(x)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss, logits = self.training_loss(x, y)
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def _eval_step(self, batch, stage: str) -> None:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y)
+        acc = getattr(self, f"{stage}_acc")
+        acc(logits, y)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc", acc, on_epoch=True, prog_bar=True)
+        if self.top5:
+            acc5 = getattr(self, f"{stage}_acc5")
+            acc5(logits, y)
+            self.log(f"{stage}/acc_top5", acc5, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def trainable_parameters(self):
+        """Parameters the optimizer updates (a distillation module adds its adapters)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("ClassifierModule needs an optimizer factory to train")
+        optimizer = self.optimizer_factory(self.trainable_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def fit_with_checkpoints(
+    module: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    trainer_factory: Callable[..., pl.Trainer],
+    ckpt_dir: Path,
+    max_epochs: int,
+    callbacks: Sequence[Callback] = (),
+    logger: Any = False,
+    resume: bool = True,
+) -> dict:
+    """Fit ``module`` keeping the best (by ``val/acc``) and the last checkpoint in ``ckpt_dir``.
+
+    Resumes from ``ckpt_dir/last.ckpt`` when it exists and ``resume`` is set.
+    Checkpoints are read with ``weights_only=True``. Returns test accuracy of the
+    last epoch and of the val-selected checkpoint, leaving the val-selected
+    weights loaded in ``module``.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_last=True,
+        auto_insert_metric_name=False,
+    )
+    trainer: pl.Trainer = trainer_factory(
+        max_epochs=int(max_epochs), callbacks=[checkpoint, *callbacks], logger=logger,
+        default_root_dir=str(ckpt_dir),
+    )
+    last = ckpt_dir / "last.ckpt"
+    resume_from = str(last) if resume and last.exists() else None
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    train_time = time.perf_counter() - start
+    last_acc = _test_acc(trainer, module, datamodule, ckpt_path=None)
+    best_path = checkpoint.best_model_path
+    if best_path and Path(best_path).exists():
+        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
+        best_acc = _test_acc(trainer, module, datamodule, ckpt_path=None)
+        best_epoch = int(state.get("epoch", -1))
+    else:  # no validation ran (e.g. limit_val_batches=0): the last epoch is the selection
+        best_acc, best_epoch = last_acc, trainer.current_epoch - 1
+    return {
+        "acc_top1": best_acc,
+        "acc_top1_last": last_acc,
+        "best_epoch": best_epoch,
+        "epochs_run": int(trainer.current_epoch),
+        "resumed_from": resume_from,
+        "train_time_s": train_time,
+        "trainer": trainer,
+    }
+
+
+def _test_acc(trainer: pl.Trainer, module, datamodule, ckpt_path) -> float:
+    out = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+    return float(out[0]["test/acc"])
