@@ -1,0 +1,24 @@
+"""The ``compresslab`` command: a Hydra app over ``conf/`` that runs one experiment per job."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+CONFIG_DIR = os.environ.get("COMPRESSLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Run the composed experiment; returns the student's test accuracy (a sweep objective)."""
+    from compresslab.pipeline import run_experiment
+
+    record = run_experiment(cfg)
+    return (record.get("student") or {}).get("acc_top1")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The contract between the run pipeline and a compression method.
+
+A method is configured in its axis group (``prune``, ``quant``, ``lowrank``) with a
+``_target_`` naming a :class:`CompressionMethod` subclass; ``<axis>=none`` has no
+target and adds nothing. The pipeline calls, in axis order lowrank → prune → quant:
+
+1. :meth:`prepare` on the freshly built student (e.g. factorize layers),
+2. :meth:`callbacks` to add Lightning callbacks to the student fit (pruning schedules, QAT),
+3. :meth:`finalize` on the trained, val-selected student (PTQ, removing masks),
+4. :meth:`export` to claim the artifact format (the last axis that returns a payload wins),
+5. :meth:`report` to add method-specific numbers to the student's results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from compresslab.config_utils import instantiate_node
+from compresslab.errors import ConfigError
+
+AXIS_ORDER = ("lowrank", "prune", "quant")
+
+
+class CompressionMethod:
+    """Base class with pass-through hooks; subclasses override what their method needs."""
+
+    axis: str = ""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def prepare(self, student: nn.Module, datamodule) -> nn.Module:
+        """Change the student before training (default: unchanged)."""
+        return student
+
+    def callbacks(self) -> list[Callback]:
+        """Callbacks for the student's fit (default: none)."""
+        return []
+
+    def finalize(self, student: nn.Module, datamodule) -> nn.Module:
+        """Transform the trained student (default: unchanged)."""
+        return student
+
+    def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
+        """A plain-data payload to save as the artifact, with a ``format`` registered in
+        :data:`compresslab.artifact.LOADERS`; None leaves the dense format."""
+        return None
+
+    def report(self) -> dict[str, Any]:
+        """Extra numbers for results.json's student entry."""
+        return {}
+
+
+def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
+    """Instantiate the configured method of each compression axis, in axis order."""
+    methods = []
+    for axis in AXIS_ORDER:
+        node = cfg.get(axis)
+        if node is None or node.get("name") == "none":
+            continue
+        if "_target_" not in node:
+            raise ConfigError(f"{axis}={node.get('name')} has no _target_; see conf/{axis}/ for the methods")
+        method = instantiate_node(node, name=node.name)
+        if not isinstance(method, CompressionMethod):
+            raise ConfigError(f"{axis}: {node._target_} is not a compresslab CompressionMethod")
+        method.axis = axis
+        methods.append(method)
+    return methods

@@ -1,0 +1,176 @@
+"""One compresslab run: data → teacher → (compressed) student fit → artifact → measurement → results.
+
+:func:`run_experiment` is what the ``compresslab`` CLI calls for each Hydra job; it
+can be called directly with a composed config (tests do). Bad configuration
+fails in :func:`validate` before any training time is spent, and every run —
+completed or failed — leaves ``<run dir>/results.json``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import traceback
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_only
+
+from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
+from compresslab.compress import CompressionMethod, build_methods
+from compresslab.config_utils import instantiate_node
+from compresslab.errors import CheckpointError, ConfigError
+from compresslab.measure import evaluate_accuracy, file_size, profile
+from compresslab.models import build_model
+from compresslab.teacher import arch_spec, obtain_teacher
+from compresslab.track import base_record, write_results
+from compresslab.track.console import print_summary
+from compresslab.track.wandb_glue import finish, log_final, make_logger
+from compresslab.train import ClassifierModule, fit_with_checkpoints
+
+
+def build_datamodule(cfg: DictConfig):
+    """Instantiate ``cfg.dataset`` and check its files are there (clear error otherwise)."""
+    dm = instantiate_node(cfg.dataset)
+    dm.prepare_data()
+    return dm
+
+
+def build_student_module(cfg: DictConfig, student: torch.nn.Module, teacher, num_classes: int) -> pl.LightningModule:
+    """Plain supervised training for ``distill=none``; otherwise the configured distillation module."""
+    common = {
+        "optimizer": instantiate(cfg.student.optimizer),
+        "scheduler": instantiate(cfg.student.scheduler) if cfg.student.get("scheduler") else None,
+        "label_smoothing": cfg.student.get("label_smoothing", 0.0),
+    }
+    if cfg.distill.name == "none":
+        return ClassifierModule(student, num_classes, **common)
+    if teacher is None:
+        raise ConfigError(f"distill={cfg.distill.name} needs a teacher, but teacher=none")
+    return instantiate_node(cfg.distill, model=student, teacher=teacher, num_classes=num_classes, **common)
+
+
+def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
+    """Everything that can be checked before training: models build, files exist, methods parse."""
+    shape, classes = datamodule.input_shape, datamodule.num_classes
+    build_model(arch_spec(cfg.student), shape, classes)
+    if cfg.teacher.get("arch") is not None:
+        build_model(arch_spec(cfg.teacher), shape, classes)
+        ckpt = cfg.teacher.get("ckpt")
+        if ckpt and not Path(ckpt).exists():
+            raise CheckpointError(f"teacher.ckpt={ckpt} does not exist ({Path(ckpt).resolve()})")
+    elif cfg.distill.name != "none":
+        raise ConfigError(f"distill={cfg.distill.name} needs a teacher, but teacher=none")
+    for key in ("epochs",):
+        for role in ("teacher", "student"):
+            value = cfg[role].get(key)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ConfigError(f"{role}.{key} must be a non-negative integer, got {value!r}")
+    methods = build_methods(cfg)
+    instantiate(cfg.trainer, max_epochs=1, logger=False)  # accelerator/devices/precision errors now
+    return methods
+
+
+def _measure(model, path: Path, examples, cfg: DictConfig, extra: dict | None = None) -> dict:
+    ex1, exn = examples
+    return {**(extra or {}),
+            **profile(model, ex1, exn, cfg.measure.latency_warmup, cfg.measure.latency_iters),
+            "size_bytes": file_size(path), "artifact": str(path)}
+
+
+def _add_ratios(rows: dict[str, dict | None]) -> None:
+    ref = rows["reference"]
+    for metrics in rows.values():
+        if metrics:
+            metrics["size_ratio"] = ref["size_bytes"] / metrics["size_bytes"]
+            metrics["speedup"] = ref["latency_ms_bN"] / metrics["latency_ms_bN"]
+            metrics["speedup_b1"] = ref["latency_ms_b1"] / metrics["latency_ms_b1"]
+
+
+def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run one experiment described by ``cfg`` and return its results record."""
+    run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path = run_dir / "results.json"
+    record = base_record(cfg, run_dir)
+    write_results(results_path, record)
+    logger = None
+    failed = True
+    try:
+        if cfg.measure.get("threads"):
+            torch.set_num_threads(int(cfg.measure.threads))
+        dm = build_datamodule(cfg)
+        dm.setup("fit")
+        methods = validate(cfg, dm)
+        trainer_factory = partial(instantiate, cfg.trainer)
+        logger = make_logger(cfg, run_dir, record["axes"])
+
+        teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)
+
+        pl.seed_everything(int(cfg.seed), workers=True)
+        spec, shape, classes = arch_spec(cfg.student), dm.input_shape, dm.num_classes
+        student = build_model(spec, shape, classes)
+        for method in methods:
+            student = method.prepare(student, dm)
+        module = build_student_module(cfg, student, teacher, classes)
+        callbacks = [cb for m in methods for cb in m.callbacks()] + list(extra_callbacks)
+        fit = fit_with_checkpoints(module, dm, trainer_factory, run_dir / "checkpoints" / "student",
+                                   cfg.student.epochs, callbacks=callbacks, logger=logger or False,
+                                   resume=bool(cfg.resume))
+        student = module.model.eval()
+        for method in methods:
+            student = method.finalize(student, dm)
+
+        artifacts = run_dir / "artifacts"
+        context = {"arch": spec, "input_shape": list(shape), "num_classes": classes, "run_dir": run_dir}
+        payload = next((p for m in reversed(methods) if (p := m.export(student, context)) is not None), None)
+        student_path = artifacts / "student.pt"
+        atomic_torch_save(payload or model_payload(student, spec, shape, classes), student_path)
+        ref_path = save_model_file(artifacts / "reference.pt", build_model(spec, shape, classes), spec, shape, classes)
+
+        examples = (dm.example_batch(1), dm.example_batch(int(cfg.measure.latency_batch)))
+        rows: dict[str, dict | None] = {"teacher": None}
+        if teacher is not None:
+            rows["teacher"] = _measure(teacher, Path(tinfo["path"]), examples, cfg, {
+                "acc_top1": evaluate_accuracy(teacher, dm.test_dataloader()),
+                "acc_top1_last": tinfo.get("acc_top1_last"),
+                "train_time_s": tinfo.get("train_time_s"),
+                "source": tinfo["source"],
+            })
+        rows["reference"] = _measure(load_model_file(ref_path), ref_path, examples, cfg)
+        saved_student = load_model_file(student_path)  # measured as saved, freshly loaded
+        rows["student"] = _measure(saved_student, student_path, examples, cfg, {
+            "acc_top1": evaluate_accuracy(saved_student, dm.test_dataloader()),
+            "acc_top1_last": fit["acc_top1_last"],
+            "acc_top1_fit": fit["acc_top1"],
+            "best_epoch": fit["best_epoch"],
+            "epochs_run": fit["epochs_run"],
+            "resumed_from": fit["resumed_from"],
+            "train_time_s": fit["train_time_s"],
+            **{k: v for m in methods for k, v in m.report().items()},
+        })
+        _add_ratios(rows)
+        record.update(rows)
+        record["status"] = "completed"
+        failed = False
+        return record
+    except BaseException as exc:
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc()
+        raise
+    finally:
+        record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if rank_zero_only.rank == 0:
+            write_results(results_path, record)
+            try:
+                if logger is not None and not failed:
+                    log_final(logger, record)
+            finally:
+                finish(logger, failed)
+                print_summary(record)
