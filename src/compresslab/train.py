@@ -114,11 +114,14 @@ def fit_with_checkpoints(
     """
     ckpt_dir = Path(ckpt_dir)
     checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", save_last=True,
-        auto_insert_metric_name=False,
+        dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", auto_insert_metric_name=False,
+    )
+    # Lightning 2.6's save_last only writes when a top-k save happened: keep `last` separately.
+    last_checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
     )
     trainer: pl.Trainer = trainer_factory(
-        max_epochs=int(max_epochs), callbacks=[checkpoint, *callbacks], logger=logger,
+        max_epochs=int(max_epochs), callbacks=[checkpoint, last_checkpoint, *callbacks], logger=logger,
         default_root_dir=str(ckpt_dir),
     )
     last = ckpt_dir / "last.ckpt"

@@ -32,18 +32,20 @@ def _fmt(value: Any, pattern: str) -> str:
 
 
 def print_summary(record: Mapping[str, Any], console: Console | None = None) -> None:
-    """Print the comparison table and the run directory."""
+    """Print the comparison table (one column per model, so it fits a narrow terminal) and the run dir."""
     console = console or Console()
-    table = Table(title=f"compresslab · {record.get('status')} · " +
-                  " ".join(f"{k}={v}" for k, v in (record.get("axes") or {}).items()))
-    table.add_column("model")
-    for _, title, _ in _COLUMNS:
-        table.add_column(title, justify="right")
-    for row in ("teacher", "reference", "student"):
-        metrics = record.get(row)
-        if metrics:
-            table.add_row(row, *[_fmt(metrics.get(k), p) for k, _, p in _COLUMNS])
-    console.print(table)
+    axes = " ".join(f"{k}={v}" for k, v in (record.get("axes") or {}).items())
+    table = Table(title=f"compresslab · {record.get('status')}\n{axes}")
+    rows = [r for r in ("teacher", "reference", "student") if record.get(r)]
+    table.add_column("metric")
+    for row in rows:
+        table.add_column(row, justify="right")
+    for key, title, pattern in _COLUMNS:
+        values = [record[r].get(key) for r in rows]
+        if any(v is not None for v in values):
+            table.add_row(title, *[_fmt(v, pattern) for v in values])
+    if rows:
+        console.print(table)
     if record.get("error"):
         console.print(f"[red]error:[/red] {record['error']}")
-    console.print(f"run dir: {record.get('run_dir')}")
+    console.print(f"results: {record.get('run_dir')}/results.json", soft_wrap=True, highlight=False)
