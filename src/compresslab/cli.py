@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -14,9 +15,20 @@ CONFIG_DIR = os.environ.get("COMPRESSLAB_CONFIG_DIR", str(Path(__file__).resolve
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     """Run the composed experiment; returns the student's test accuracy (a sweep objective)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from compresslab.pipeline import run_experiment
 
-    record = run_experiment(cfg)
+    try:
+        record = run_experiment(cfg)
+    except Exception:
+        # In a sweep a failed job is recorded (results.json, W&B) and the others go on;
+        # the SweepSummary callback lists it at the end. A single run fails loudly.
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            logging.getLogger(__name__).exception("job failed; the sweep goes on")
+            return None
+        raise
     return (record.get("student") or {}).get("acc_top1")
 
 

@@ -1,0 +1,315 @@
+"""``compresslab-report``: ablation tables and accuracy/size/latency plots from many runs.
+
+Reads ``results.json`` files under run/sweep directories (or a W&B project through the
+public API), groups runs by config keys (``--rows student --cols distill``; any axis name
+or dotted config key such as ``prune.final_sparsity``), and prints cells as
+mean ± std over seeds with the run count, the best cell per column marked. Writes
+Markdown, LaTeX (booktabs) and CSV, and PNG plots of accuracy vs size and vs latency
+with the Pareto front marked. Runs from a paper preset carry the paper's numbers in
+their config (``paper:``); the report prints them beside ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import pandas as pd
+
+from compresslab.track.sweep import collect_job_results
+
+#: Metrics where smaller is better (everything else: larger is better).
+LOWER_IS_BETTER = {"size_bytes", "params", "params_nonzero", "macs", "latency_ms_b1", "latency_ms_bN",
+                   "latency_ms_b1_p90", "train_time_s"}
+
+
+def _dotted(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def record_value(record: dict, key: str) -> Any:
+    """A grouping key's value: an axis name (``distill``), or a dotted path into the config."""
+    axes = record.get("axes") or {}
+    if key in axes:
+        return axes[key]
+    return _dotted(record.get("config") or {}, key)
+
+
+def records_to_frame(records: Iterable[dict], keys: Sequence[str]) -> pd.DataFrame:
+    """One row per completed run: the grouping keys, and the student's (and teacher's) metrics."""
+    rows = []
+    for r in records:
+        if r.get("status") != "completed":
+            continue
+        row = {k: str(record_value(r, k)) for k in keys}
+        row["seed"] = (r.get("axes") or {}).get("seed")
+        row.update({k: v for k, v in (r.get("student") or {}).items() if isinstance(v, (int, float))})
+        row["teacher_acc_top1"] = (r.get("teacher") or {}).get("acc_top1")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def aggregate(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
+    """mean, std (ddof=1; 0 for one run) and n per (row, col) cell."""
+    keys = [rows] + ([cols] if cols else [])
+    grouped = frame.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
+    grouped["std"] = grouped["std"].fillna(0.0)
+    return grouped
+
+
+def _best_mask(table: pd.DataFrame, metric: str) -> pd.DataFrame:
+    lower = metric in LOWER_IS_BETTER
+    best = table.min() if lower else table.max()
+    return table.eq(best, axis=1)
+
+
+def pivot(frame: pd.DataFrame, rows: str, cols: str | None, metric: str):
+    """(mean table, std table, count table, best-per-column mask) with rows × cols."""
+    agg = aggregate(frame, rows, cols, metric)
+    col = cols or "_all"
+    if not cols:
+        agg[col] = metric
+    mean = agg.pivot(index=rows, columns=col, values="mean")
+    std = agg.pivot(index=rows, columns=col, values="std")
+    count = agg.pivot(index=rows, columns=col, values="count")
+    return mean, std, count, _best_mask(mean, metric)
+
+
+def _scale(metric: str) -> float:
+    return 100.0 if metric.startswith("acc") else 1.0
+
+
+def _cell(mean: float, std: float, n: float, metric: str) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    s = _scale(metric)
+    return f"{mean * s:.2f} ± {std * s:.2f} ({int(n)})"
+
+
+def to_markdown(mean, std, count, best, metric: str, rows: str) -> str:
+    """Markdown table, best per column in bold."""
+    header = f"| {rows} | " + " | ".join(str(c) for c in mean.columns) + " |"
+    lines = [header, "|" + "---|" * (len(mean.columns) + 1)]
+    for idx in mean.index:
+        cells = []
+        for c in mean.columns:
+            text = _cell(mean.at[idx, c], std.at[idx, c], count.at[idx, c] if not pd.isna(count.at[idx, c]) else 0, metric)
+            cells.append(f"**{text}**" if best.at[idx, c] else text)
+        lines.append(f"| {idx} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_latex(mean, std, count, best, metric: str, rows: str) -> str:
+    """LaTeX booktabs tabular, best per column in bold."""
+    esc = lambda s: str(s).replace("_", r"\_")  # noqa: E731
+    lines = [r"\begin{tabular}{l" + "r" * len(mean.columns) + "}", r"\toprule",
+             esc(rows) + " & " + " & ".join(esc(c) for c in mean.columns) + r" \\", r"\midrule"]
+    for idx in mean.index:
+        cells = []
+        for c in mean.columns:
+            n = count.at[idx, c] if not pd.isna(count.at[idx, c]) else 0
+            text = _cell(mean.at[idx, c], std.at[idx, c], n, metric).replace("±", r"$\pm$")
+            cells.append(rf"\textbf{{{text}}}" if best.at[idx, c] else text)
+        lines.append(esc(idx) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines)
+
+
+def to_csv_frame(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
+    """Long-form CSV: one line per cell with mean, std, n and whether it is best in its column."""
+    agg = aggregate(frame, rows, cols, metric)
+    lower = metric in LOWER_IS_BETTER
+    group = agg.groupby(cols)["mean"] if cols else agg["mean"]
+    best = group.transform("min" if lower else "max") if cols else (agg["mean"].min() if lower else agg["mean"].max())
+    agg["best_in_column"] = agg["mean"] == best
+    agg.insert(0, "metric", metric)
+    return agg
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when x is minimized and y (accuracy) maximized."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best_y = [], -math.inf
+    for i in order:
+        if points[i][1] > best_y:
+            front.append(i)
+            best_y = points[i][1]
+    return front
+
+
+def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path) -> list[Path]:
+    """PNG plots of accuracy vs size and accuracy vs latency (means per group), Pareto front marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    means = frame.groupby(list(keys))[["acc_top1", "size_bytes", "latency_ms_bN"]].mean().reset_index()
+    labels = [" ".join(str(v) for v in row) for row in means[list(keys)].itertuples(index=False)]
+    for x_key, x_label, name in (("size_bytes", "artifact size (bytes, log)", "acc_vs_size.png"),
+                                 ("latency_ms_bN", "CPU latency at batch N (ms, log)", "acc_vs_latency.png")):
+        pts = list(zip(means[x_key], means["acc_top1"]))
+        front = pareto_front(pts)
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        ax.scatter(*zip(*pts), color="tab:blue", label="runs (mean over seeds)")
+        fp = sorted(pts[i] for i in front)
+        ax.plot(*zip(*fp), color="tab:red", marker="o", fillstyle="none", markersize=12, label="Pareto front")
+        for (x, y), label in zip(pts, labels):
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("test top-1 accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = Path(out_dir) / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def paper_rows(records: Iterable[dict], rows: str, cols: str | None, mean: pd.DataFrame) -> list[str]:
+    """Lines "ours vs paper" for runs whose config carries the paper's numbers (``paper.results``).
+
+    ``paper.results`` maps ``"<row value>"`` or ``"<row value>/<col value>"`` to the paper's
+    number for ``paper.metric`` (same units as ours, accuracy as a fraction).
+    """
+    papers = {}
+    for r in records:
+        paper = (r.get("config") or {}).get("paper")
+        if paper and paper.get("results"):
+            papers[paper.get("citation", "paper")] = paper
+    lines = []
+    for citation, paper in papers.items():
+        lines.append(f"paper: {citation} ({paper.get('metric', 'acc_top1')})")
+        for key, value in paper["results"].items():
+            row, _, col = str(key).partition("/")
+            col = col or (mean.columns[0] if len(mean.columns) == 1 else "")
+            ours = mean.at[row, col] if row in mean.index and col in mean.columns else None
+            s = _scale(paper.get("metric", "acc_top1"))
+            ours_txt = "no run" if ours is None or pd.isna(ours) else f"{ours * s:.2f}"
+            lines.append(f"  {key:40s} paper {float(value) * s:7.2f}   ours {ours_txt}")
+    return lines
+
+
+def load_wandb_records(project: str) -> list[dict]:
+    """Records rebuilt from a W&B project (``entity/project``) through the public API (needs network)."""
+    import wandb
+
+    records = []
+    for run in wandb.Api().runs(project):
+        summary = dict(run.summary)
+        rec: dict[str, Any] = {"status": summary.get("status", "completed" if run.state == "finished" else run.state),
+                               "config": dict(run.config), "axes": {}}
+        for row in ("teacher", "reference", "student"):
+            rec[row] = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{row}/")}
+        for axis in ("dataset", "teacher", "student", "distill", "prune", "quant", "lowrank"):
+            rec["axes"][axis] = _dotted(rec["config"], f"{axis}.name")
+        rec["axes"]["seed"] = rec["config"].get("seed")
+        records.append(rec)
+    return records
+
+
+def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequence[str], out_dir: Path | None,
+                 formats: Sequence[str] = ("md", "latex", "csv"), plots: bool = True) -> dict[str, Any]:
+    """Tables (per metric) and plots for ``records``; returns the texts and written paths."""
+    keys = [rows] + ([cols] if cols else [])
+    frame = records_to_frame(records, keys)
+    out: dict[str, Any] = {"markdown": [], "latex": [], "paths": [], "frame": frame, "paper": []}
+    if frame.empty:
+        return out
+    csv_parts = []
+    for metric in metrics:
+        if metric not in frame:
+            raise SystemExit(f"metric '{metric}' not in results; available: {sorted(c for c in frame.columns)}")
+        mean, std, count, best = pivot(frame, rows, cols, metric)
+        out["markdown"].append(f"### {metric}\n\n" + to_markdown(mean, std, count, best, metric, rows))
+        out["latex"].append(f"% {metric}\n" + to_latex(mean, std, count, best, metric, rows))
+        csv_parts.append(to_csv_frame(frame, rows, cols, metric))
+        if metric == metrics[0]:
+            out["paper"] = paper_rows(records, rows, cols, mean)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if "md" in formats:
+            p = out_dir / "report.md"
+            p.write_text("\n\n".join(out["markdown"] + (["```", *out["paper"], "```"] if out["paper"] else [])) + "\n")
+            out["paths"].append(p)
+        if "latex" in formats:
+            p = out_dir / "report.tex"
+            p.write_text("\n\n".join(out["latex"]) + "\n")
+            out["paths"].append(p)
+        if "csv" in formats:
+            p = out_dir / "report.csv"
+            pd.concat(csv_parts).to_csv(p, index=False)
+            out["paths"].append(p)
+        if plots and {"size_bytes", "latency_ms_bN"} <= set(frame.columns):
+            out["paths"] += plot_tradeoffs(frame, keys, out_dir)
+    return out
+
+
+def log_report_to_wandb(report: dict, project: str) -> None:
+    """Log the long-form table and the plots to a W&B run (job_type=report)."""
+    import wandb
+
+    run = wandb.init(project=project, job_type="report")
+    try:
+        run.log({"ablation": wandb.Table(dataframe=report["frame"])})
+        for path in report["paths"]:
+            if path.suffix == ".png":
+                run.log({path.stem: wandb.Image(str(path))})
+    finally:
+        wandb.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``compresslab-report``."""
+    parser = argparse.ArgumentParser(prog="compresslab-report", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--wandb-project", help="read runs from this W&B project (entity/project) instead")
+    parser.add_argument("--rows", default="student", help="axis or dotted config key for table rows")
+    parser.add_argument("--cols", default="distill", help="axis or config key for columns ('' for none)")
+    parser.add_argument("--metric", action="append", dest="metrics",
+                        help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup")
+    parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
+    parser.add_argument("--format", action="append", dest="formats", choices=["md", "latex", "csv"])
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--log-wandb", metavar="PROJECT", help="also log the table and plots to this W&B project")
+    args = parser.parse_args(argv)
+    if args.wandb_project:
+        records = load_wandb_records(args.wandb_project)
+    else:
+        if not args.paths:
+            parser.error("give run/sweep directories, or --wandb-project")
+        missing = [p for p in args.paths if not p.exists()]
+        if missing:
+            parser.error(f"no such directory: {', '.join(map(str, missing))}")
+        records = [r for p in args.paths for r in collect_job_results(p)]
+    failed = [r for r in records if r.get("status") != "completed"]
+    out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
+    report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
+                          args.formats or ("md", "latex", "csv"), plots=not args.no_plots)
+    print(f"{len(records) - len(failed)} completed runs, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed: {r.get('_path', r.get('run_dir'))}: {str(r.get('error'))[:160]}")
+    if report["frame"].empty:
+        raise SystemExit("no completed runs to tabulate")
+    print("\n\n".join(report["markdown"]))
+    for line in report["paper"]:
+        print(line)
+    for path in report["paths"]:
+        print(f"wrote {path}")
+    if args.log_wandb:
+        log_report_to_wandb(report, args.log_wandb)
+
+
+if __name__ == "__main__":
+    main()
