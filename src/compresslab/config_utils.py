@@ -13,3 +13,24 @@ def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:
     spec = OmegaConf.to_container(node, resolve=True)
     spec.pop("name", None)
     return instantiate(spec, **kwargs)
+
+
+def recipe_kwargs(recipe: DictConfig, cfg: DictConfig) -> dict:
+    """Optimizer/scheduler partials and label smoothing of a teacher/student recipe node.
+
+    ``dataset.batch_size`` is per device; with ``scaling.lr=linear|sqrt`` the optimizer's
+    ``lr`` is scaled by the number of processes (devices × nodes).
+    """
+    from functools import partial
+
+    from compresslab.distributed import scale_lr, world_size
+
+    optimizer = instantiate(recipe.optimizer)
+    rule = str(cfg.get("scaling", {}).get("lr", "none"))
+    if rule != "none" and "lr" in optimizer.keywords:
+        optimizer = partial(optimizer, lr=scale_lr(float(optimizer.keywords["lr"]), world_size(cfg.trainer), rule))
+    return {
+        "optimizer": optimizer,
+        "scheduler": instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
+        "label_smoothing": float(recipe.get("label_smoothing", 0.0)),
+    }

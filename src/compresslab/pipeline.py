@@ -9,6 +9,7 @@ completed or failed — leaves ``<run dir>/results.json``.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import traceback
 from functools import partial
 from pathlib import Path
@@ -19,11 +20,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_only
 
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
-from compresslab.config_utils import instantiate_node
+from compresslab.config_utils import instantiate_node, recipe_kwargs
+from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile
 from compresslab.models import build_model
@@ -32,6 +33,8 @@ from compresslab.track import base_record, write_results
 from compresslab.track.console import print_summary
 from compresslab.track.wandb_glue import finish, log_final, make_logger
 from compresslab.train import ClassifierModule, fit_with_checkpoints
+
+log = logging.getLogger(__name__)
 
 
 def build_datamodule(cfg: DictConfig):
@@ -43,11 +46,7 @@ def build_datamodule(cfg: DictConfig):
 
 def build_student_module(cfg: DictConfig, student: torch.nn.Module, teacher, num_classes: int) -> pl.LightningModule:
     """Plain supervised training for ``distill=none``; otherwise the configured distillation module."""
-    common = {
-        "optimizer": instantiate(cfg.student.optimizer),
-        "scheduler": instantiate(cfg.student.scheduler) if cfg.student.get("scheduler") else None,
-        "label_smoothing": cfg.student.get("label_smoothing", 0.0),
-    }
+    common = recipe_kwargs(cfg.student, cfg)
     if cfg.distill.name == "none":
         return ClassifierModule(student, num_classes, **common)
     if teacher is None:
@@ -72,8 +71,19 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ConfigError(f"{role}.{key} must be a non-negative integer, got {value!r}")
     methods = build_methods(cfg)
-    instantiate(cfg.trainer, max_epochs=1, logger=False)  # accelerator/devices/precision errors now
+    instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
+
+
+def trainer_adjustments(trainer_cfg: DictConfig) -> dict:
+    """Trainer settings that cannot apply on this machine, overridden with a logged reason."""
+    out = {}
+    on_cpu = trainer_cfg.get("accelerator") == "cpu" or (
+        trainer_cfg.get("accelerator") == "auto" and not torch.cuda.is_available())
+    if trainer_cfg.get("sync_batchnorm") and on_cpu:
+        log.warning("trainer.sync_batchnorm needs GPUs (torch SyncBatchNorm); disabled for this CPU run")
+        out["sync_batchnorm"] = False
+    return out
 
 
 def _measure(model, path: Path, examples, cfg: DictConfig, extra: dict | None = None) -> dict:
@@ -94,11 +104,18 @@ def _add_ratios(rows: dict[str, dict | None]) -> None:
 
 def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run one experiment described by ``cfg`` and return its results record."""
+    with JobProcessGroup():
+        return _run(cfg, extra_callbacks)
+
+
+def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
     record = base_record(cfg, run_dir)
-    write_results(results_path, record)
+    install_hydra_ddp_fix()
+    if is_rank_zero():
+        write_results(results_path, record)
     logger = None
     failed = True
     try:
@@ -107,7 +124,7 @@ def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) ->
         dm = build_datamodule(cfg)
         dm.setup("fit")
         methods = validate(cfg, dm)
-        trainer_factory = partial(instantiate, cfg.trainer)
+        trainer_factory = partial(instantiate, cfg.trainer, **trainer_adjustments(cfg.trainer))
         logger = make_logger(cfg, run_dir, record["axes"])
 
         teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)
@@ -122,6 +139,9 @@ def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) ->
         fit = fit_with_checkpoints(module, dm, trainer_factory, run_dir / "checkpoints" / "student",
                                    cfg.student.epochs, callbacks=callbacks, logger=logger or False,
                                    resume=bool(cfg.resume))
+        if not is_rank_zero():  # DDP ranks > 0 took part in the fits; rank 0 exports and measures
+            failed = False
+            return record
         student = module.model.eval()
         for method in methods:
             student = method.finalize(student, dm)
@@ -166,7 +186,7 @@ def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) ->
         raise
     finally:
         record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        if rank_zero_only.rank == 0:
+        if is_rank_zero():
             write_results(results_path, record)
             try:
                 if logger is not None and not failed:

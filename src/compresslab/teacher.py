@@ -8,6 +8,7 @@ it; the file appears by atomic rename, so nobody reads a half-written teacher.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -16,10 +17,11 @@ from typing import Any, Callable
 
 import pytorch_lightning as pl
 from filelock import FileLock
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from compresslab.config_utils import recipe_kwargs
+from compresslab.distributed import is_rank_zero
 from compresslab.artifact import read_payload, load_state_dict_into, save_model_file
 from compresslab.models import build_model
 from compresslab.train import ClassifierModule, fit_with_checkpoints
@@ -52,15 +54,9 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.teacher_cache) / f"{cfg.teacher.name}-{cfg.dataset.name}-{digest}.pt"
 
 
-def build_recipe_module(model: nn.Module, recipe: DictConfig, num_classes: int) -> ClassifierModule:
+def build_recipe_module(model: nn.Module, recipe: DictConfig, cfg: DictConfig, num_classes: int) -> ClassifierModule:
     """A :class:`ClassifierModule` with the optimizer/scheduler/label smoothing of a recipe node."""
-    return ClassifierModule(
-        model,
-        num_classes,
-        optimizer=instantiate(recipe.optimizer),
-        scheduler=instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
-        label_smoothing=recipe.get("label_smoothing", 0.0),
-    )
+    return ClassifierModule(model, num_classes, **recipe_kwargs(recipe, cfg))
 
 
 def obtain_teacher(
@@ -78,7 +74,9 @@ def obtain_teacher(
 
     path = teacher_cache_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
+    # Global rank 0 holds the lock for its whole job; DDP ranks > 0 follow its decision
+    # (train along with it, or load the file it finds) without taking the lock.
+    with FileLock(str(path) + ".lock") if is_rank_zero() else contextlib.nullcontext():
         if path.exists():
             log(f"teacher: cached {path}")
             payload = read_payload(path)
@@ -88,12 +86,14 @@ def obtain_teacher(
         log(f"teacher: training {cfg.teacher.name} -> {path}")
         pl.seed_everything(int(cfg.seed), workers=True)
         model = build_model(spec, shape, classes)
-        module = build_recipe_module(model, cfg.teacher, classes)
+        module = build_recipe_module(model, cfg.teacher, cfg, classes)
         work_dir = path.with_suffix(".work")
         fit = fit_with_checkpoints(
             module, datamodule, trainer_factory, work_dir, cfg.teacher.epochs, resume=True,
         )
         meta = {k: fit[k] for k in ("acc_top1", "acc_top1_last", "best_epoch", "train_time_s")}
+        if not is_rank_zero():
+            return model.eval(), {"path": str(path), "source": "trained", **meta}
         save_model_file(path, model, spec, shape, classes, meta=meta)
         path.with_suffix(".json").write_text(json.dumps(
             {"identity": teacher_identity(cfg), "metrics": meta}, indent=2, default=str))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 _COLUMNS = [
@@ -47,5 +48,5 @@ def print_summary(record: Mapping[str, Any], console: Console | None = None) -> 
     if rows:
         console.print(table)
     if record.get("error"):
-        console.print(f"[red]error:[/red] {record['error']}")
+        console.print(f"[red]error:[/red] {escape(str(record['error']))}")
     console.print(f"results: {record.get('run_dir')}/results.json", soft_wrap=True, highlight=False)

@@ -9,6 +9,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -37,7 +38,8 @@ def summary_table(records: list[dict], sweep_dir: Path) -> Table:
         job = Path(r["_path"]).parent.name
         detail = (f"{(r.get('student') or {}).get('acc_top1', float('nan')):.4f}" if r.get("status") == "completed"
                   else str(r.get("error") or "")[:120])
-        table.add_row(job, *[str((r.get("axes") or {}).get(k)) for k in varying], str(r.get("status")), detail)
+        table.add_row(job, *[escape(str((r.get("axes") or {}).get(k))) for k in varying], str(r.get("status")),
+                      escape(detail))
     return table
 
 
