@@ -42,6 +42,7 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         augment: bool = True,
+        on_device: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < float(val_fraction) < 1.0:
@@ -56,6 +57,8 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.augment = bool(augment)
+        self.on_device = bool(on_device)
+        self._resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -107,7 +110,34 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         self.val_set = Subset(train_eval, self.val_indices)
         self.test_set = self._test_dataset()
 
+    def device_augment(self, x: torch.Tensor) -> torch.Tensor:
+        """The training augmentation as a batched tensor op (for ``on_device``); identity by default."""
+        return x
+
+    def _device_and_shard(self) -> tuple[torch.device, int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return torch.device("cpu"), 0, 1
+        return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
+
+    def _resident_batches(self, split: str, shuffle: bool, batch_size: int):
+        from compresslab.data.on_device import TensorBatches, stack_dataset
+
+        device, rank, world = self._device_and_shard()
+        if split not in self._resident:
+            source = {"train": Subset(self._train_dataset_for_eval(), self.train_indices),
+                      "val": self.val_set, "test": self.test_set}[split]
+            self._resident[split] = stack_dataset(source, device)
+        x, y = self._resident[split]
+        augment = self.device_augment if split == "train" and self.has_augmentation else None
+        if split != "train":  # every rank evaluates its own shard; metrics are synced
+            shuffle = False
+        return TensorBatches(x, y, batch_size, shuffle, augment=augment, seed=self.split_seed, rank=rank, world=world)
+
     def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+        if self.on_device:
+            split = "train" if dataset is self.train_set else "val" if dataset is self.val_set else "test"
+            return self._resident_batches(split, shuffle, batch_size)
         return DataLoader(
             dataset,
             batch_size=batch_size,

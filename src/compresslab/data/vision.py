@@ -21,6 +21,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
+import torch
 from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import StandardTransform
@@ -201,6 +202,13 @@ class CIFAR10DataModule(_TorchvisionDataModule):
     def train_transform(self) -> Callable:
         aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if self.augment else []
         return transforms.Compose(aug + self._normalize())
+
+    def device_augment(self, x: torch.Tensor) -> torch.Tensor:
+        """RandomCrop(32, padding=4) + horizontal flip, batched on the device (``on_device=true``)."""
+        from compresslab.data.on_device import random_crop_flip
+
+        pad_value = -torch.tensor(self.mean) / torch.tensor(self.std)
+        return random_crop_flip(x, padding=4, pad_value=pad_value)
 
     def expected_files(self) -> Sequence[Path]:
         cls = self.dataset_cls
