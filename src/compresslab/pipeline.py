@@ -168,6 +168,7 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
             "acc_top1": evaluate_accuracy(saved_student, dm.test_dataloader()),
             "acc_top1_last": fit["acc_top1_last"],
             "acc_top1_fit": fit["acc_top1"],
+            "val_acc_top1": fit["val_acc_top1"],
             "best_epoch": fit["best_epoch"],
             "epochs_run": fit["epochs_run"],
             "resumed_from": fit["resumed_from"],

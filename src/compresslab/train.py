@@ -140,6 +140,7 @@ def fit_with_checkpoints(
         best_acc, best_epoch = last_acc, trainer.current_epoch - 1
     return {
         "acc_top1": best_acc,
+        "val_acc_top1": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
         "acc_top1_last": last_acc,
         "best_epoch": best_epoch,
         "epochs_run": int(trainer.current_epoch),

@@ -54,6 +54,9 @@ class SweepSummary(Callback):
         records = collect_job_results(sweep_dir)
         console = Console()
         console.print(summary_table(records, sweep_dir))
+        best = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
+        if best.exists():
+            console.print(f"best trial ({best.name}):\n{escape(best.read_text())}", soft_wrap=True, highlight=False)
         console.print(f"sweep dir: {sweep_dir}", soft_wrap=True, highlight=False)
         failed = [r for r in records if r.get("status") != "completed"]
         if failed and self.fail_on_error:

@@ -1,0 +1,73 @@
+"""Sweepers and launchers: Optuna, submitit (local), the SLURM preset, and the job objective."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from compresslab.cli import objective_value
+from compresslab.cluster import compose_launcher, sbatch_parameters, sbatch_preview
+
+from conftest import FAST
+
+
+def test_objective_is_the_metric_or_the_penalty_under_budgets():
+    record = {"student": {"acc_top1": 0.9, "val_acc_top1": 0.8, "size_bytes": 1000, "latency_ms_bN": 2.0}}
+    obj = OmegaConf.create({"metric": "acc_top1", "max_size_bytes": None, "max_latency_ms": None, "penalty": 0.0})
+    assert objective_value(record, obj) == 0.9
+    assert objective_value(record, OmegaConf.merge(obj, {"metric": "val_acc_top1"})) == 0.8
+    assert objective_value(record, OmegaConf.merge(obj, {"max_size_bytes": 999})) == 0.0
+    assert objective_value(record, OmegaConf.merge(obj, {"max_size_bytes": 1000})) == 0.9
+    assert objective_value(record, OmegaConf.merge(obj, {"max_latency_ms": 1.5, "penalty": -1})) == -1.0
+
+
+def test_slurm_preset_generates_the_requested_resources():
+    launcher = compose_launcher(["trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+                                 "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=90"])
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["nodes"] == 2 and launcher["tasks_per_node"] == 4 and launcher["gpus_per_node"] == 4
+    assert launcher["max_num_timeout"] == 3  # requeued on preemption/timeout; the run resumes from last.ckpt
+    params = sbatch_parameters(launcher)
+    assert params["ntasks_per_node"] == 4 and params["time"] == 90 and params["mem"] == "64GB"
+    script = sbatch_preview(launcher)
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=90", "#SBATCH --signal=USR2@120"):
+        assert line in script
+    assert "srun" in script and "python -m compresslab.cli" in script
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "compresslab.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
+
+
+@pytest.mark.slow
+def test_optuna_sweep_of_four_trials_reports_its_best(tmp_path):
+    sweep = tmp_path / "optuna"
+    out = _cli(["-m", "hydra/sweeper=optuna_tpe", "hydra.sweeper.n_trials=4", *FAST, f"hydra.sweep.dir={sweep}",
+                f"paths.teacher_cache={tmp_path / 'teachers'}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    accs = [json.loads(p.read_text())["student"]["acc_top1"] for p in sweep.rglob("results.json")]
+    assert len(accs) == 4
+    assert best["best_value"] == pytest.approx(max(accs))
+    assert set(best["best_params"]) == {"student.optimizer.lr", "student.optimizer.weight_decay"}
+    assert "best trial" in out.stdout
+
+
+@pytest.mark.slow
+def test_submitit_local_multirun_completes(tmp_path):
+    sweep = tmp_path / "submitit"
+    out = _cli(["-m", "hydra/launcher=submitit_local", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}",
+                f"paths.teacher_cache={tmp_path / 'teachers'}", "hydra.launcher.timeout_min=10"], tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(sweep.rglob("results.json"))]
+    assert [r["status"] for r in records] == ["completed", "completed"]
+    assert sorted(r["axes"]["seed"] for r in records) == [0, 1]
+    assert list((sweep / ".submitit").iterdir())  # ran through submitit's executor
