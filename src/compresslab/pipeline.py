@@ -32,7 +32,7 @@ from compresslab.teacher import arch_spec, obtain_teacher
 from compresslab.track import base_record, write_results
 from compresslab.track.console import print_summary
 from compresslab.track.wandb_glue import finish, log_final, make_logger
-from compresslab.train import ClassifierModule, fit_with_checkpoints
+from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,11 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
     methods = build_methods(cfg)
     instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
+
+
+def _trainer_with(trainer_cfg: DictConfig, extra: list, callbacks=(), **kwargs) -> pl.Trainer:
+    """Instantiate the configured Trainer with ``extra`` callbacks appended."""
+    return instantiate(trainer_cfg, callbacks=[*callbacks, *extra], **kwargs)
 
 
 def trainer_adjustments(trainer_cfg: DictConfig) -> dict:
@@ -124,7 +129,9 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         dm = build_datamodule(cfg)
         dm.setup("fit")
         methods = validate(cfg, dm)
-        trainer_factory = partial(instantiate, cfg.trainer, **trainer_adjustments(cfg.trainer))
+        perf = cfg.get("performance") or {}
+        speed = PerformanceOptions(perf.get("channels_last", "auto"), perf.get("compile", False))
+        trainer_factory = partial(_trainer_with, cfg.trainer, [speed], **trainer_adjustments(cfg.trainer))
         logger = make_logger(cfg, run_dir, record["axes"])
 
         teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)

@@ -153,3 +153,22 @@ def fit_with_checkpoints(
 def _test_acc(trainer: pl.Trainer, module, datamodule, ckpt_path) -> float:
     out = trainer.test(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     return float(out[0]["test/acc"])
+
+
+class PerformanceOptions(Callback):
+    """Speed options for a fit: channels-last weights for 2-D conv nets on GPU
+    (``channels_last``: true / false / "auto" = on for GPU runs) and ``torch.compile``
+    of the network in place (``nn.Module.compile``, so state-dict keys do not change)."""
+
+    def __init__(self, channels_last: bool | str = "auto", compile: bool = False) -> None:
+        self.channels_last = channels_last
+        self.compile = bool(compile)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = pl_module.model
+        on_gpu = trainer.strategy.root_device.type == "cuda"
+        wanted = on_gpu if self.channels_last == "auto" else bool(self.channels_last)
+        if wanted and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+            model.to(memory_format=torch.channels_last)
+        if self.compile:
+            model.compile()
