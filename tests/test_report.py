@@ -111,3 +111,8 @@ def test_multirun_with_a_failing_job_finishes_the_others(tmp_path):
     assert statuses == {"mlp": "completed", "cnn1d": "failed", "lenet5": "completed"}  # ...after running the rest
     assert "2 completed, 1 failed" in out.stdout
     assert "1 of 3 sweep jobs failed" in out.stderr
+
+
+def test_composite_keys_join_axis_values():
+    frame = records_to_frame([_record("a", "kd", 0, 0.5, 10, 1)], ["student+distill"])
+    assert frame["student+distill"].tolist() == ["a/kd"]

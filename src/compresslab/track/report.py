@@ -35,7 +35,10 @@ def _dotted(data: Any, key: str) -> Any:
 
 
 def record_value(record: dict, key: str) -> Any:
-    """A grouping key's value: an axis name (``distill``), or a dotted path into the config."""
+    """A grouping key's value: an axis name (``distill``), a dotted path into the config, or
+    several of these joined by ``+`` (``distill+quant`` -> ``kd/ptq_int8``)."""
+    if "+" in key:
+        return "/".join(str(record_value(record, part)) for part in key.split("+"))
     axes = record.get("axes") or {}
     if key in axes:
         return axes[key]

@@ -46,8 +46,9 @@ def summary_table(records: list[dict], sweep_dir: Path) -> Table:
 class SweepSummary(Callback):
     """Prints the completed/failed summary when a multirun ends; exits non-zero if a job failed."""
 
-    def __init__(self, fail_on_error: bool = True) -> None:
+    def __init__(self, fail_on_error: bool = True, report: dict | None = None) -> None:
         self.fail_on_error = fail_on_error
+        self.report = dict(report or {})
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -57,7 +58,20 @@ class SweepSummary(Callback):
         best = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
         if best.exists():
             console.print(f"best trial ({best.name}):\n{escape(best.read_text())}", soft_wrap=True, highlight=False)
+        if self.report.get("rows") and any(r.get("status") == "completed" for r in records):
+            self._print_report(records, sweep_dir, console)
         console.print(f"sweep dir: {sweep_dir}", soft_wrap=True, highlight=False)
         failed = [r for r in records if r.get("status") != "completed"]
         if failed and self.fail_on_error:
             raise SystemExit(f"{len(failed)} of {len(records)} sweep jobs failed (see the table above)")
+
+    def _print_report(self, records: list[dict], sweep_dir: Path, console: Console) -> None:
+        """The ablation table(s) in the terminal, and report files + Pareto plots in the sweep dir."""
+        from compresslab.track.report import build_report
+
+        metrics = list(self.report.get("metrics") or ["acc_top1"])
+        report = build_report(records, self.report["rows"], self.report.get("cols"), metrics, sweep_dir)
+        for table in report["markdown"]:
+            console.print(escape(table), soft_wrap=True, highlight=False)
+        for path in report["paths"]:
+            console.print(f"wrote {path}", soft_wrap=True, highlight=False)
