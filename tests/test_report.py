@@ -65,10 +65,13 @@ def test_pareto_front_matches_brute_force():
 def test_paper_numbers_are_printed_beside_ours(tmp_path):
     records = [_record("resnet20", "kd", s, 0.70 + 0.01 * s, 10, 1) for s in range(2)]
     for r in records:
-        r["config"]["paper"] = {"citation": "Hinton 2015", "metric": "acc_top1", "results": {"resnet20/kd": 0.72}}
+        r["config"]["paper"] = {"citation": "Hinton 2015", "results": {"acc_top1": {"resnet20/kd": 0.72},
+                                                                      "size_ratio": {"resnet20/kd": 3}}}
     report = build_report(records, "student", "distill", ["acc_top1"], tmp_path)
-    line = next(l for l in report["paper"] if "resnet20/kd" in l)
+    line = next(l for l in report["paper"] if "acc_top1" in l and "resnet20/kd" in l)
     assert "72.00" in line and "70.50" in line
+    line = next(l for l in report["paper"] if "size_ratio" in l)
+    assert "3.00" in line and "ours 100000.00" in line
 
 
 def _cli(args, cwd, timeout=600):

@@ -180,11 +180,11 @@ def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path) -> l
     return written
 
 
-def paper_rows(records: Iterable[dict], rows: str, cols: str | None, mean: pd.DataFrame) -> list[str]:
-    """Lines "ours vs paper" for runs whose config carries the paper's numbers (``paper.results``).
+def paper_rows(records: Sequence[dict], frame: pd.DataFrame, rows: str, cols: str | None) -> list[str]:
+    """Lines "ours vs paper" for runs whose config carries the paper's numbers.
 
-    ``paper.results`` maps ``"<row value>"`` or ``"<row value>/<col value>"`` to the paper's
-    number for ``paper.metric`` (same units as ours, accuracy as a fraction).
+    A paper preset stores ``paper.results`` as ``{metric: {"<row>" or "<row>/<col>": value}}``
+    (same units as ours; accuracy as a fraction), next to ``paper.citation``.
     """
     papers = {}
     for r in records:
@@ -193,14 +193,18 @@ def paper_rows(records: Iterable[dict], rows: str, cols: str | None, mean: pd.Da
             papers[paper.get("citation", "paper")] = paper
     lines = []
     for citation, paper in papers.items():
-        lines.append(f"paper: {citation} ({paper.get('metric', 'acc_top1')})")
-        for key, value in paper["results"].items():
-            row, _, col = str(key).partition("/")
-            col = col or (mean.columns[0] if len(mean.columns) == 1 else "")
-            ours = mean.at[row, col] if row in mean.index and col in mean.columns else None
-            s = _scale(paper.get("metric", "acc_top1"))
-            ours_txt = "no run" if ours is None or pd.isna(ours) else f"{ours * s:.2f}"
-            lines.append(f"  {key:40s} paper {float(value) * s:7.2f}   ours {ours_txt}")
+        lines.append(f"paper: {citation}")
+        for metric, values in paper["results"].items():
+            mean = pivot(frame, rows, cols, metric)[0] if metric in frame else None
+            for key, value in values.items():
+                row, _, col = str(key).partition("/")
+                if mean is not None and not col and len(mean.columns) == 1:
+                    col = mean.columns[0]
+                ours = (mean.at[row, col] if mean is not None and row in mean.index and col in mean.columns
+                        else None)
+                s = _scale(metric)
+                ours_txt = "no run" if ours is None or pd.isna(ours) else f"{ours * s:.2f}"
+                lines.append(f"  {metric:10s} {key:32s} paper {float(value) * s:7.2f}   ours {ours_txt}")
     return lines
 
 
@@ -238,8 +242,7 @@ def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequ
         out["markdown"].append(f"### {metric}\n\n" + to_markdown(mean, std, count, best, metric, rows))
         out["latex"].append(f"% {metric}\n" + to_latex(mean, std, count, best, metric, rows))
         csv_parts.append(to_csv_frame(frame, rows, cols, metric))
-        if metric == metrics[0]:
-            out["paper"] = paper_rows(records, rows, cols, mean)
+    out["paper"] = paper_rows(records, frame, rows, cols)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if "md" in formats:

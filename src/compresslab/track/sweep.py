@@ -58,20 +58,26 @@ class SweepSummary(Callback):
         best = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
         if best.exists():
             console.print(f"best trial ({best.name}):\n{escape(best.read_text())}", soft_wrap=True, highlight=False)
-        if self.report.get("rows") and any(r.get("status") == "completed" for r in records):
-            self._print_report(records, sweep_dir, console)
+        report = self.report or next((((r.get("config") or {}).get("paper") or {}).get("report")
+                                      for r in records if ((r.get("config") or {}).get("paper") or {}).get("report")),
+                                     None)
+        if report and report.get("rows") and any(r.get("status") == "completed" for r in records):
+            self._print_report(records, sweep_dir, console, report)
         console.print(f"sweep dir: {sweep_dir}", soft_wrap=True, highlight=False)
         failed = [r for r in records if r.get("status") != "completed"]
         if failed and self.fail_on_error:
             raise SystemExit(f"{len(failed)} of {len(records)} sweep jobs failed (see the table above)")
 
-    def _print_report(self, records: list[dict], sweep_dir: Path, console: Console) -> None:
-        """The ablation table(s) in the terminal, and report files + Pareto plots in the sweep dir."""
+    def _print_report(self, records: list[dict], sweep_dir: Path, console: Console, spec: dict) -> None:
+        """The ablation table(s) in the terminal, and report files + Pareto plots in the sweep dir
+        (``spec``: rows, cols, metrics; from this callback's config or a paper preset's ``paper.report``)."""
         from compresslab.track.report import build_report
 
-        metrics = list(self.report.get("metrics") or ["acc_top1"])
-        report = build_report(records, self.report["rows"], self.report.get("cols"), metrics, sweep_dir)
+        metrics = list(spec.get("metrics") or ["acc_top1"])
+        report = build_report(records, spec["rows"], spec.get("cols"), metrics, sweep_dir)
         for table in report["markdown"]:
             console.print(escape(table), soft_wrap=True, highlight=False)
+        for line in report["paper"]:
+            console.print(escape(line), soft_wrap=True, highlight=False)
         for path in report["paths"]:
             console.print(f"wrote {path}", soft_wrap=True, highlight=False)
