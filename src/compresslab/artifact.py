@@ -10,6 +10,7 @@ loader in :data:`LOADERS` under their ``format`` string.
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
 from pathlib import Path
@@ -84,6 +85,9 @@ def model_from_payload(payload: Mapping[str, Any]) -> nn.Module:
         model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
         model.load_state_dict(payload["state_dict"])
         return model.eval()
+    loader_module = payload.get("loader_module")
+    if fmt not in LOADERS and isinstance(loader_module, str) and loader_module.startswith("compresslab."):
+        importlib.import_module(loader_module)  # registers its format in LOADERS (compresslab modules only)
     if fmt in LOADERS:
         return LOADERS[fmt](dict(payload)).eval()
     raise CheckpointError(f"Unknown artifact format {fmt!r}; known: {[DENSE_FORMAT, *LOADERS]}")

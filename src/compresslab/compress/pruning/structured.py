@@ -1,0 +1,460 @@
+"""Structured (filter/channel) pruning that physically removes channels, with Torch-Pruning's
+dependency graph (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023).
+
+Removing output channels of a conv also removes the matching BN entries, the next
+layer's input channels, and — through the dependency graph — keeps residual additions
+and concatenations consistent (coupled channels are removed together). Importance:
+``l1``/``l2`` filter norms (Li et al., "Pruning Filters for Efficient ConvNets", ICLR 2017),
+``bn_scale`` (|γ|, Liu et al., "Learning Efficient Convolutional Networks through Network
+Slimming", ICCV 2017), ``taylor`` (first-order |w·∂L/∂w|, Molchanov et al., "Importance
+Estimation for Neural Network Pruning", CVPR 2019) or ``random``; ranked per layer or
+globally. One-shot or iterative (``steps`` > 1, evenly spaced between ``start`` and ``end``
+with fine-tuning in between). The classifier's outputs and the ``exclude``d layers are never
+pruned.
+
+Saving: the artifact is the original arch spec plus the pruned state dict
+(format ``compresslab.structured/1``). :func:`resize_to_state_dict` rebuilds the pruned
+network by giving every parameter/buffer the saved shape (and fixing ``in_channels`` /
+``out_channels`` / ``num_features`` ...) before ``load_state_dict`` — no pickled code, and
+it reloads in a fresh process. The same resize runs as a load-state-dict pre-hook on the
+student during training, so resuming from ``last.ckpt`` (pruned shapes) works.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
+
+from compresslab.artifact import LOADERS
+from compresslab.compress.base import CompressionMethod
+from compresslab.compress.pruning.common import (
+    PRUNABLE_TYPES,
+    _matches,
+    check_fraction,
+    check_schedule_fits,
+    check_scope,
+    classifier_name,
+    hide_unfinished_epoch,
+    log_scalars,
+    log_table,
+    rebuildable_from_spec,
+    state_to_cpu,
+    write_table,
+)
+from compresslab.errors import ConfigError
+from compresslab.measure import count_macs
+from compresslab.models import build_model
+
+log = logging.getLogger(__name__)
+
+STRUCTURED_FORMAT = "compresslab.structured/1"
+IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
+
+
+# ---- rebuilding a pruned network from its state dict ------------------------------
+def _fix_attributes(module: nn.Module, old: Mapping[str, int]) -> None:
+    """Update a resized layer's size attributes from its new parameter shapes."""
+    if isinstance(module, _ConvNd):
+        w = module.weight
+        depthwise = old["groups"] > 1 and old["groups"] == old["in_channels"] == old["out_channels"]
+        if module.transposed:
+            module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
+        elif depthwise:
+            module.groups = module.in_channels = module.out_channels = w.shape[0]
+        else:
+            module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, _NormBase):
+        ref = module.weight if module.weight is not None else module.running_mean
+        module.num_features = ref.shape[0]
+    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+        module.num_channels = module.weight.shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, nn.PReLU):
+        module.num_parameters = module.weight.numel()
+
+
+@torch.no_grad()
+def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """Give each parameter/buffer of ``model`` the shape it has in ``state_dict`` (keys with
+    ``prefix``); values are left uninitialized for ``load_state_dict`` to fill. Returns the names
+    of the modules that changed."""
+    changed = []
+    for mname, module in model.named_modules():
+        base = prefix + (f"{mname}." if mname else "")
+        old = {k: getattr(module, k, None) for k in ("groups", "in_channels", "out_channels")}
+        touched = False
+        for pname, p in list(module._parameters.items()):
+            saved = state_dict.get(base + pname)
+            if p is not None and saved is not None and tuple(saved.shape) != tuple(p.shape):
+                setattr(module, pname, nn.Parameter(torch.empty(saved.shape, dtype=p.dtype, device=p.device),
+                                                    requires_grad=p.requires_grad))
+                touched = True
+        for bname, b in list(module._buffers.items()):
+            saved = state_dict.get(base + bname)
+            if b is not None and saved is not None and tuple(saved.shape) != tuple(b.shape):
+                module._buffers[bname] = torch.empty(saved.shape, dtype=b.dtype, device=b.device)
+                touched = True
+        if touched:
+            _fix_attributes(module, old)
+            changed.append(mname)
+    return changed
+
+
+def structured_payload(model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
+                       meta: Mapping[str, Any] | None = None) -> dict:
+    """Plain-data artifact of a channel-pruned model: original arch spec + pruned state dict."""
+    return {
+        "format": STRUCTURED_FORMAT,
+        "loader_module": __name__,
+        "arch": dict(arch),
+        "input_shape": [int(v) for v in input_shape],
+        "num_classes": int(num_classes),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "meta": dict(meta or {}),
+    }
+
+
+def load_structured_payload(payload: Mapping[str, Any]) -> nn.Module:
+    """Rebuild a channel-pruned model: build the arch, resize to the saved shapes, load."""
+    model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+    resize_to_state_dict(model, payload["state_dict"])
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
+LOADERS[STRUCTURED_FORMAT] = load_structured_payload
+
+
+# ---- one pruning step with torch-pruning ------------------------------------------
+def _importance(kind: str):
+    import torch_pruning as tp
+
+    if kind == "l1":
+        return tp.importance.GroupMagnitudeImportance(p=1)
+    if kind == "l2":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if kind == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    if kind == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    if kind == "random":
+        return tp.importance.RandomImportance()
+    raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {kind!r}")
+
+
+def ignored_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[nn.Module]:
+    """The classifier plus every module whose name matches an ``exclude`` pattern."""
+    head = classifier_name(model)
+    return [m for n, m in model.named_modules() if n and (n == head or _matches(n, exclude))]
+
+
+def prune_channels(
+    model: nn.Module,
+    example: torch.Tensor,
+    ratio: float,
+    importance: str = "l1",
+    scope: str = "layer",
+    exclude: Sequence[str] = (),
+    max_layer_ratio: float = 0.9,
+    round_to: int | None = None,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
+) -> nn.Module:
+    """Remove the ``ratio`` fraction of channels of ``model`` (in place) with torch-pruning.
+
+    ``batches`` feed the Taylor importance (gradients of the cross-entropy; BN in eval mode).
+    The model is traced in eval mode, so BN statistics do not change.
+    """
+    import torch_pruning as tp
+
+    if ratio <= 0:
+        return model
+    was_training = model.training
+    model.eval()
+    try:
+        if importance == "taylor":
+            if not batches:
+                raise ConfigError("prune.importance=taylor needs training batches")
+            model.zero_grad(set_to_none=True)
+            for x, y in batches:
+                F.cross_entropy(model(x), y).backward()
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=_importance(importance), global_pruning=scope == "global",
+            pruning_ratio=float(ratio), max_pruning_ratio=float(max_layer_ratio),
+            ignored_layers=ignored_modules(model, exclude), round_to=round_to, iterative_steps=1,
+        )
+        pruner.step()
+    finally:
+        model.train(was_training)
+        for p in model.parameters():
+            p.grad = None
+    return model
+
+
+def cumulative_ratios(ratio: float, steps: int) -> list[float]:
+    """Fraction of the original channels removed after each of ``steps`` equal steps."""
+    return [ratio * (i + 1) / steps for i in range(steps)]
+
+
+def step_ratio(cumulative: Sequence[float], i: int) -> float:
+    """Ratio of the *current* channels to remove at step ``i`` to reach ``cumulative[i]``."""
+    prev = cumulative[i - 1] if i > 0 else 0.0
+    return 1.0 - (1.0 - cumulative[i]) / (1.0 - prev)
+
+
+def _swap_optimizer_params(trainer: pl.Trainer, before: Mapping[str, nn.Parameter], model: nn.Module) -> None:
+    """Point the optimizers at the student's new (pruned) parameters; their moments restart."""
+    after = dict(model.named_parameters())
+    remap = {id(p): after[n] for n, p in before.items() if n in after and after[n] is not p}
+    if not remap:
+        return
+    for opt in trainer.optimizers:
+        for group in opt.param_groups:
+            group["params"] = [remap.get(id(p), p) for p in group["params"]]
+        for p in [p for p in opt.state if id(p) in remap]:
+            del opt.state[p]
+
+
+class StructuredPruningCallback(Callback):
+    """Runs the channel-pruning steps of a :class:`StructuredPruning` on ``pl_module.model``."""
+
+    def __init__(self, method: "StructuredPruning") -> None:
+        self.method = method
+        self.steps_done = 0
+        self.done = False
+        self.history: list[dict] = []
+        self.last_state: dict[str, torch.Tensor] | None = None
+        self._hooked: set[int] = set()
+        self.hook_handles: list = []
+
+    @property
+    def state_key(self) -> str:
+        return f"compresslab.prune.{self.method.name}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done, "done": self.done, "history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.steps_done = int(state_dict.get("steps_done", 0))
+        self.done = bool(state_dict.get("done", False))
+        self.history = list(state_dict.get("history", []))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        model = pl_module.model
+        if trainer.world_size > 1:
+            raise ConfigError("prune=structured changes parameter shapes during the fit, which DDP does not "
+                              "allow; run it on one device")
+        if id(model) not in self._hooked:  # a resumed or reloaded checkpoint may hold pruned shapes
+            self.hook_handles.append(model.register_load_state_dict_pre_hook(
+                lambda module, state_dict, prefix, *args: resize_to_state_dict(module, state_dict, prefix)))
+            self._hooked.add(id(model))
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.method.unit == "epoch":
+            self._tick(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.method.unit == "step":
+            self._tick(trainer, pl_module, trainer.global_step)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        log_scalars(trainer, {"prune/params": sum(p.numel() for p in pl_module.model.parameters()),
+                              "prune/steps_done": self.steps_done})
+        if not self.done and self.method.select_after_pruning:
+            hide_unfinished_epoch(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.last_state = state_to_cpu(pl_module.model.state_dict())
+        log_table(trainer, "prune/channels", self.method.channel_table(pl_module.model))
+
+    def _batches(self, trainer: pl.Trainer, device) -> list:
+        if self.method.importance != "taylor":
+            return []
+        dm = getattr(trainer, "datamodule", None)
+        loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
+        out = []
+        for i, (x, y) in enumerate(loader):
+            if i >= self.method.taylor_batches:
+                break
+            out.append((x.to(device), y.to(device)))
+        return out
+
+    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+        points = self.method.points()
+        while self.steps_done < len(points) and points[self.steps_done] <= t:
+            i = self.steps_done
+            model = pl_module.model
+            device = next(model.parameters()).device
+            before = dict(model.named_parameters())
+            n_before = sum(p.numel() for p in before.values())
+            prune_channels(model, self.method.example.to(device), step_ratio(self.method.cumulative, i),
+                           self.method.importance, self.method.scope, self.method.exclude,
+                           self.method.max_layer_ratio, self.method.round_to, self._batches(trainer, device))
+            _swap_optimizer_params(trainer, before, model)
+            n_after = sum(p.numel() for p in model.parameters())
+            if n_after == n_before:
+                log.warning("prune=%s: step %d removed no channel (importance=%s gave no ranking, e.g. all-equal "
+                            "BN scales, or every layer is excluded)", self.method.name, i + 1, self.method.importance)
+            self.steps_done = i + 1
+            self.done = self.steps_done == len(points)
+            self.history.append({"t": int(t), "step": i + 1, "channels_removed": self.method.cumulative[i],
+                                 "params": n_after})
+            log.info("prune=%s: step %d/%d at %s %d: params %d -> %d", self.method.name, i + 1, len(points),
+                     self.method.unit, t, n_before, n_after)
+
+
+class StructuredPruning(CompressionMethod):
+    """Channel pruning that makes the student physically smaller (see the module docstring).
+
+    ``ratio``: fraction of channels removed (per layer, or over all layers with
+    ``scope=global``, where no layer loses more than ``max_layer_ratio``). ``steps``: 1 for
+    one-shot at ``start``; k > 1 for k steps evenly spaced from ``start`` to ``end`` (in
+    ``unit``s), each removing an equal share of the original channels, fine-tuning in
+    between. ``exclude``: module-name patterns never pruned (the classifier never is).
+    ``round_to``: keep channel counts multiples of this. ``taylor_batches``: batches whose
+    gradients score channels for ``importance=taylor``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        ratio: float = 0.5,
+        importance: str = "l1",
+        scope: str = "layer",
+        steps: int = 1,
+        start: int = 2,
+        end: int | None = None,
+        unit: str = "epoch",
+        exclude: Sequence[str] = (),
+        max_layer_ratio: float = 0.9,
+        round_to: int | None = None,
+        taylor_batches: int = 4,
+        select_after_pruning: bool = True,
+        epochs: int | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.ratio = check_fraction("ratio", ratio)
+        if importance not in IMPORTANCES:
+            raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
+        self.importance = importance
+        self.scope = check_scope(scope)
+        self.steps = int(steps)
+        if self.steps < 1:
+            raise ConfigError(f"prune.steps must be >= 1, got {steps}")
+        if unit not in ("epoch", "step"):
+            raise ConfigError(f"prune.unit must be epoch or step, got {unit!r}")
+        self.unit = unit
+        self.start = int(start)
+        self.end = int(end) if end is not None else self.start + self.steps - 1
+        if self.start < 0 or self.end < self.start or (self.steps > 1 and self.end - self.start < self.steps - 1):
+            raise ConfigError(f"prune.start={start}, prune.end={end} cannot hold prune.steps={steps} pruning steps")
+        self.exclude = list(exclude or [])
+        self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio, high_inclusive=True)
+        self.round_to = None if round_to is None else int(round_to)
+        self.taylor_batches = int(taylor_batches)
+        self.select_after_pruning = bool(select_after_pruning)
+        self.epochs = None if epochs is None else int(epochs)
+        self.cumulative = cumulative_ratios(self.ratio, self.steps)
+        check_schedule_fits(self.points()[-1], self.unit, self.epochs, f"prune={self.name}")
+        self.example: torch.Tensor | None = None
+        self._callback: StructuredPruningCallback | None = None
+        self._before: dict[str, list[int]] = {}
+        self._report: dict[str, Any] = {}
+        self._table: list[dict] = []
+
+    def points(self) -> list[int]:
+        """Times (in ``unit``) of the pruning steps."""
+        if self.steps == 1:
+            return [self.start]
+        span = self.end - self.start
+        return [self.start + round(i * span / (self.steps - 1)) for i in range(self.steps)]
+
+    def channel_table(self, model: nn.Module) -> list[dict]:
+        """Per conv/linear layer: weight shape and output channels before/after, fraction kept."""
+        rows = []
+        for name, module in model.named_modules():
+            if not isinstance(module, PRUNABLE_TYPES):
+                continue
+            shape = list(module.weight.shape)
+            before = self._before.get(name, shape)
+            rows.append({"layer": name, "type": type(module).__name__,
+                         "shape_before": "x".join(map(str, before)), "shape_after": "x".join(map(str, shape)),
+                         "out_before": before[0], "out_after": shape[0], "kept": shape[0] / max(1, before[0]),
+                         "params_before": int(torch.Size(before).numel()), "params_after": module.weight.numel()})
+        return rows
+
+    # ---- CompressionMethod hooks -------------------------------------------------
+    def prepare(self, student: nn.Module, datamodule) -> nn.Module:
+        self.example = datamodule.example_batch(1)
+        self._before = {n: list(m.weight.shape) for n, m in student.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+        self._report = {"prune_method": self.name, "params_before": sum(p.numel() for p in student.parameters()),
+                        "macs_before": count_macs(student, self.example)}
+        return student
+
+    def callbacks(self) -> list[Callback]:
+        self._callback = StructuredPruningCallback(self)
+        return [self._callback]
+
+    def finalize(self, student: nn.Module, datamodule) -> nn.Module:
+        cb = self._callback
+        selected = "val-best"
+        if cb is not None and cb.last_state is not None:
+            current = student.state_dict()
+            if any(tuple(current[k].shape) != tuple(v.shape) for k, v in cb.last_state.items() if k in current):
+                log.warning("prune=%s: the val-selected weights predate the last pruning step; using the last "
+                            "epoch's pruned weights instead", self.name)
+                resize_to_state_dict(student, cb.last_state)
+                student.load_state_dict(cb.last_state)
+                selected = "last (val-best epoch preceded the end of the pruning schedule)"
+        if cb is not None:
+            for handle in cb.hook_handles:
+                handle.remove()
+            cb.hook_handles.clear()
+            cb._hooked.clear()
+        example = self.example if self.example is not None else datamodule.example_batch(1)
+        params_after = sum(p.numel() for p in student.parameters())
+        macs_after = count_macs(student, example)
+        self._table = self.channel_table(student)
+        self._report.update({
+            "prune_ratio": self.ratio,
+            "importance": self.importance,
+            "params_after": params_after,
+            "params_reduction": 1.0 - params_after / max(1, self._report.get("params_before", params_after)),
+            "macs_after": macs_after,
+            "macs_ratio": self._report.get("macs_before", macs_after) / max(1, macs_after),
+            "selected_weights": selected,
+            "pruning_steps_done": cb.steps_done if cb is not None else 0,
+            "schedule_done": bool(cb.done) if cb is not None else False,
+            "channels": {r["layer"]: [r["out_before"], r["out_after"]] for r in self._table},
+        })
+        return student
+
+    def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
+        if not rebuildable_from_spec(student, context, same_shapes=False):
+            raise ConfigError(f"prune={self.name}: the student's modules no longer match its arch spec (another "
+                              "method changed the structure); structured pruning cannot be saved as spec + weights")
+        run_dir = context.get("run_dir")
+        if run_dir is not None:
+            paths = write_table(self._table, Path(run_dir) / "pruning" / "channels",
+                                title=f"prune={self.name}: channels per layer")
+            self._report["channel_table"] = paths["csv"]
+        return structured_payload(student, context["arch"], context["input_shape"], context["num_classes"],
+                                  meta={"prune": self.name, "ratio": self.ratio, "importance": self.importance})
+
+    def report(self) -> dict[str, Any]:
+        return dict(self._report)
+
+
+__all__ = ["StructuredPruning", "StructuredPruningCallback", "prune_channels", "resize_to_state_dict",
+           "structured_payload", "load_structured_payload", "STRUCTURED_FORMAT"]
