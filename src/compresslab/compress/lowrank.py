@@ -1,0 +1,450 @@
+"""Low-rank factorization by truncated SVD (``lowrank=svd``).
+
+- Linear ``W (out x in)``: ``W ~ U_r S_r V_r^T`` becomes two layers
+  ``in -> r`` (``sqrt(S_r) V_r^T``) and ``r -> out`` (``U_r sqrt(S_r)``, with the bias)
+  (Denton et al., "Exploiting Linear Structure Within Convolutional Networks", NeurIPS 2014;
+  Xue et al., Interspeech 2013).
+- Conv, ``conv_mode=channel``: ``W`` reshaped to ``out x (in*kh*kw)`` is factorized into a
+  ``k x k`` conv with ``r`` filters followed by a ``1 x 1`` conv (the channel decomposition of
+  Zhang et al., "Accelerating Very Deep Convolutional Networks", TPAMI 2016).
+- Conv2d, ``conv_mode=spatial``: ``W`` arranged as ``(in*kh) x (out*kw)`` is factorized into
+  a ``kh x 1`` conv with ``r`` filters and a ``1 x kw`` conv (Jaderberg, Vedaldi & Zisserman,
+  "Speeding up Convolutional Neural Networks with Low Rank Expansions", BMVC 2014, scheme 2).
+
+At full rank both factorizations reproduce the layer exactly (up to float rounding).
+The rank of each layer is ``rank_ratio`` of its full rank or the smallest rank keeping
+``energy`` of the squared singular values; a layer is left dense when the factorization
+would not reduce its parameters. ``when=before`` factorizes the freshly built student
+(it is trained factorized); ``when=after`` trains dense and factorizes the trained weights
+at ``start_epoch`` (negative: counted from the end), the remaining epochs fine-tuning the
+factors (with KD when ``distill`` is set, since the pipeline's training module is used).
+The artifact stores the arch spec, the factorization plan (per-layer kind and rank) and
+the state dict; :func:`load_lowrank_payload` rebuilds the factorized model before
+``load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from pytorch_lightning.callbacks import Callback
+from torch import nn
+
+from compresslab.artifact import LOADERS
+from compresslab.compress.base import CompressionMethod
+from compresslab.compress.quantization.layers import hide_epoch_from_selection, quantizable_layers
+from compresslab.errors import CheckpointError, ConfigError
+
+LOWRANK_FORMAT = "compresslab.lowrank/1"
+KINDS = ("linear", "conv_channel", "conv_spatial")
+
+
+# ---- factorized modules ------------------------------------------------------------------
+class LowRankLinear(nn.Module):
+    """``second(first(x))``: Linear(in, rank, no bias) then Linear(rank, out, bias)."""
+
+    kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
+        super().__init__()
+        self.rank = int(rank)
+        self.first = nn.Linear(in_features, self.rank, bias=False)
+        self.second = nn.Linear(self.rank, out_features, bias=bias)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+class LowRankConv(nn.Module):
+    """Channel decomposition: ConvNd(in, rank, k, stride, padding, dilation) then ConvNd(rank, out, 1)."""
+
+    kind = "conv_channel"
+
+    def __init__(self, conv: nn.Module, rank: int) -> None:
+        super().__init__()
+        cls = type(conv) if type(conv) in (nn.Conv1d, nn.Conv2d) else _conv_base(conv)
+        self.rank = int(rank)
+        self.first = cls(conv.in_channels, self.rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                         dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
+        self.second = cls(self.rank, conv.out_channels, 1, bias=conv.bias is not None)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+class LowRankSpatialConv2d(nn.Module):
+    """Spatial decomposition (Jaderberg et al. 2014): Conv2d(in, rank, (kh, 1)) then Conv2d(rank, out, (1, kw))."""
+
+    kind = "conv_spatial"
+
+    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
+        super().__init__()
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+        self.rank = int(rank)
+        self.first = nn.Conv2d(conv.in_channels, self.rank, (kh, 1), stride=(sh, 1), padding=(ph, 0),
+                               dilation=(dh, 1), bias=False)
+        self.second = nn.Conv2d(self.rank, conv.out_channels, (1, kw), stride=(1, sw), padding=(0, pw),
+                                dilation=(1, dw), bias=conv.bias is not None)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+LOWRANK_MODULES = (LowRankLinear, LowRankConv, LowRankSpatialConv2d)
+
+
+def _conv_base(conv: nn.Module) -> type:
+    for cls in (nn.Conv2d, nn.Conv1d):
+        if isinstance(conv, cls):
+            return cls
+    raise ConfigError(f"cannot factorize {type(conv).__name__}")
+
+
+# ---- SVD ---------------------------------------------------------------------------------
+def weight_matrix(module: nn.Module, kind: str) -> torch.Tensor:
+    """The matrix whose SVD gives the factorization of ``module`` for ``kind``."""
+    w = module.weight.detach().float()
+    if kind == "linear":
+        return w
+    if kind == "conv_channel":
+        return w.reshape(w.shape[0], -1)
+    out_c, in_c, kh, kw = w.shape  # M[(i, y), (o, x)] = W[o, i, y, x]
+    return w.permute(1, 2, 0, 3).reshape(in_c * kh, out_c * kw)
+
+
+def full_rank(module: nn.Module, kind: str) -> int:
+    """min of the factorized matrix's dimensions."""
+    w = module.weight
+    if kind == "linear":
+        return min(w.shape[0], w.shape[1])
+    if kind == "conv_channel":
+        return min(w.shape[0], w[0].numel())
+    out_c, in_c, kh, kw = w.shape
+    return min(in_c * kh, out_c * kw)
+
+
+def factor_params(module: nn.Module, kind: str, rank: int) -> int:
+    """Weights of the factorized layer at ``rank`` (biases excluded)."""
+    w = module.weight
+    if kind == "linear":
+        return rank * (w.shape[0] + w.shape[1])
+    if kind == "conv_channel":
+        return rank * (w[0].numel() + w.shape[0])
+    out_c, in_c, kh, kw = w.shape
+    return rank * (in_c * kh + out_c * kw)
+
+
+def layer_kind(module: nn.Module, conv_mode: str) -> str | None:
+    """How ``module`` is factorized, or None when it cannot be (grouped convs, 1-D spatial)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1 or module.padding_mode != "zeros":
+            return None
+        if conv_mode == "spatial" and isinstance(module, nn.Conv2d) and min(module.kernel_size) > 1:
+            return "conv_spatial"
+        return "conv_channel"
+    return None
+
+
+def choose_rank(singular: torch.Tensor, full: int, rank_ratio: float | None, energy: float | None,
+                min_rank: int = 1) -> int:
+    """Rank from a ratio of the full rank, or the smallest rank keeping ``energy`` of sum(S^2)."""
+    if energy is not None:
+        e = singular.double() ** 2
+        cum = torch.cumsum(e, 0) / e.sum().clamp_min(1e-300)
+        r = int(torch.searchsorted(cum, torch.tensor(float(energy), dtype=cum.dtype)).item()) + 1
+    else:
+        r = int(round(float(rank_ratio) * full))
+    return max(int(min_rank), min(full, r))
+
+
+@torch.no_grad()
+def factorize(module: nn.Module, kind: str, rank: int) -> nn.Module:
+    """The factorized replacement of ``module`` at ``rank`` (truncated SVD, sqrt(S) split evenly)."""
+    mat = weight_matrix(module, kind)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    r = int(rank)
+    root = s[:r].sqrt()
+    left = u[:, :r] * root            # (rows, r)
+    right = root[:, None] * vh[:r]     # (r, cols)
+    bias = module.bias.detach().clone() if module.bias is not None else None
+    if kind == "linear":
+        new = LowRankLinear(module.in_features, module.out_features, r, bias is not None)
+        new.first.weight.copy_(right)
+        new.second.weight.copy_(left)
+    elif kind == "conv_channel":
+        new = LowRankConv(module, r)
+        new.first.weight.copy_(right.reshape(r, *module.weight.shape[1:]))
+        new.second.weight.copy_(left.reshape(module.weight.shape[0], r, *([1] * (module.weight.dim() - 2))))
+    else:
+        out_c, in_c, kh, kw = module.weight.shape
+        new = LowRankSpatialConv2d(module, r)
+        # left rows are (i, y): first[r, i, y, 0]; right columns are (o, x): second[o, r, 0, x]
+        new.first.weight.copy_(left.reshape(in_c, kh, r).permute(2, 0, 1).unsqueeze(-1))
+        new.second.weight.copy_(right.reshape(r, out_c, kw).permute(1, 0, 2).unsqueeze(2))
+    if bias is not None:
+        new.second.bias.copy_(bias)
+    new.to(module.weight.device, module.weight.dtype)
+    return new.train(module.training)
+
+
+def singular_values(module: nn.Module, kind: str) -> torch.Tensor:
+    """Singular values of the layer's factorized matrix."""
+    return torch.linalg.svdvals(weight_matrix(module, kind))
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def lowrank_plan(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: {"kind", "rank"}}`` of the factorized layers in ``model``."""
+    return {n: {"kind": m.kind, "rank": int(m.rank)} for n, m in model.named_modules()
+            if isinstance(m, LOWRANK_MODULES)}
+
+
+def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
+    """Replace the planned layers of a freshly built ``model`` by factorized modules of the
+    planned ranks (their weights are then loaded from a state dict)."""
+    for name, spec in plan.items():
+        kind, rank = spec["kind"], int(spec["rank"])
+        if kind not in KINDS:
+            raise CheckpointError(f"unknown low-rank layer kind {kind!r} for {name}")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise CheckpointError(f"low-rank plan names {name}, which the architecture does not have") from exc
+        if kind == "linear":
+            new = LowRankLinear(module.in_features, module.out_features, rank, module.bias is not None)
+        elif kind == "conv_channel":
+            new = LowRankConv(module, rank)
+        else:
+            new = LowRankSpatialConv2d(module, rank)
+        _set_module(model, name, new)
+    return model
+
+
+# ---- deferred factorization (when=after) ---------------------------------------------------
+class DeferredLowRank(nn.Module):
+    """A layer that computes densely until :meth:`switch`, then as full-size SVD factors whose
+    components beyond ``rank`` are masked (so parameter shapes, the optimizer and checkpoint
+    keys never change during the fit); :meth:`compact` gives the real factorized module."""
+
+    def __init__(self, dense: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.dense = dense
+        full = full_rank(dense, kind)
+        self.factors = factorize(dense, kind, full)  # placeholder values until switch()
+        self.register_buffer("rank_mask", torch.ones(full))
+        self.register_buffer("active", torch.zeros((), dtype=torch.int64))
+
+    @property
+    def rank(self) -> int:
+        return int(self.rank_mask.sum())
+
+    def forward(self, x):
+        if not bool(self.active):
+            return self.dense(x)
+        mid = self.factors.first(x)
+        mask = self.rank_mask if self.kind == "linear" else self.rank_mask.view(1, -1, *([1] * (mid.dim() - 2)))
+        return self.factors.second(mid * mask)
+
+    @torch.no_grad()
+    def switch(self, rank: int) -> None:
+        """Factorize the dense weights now; keep the top ``rank`` components."""
+        fresh = factorize(self.dense, self.kind, full_rank(self.dense, self.kind))
+        self.factors.load_state_dict(fresh.state_dict())
+        self.rank_mask.zero_()[: int(rank)] = 1
+        self.active.fill_(1)
+        for p in self.dense.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def compact(self) -> nn.Module:
+        """The factorized module at the masked rank (exactly what :meth:`forward` computes)."""
+        r = self.rank
+        f = self.factors
+        if self.kind == "linear":
+            new = LowRankLinear(f.first.in_features, f.second.out_features, r, f.second.bias is not None)
+            new.first.weight.copy_(f.first.weight[:r])
+            new.second.weight.copy_(f.second.weight[:, :r])
+        elif self.kind == "conv_channel":
+            new = LowRankConv(self.dense, r)
+            new.first.weight.copy_(f.first.weight[:r])
+            new.second.weight.copy_(f.second.weight[:, :r])
+        else:
+            new = LowRankSpatialConv2d(self.dense, r)
+            new.first.weight.copy_(f.first.weight[:r])
+            new.second.weight.copy_(f.second.weight[:, :r])
+        if f.second.bias is not None:
+            new.second.bias.copy_(f.second.bias)
+        return new.to(f.second.weight.device).train(self.training)
+
+
+# ---- the method --------------------------------------------------------------------------
+class SVDLowRank(CompressionMethod):
+    """Truncated-SVD factorization of linear and conv layers (``lowrank=svd``)."""
+
+    def __init__(self, name: str, rank_ratio: float | None = 0.5, energy: float | None = None,
+                 conv_mode: str = "channel", when: str = "after", start_epoch: int = -3, min_rank: int = 1,
+                 exclude: Sequence[str] = (), keep_first_last: bool = False, only_if_smaller: bool = True) -> None:
+        super().__init__(name)
+        if energy is None and rank_ratio is None:
+            raise ConfigError("lowrank: set rank_ratio or energy")
+        if energy is not None and not 0.0 < float(energy) <= 1.0:
+            raise ConfigError(f"lowrank.energy must be in (0, 1], got {energy}")
+        if energy is None and not 0.0 < float(rank_ratio) <= 1.0:
+            raise ConfigError(f"lowrank.rank_ratio must be in (0, 1], got {rank_ratio}")
+        if conv_mode not in ("channel", "spatial"):
+            raise ConfigError(f"lowrank.conv_mode must be channel or spatial, got {conv_mode!r}")
+        if when not in ("before", "after"):
+            raise ConfigError(f"lowrank.when must be before or after, got {when!r}")
+        self.rank_ratio = None if rank_ratio is None else float(rank_ratio)
+        self.energy = None if energy is None else float(energy)
+        self.conv_mode, self.when = conv_mode, when
+        self.start_epoch, self.min_rank = int(start_epoch), int(min_rank)
+        self.exclude, self.keep_first_last = list(exclude), bool(keep_first_last)
+        self.only_if_smaller = bool(only_if_smaller)
+        self.layer_info: dict[str, dict] = {}
+        self.finetuned = False
+
+    def resolve_start(self, max_epochs: int) -> int:
+        """``start_epoch`` counted from the end when negative."""
+        return self.start_epoch if self.start_epoch >= 0 else max(0, int(max_epochs) + self.start_epoch)
+
+    def plan_layer(self, name: str, module: nn.Module, kind: str) -> int | None:
+        """Chosen rank of a layer from its current weights (None: keep it dense), recorded for report()."""
+        s = singular_values(module, kind)
+        full = full_rank(module, kind)
+        rank = choose_rank(s, full, self.rank_ratio, self.energy, self.min_rank)
+        dense_params = module.weight.numel()
+        new_params = factor_params(module, kind, rank)
+        e = s.double() ** 2
+        info = {"kind": kind, "rank": rank, "full_rank": full, "energy_kept": float(e[:rank].sum() / e.sum())
+                if float(e.sum()) > 0 else 1.0, "params_dense": int(dense_params), "params_factorized": int(new_params)}
+        if self.only_if_smaller and new_params >= dense_params:
+            info.update(rank=None, params_factorized=int(dense_params), note="kept dense (no saving)")
+            self.layer_info[name] = info
+            return None
+        self.layer_info[name] = info
+        return rank
+
+    def targets(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        """Layers that can be factorized, with their kind."""
+        out = {}
+        for name, module in quantizable_layers(model, self.exclude, self.keep_first_last).items():
+            kind = layer_kind(module, self.conv_mode)
+            if kind is not None:
+                out[name] = (module, kind)
+        return out
+
+    def prepare(self, student: nn.Module, datamodule) -> nn.Module:
+        targets = self.targets(student)
+        if not targets:
+            raise ConfigError(f"lowrank={self.name}: the student has no layer that can be factorized")
+        for name, (module, kind) in targets.items():
+            if self.when == "before":
+                rank = self.plan_layer(name, module, kind)
+                if rank is not None:
+                    _set_module(student, name, factorize(module, kind, rank))
+            else:
+                _set_module(student, name, DeferredLowRank(module, kind))
+        return student
+
+    def switch(self, model: nn.Module) -> None:
+        """Factorize the deferred layers from their current (trained) weights."""
+        for name, module in model.named_modules():
+            if isinstance(module, DeferredLowRank) and not bool(module.active):
+                rank = self.plan_layer(name, module.dense, module.kind)
+                if rank is not None:
+                    module.switch(rank)
+
+    def callbacks(self) -> list[Callback]:
+        return [LowRankCallback(self)] if self.when == "after" else []
+
+    def finalize(self, student: nn.Module, datamodule) -> nn.Module:
+        for name, module in list(student.named_modules()):
+            if not isinstance(module, DeferredLowRank):
+                continue
+            if bool(module.active):
+                self.finetuned = True
+                info = self.layer_info.get(name)
+                if info is None or info.get("rank") != module.rank:  # e.g. resumed: recompute the record
+                    self.plan_layer(name, module.dense, module.kind)
+                    self.layer_info[name]["rank"] = module.rank
+                    self.layer_info[name]["params_factorized"] = factor_params(module.dense, module.kind,
+                                                                               module.rank)
+                _set_module(student, name, module.compact())
+            else:  # never switched during the fit: factorize the final weights (no fine-tuning)
+                rank = self.plan_layer(name, module.dense, module.kind)
+                _set_module(student, name, module.dense if rank is None else factorize(module.dense, module.kind, rank))
+        return student
+
+    def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
+        return {
+            "format": LOWRANK_FORMAT,
+            "loader_module": __name__,
+            "arch": dict(context["arch"]),
+            "input_shape": [int(v) for v in context["input_shape"]],
+            "num_classes": int(context["num_classes"]),
+            "plan": lowrank_plan(student),
+            "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+        }
+
+    def report(self) -> dict[str, Any]:
+        factorized = {n: i for n, i in self.layer_info.items() if i.get("rank") is not None}
+        dense = sum(i["params_dense"] for i in self.layer_info.values())
+        after = sum(i["params_factorized"] for i in self.layer_info.values())
+        return {
+            "lowrank_ranks": {n: i["rank"] for n, i in factorized.items()},
+            "lowrank_full_ranks": {n: i["full_rank"] for n, i in self.layer_info.items()},
+            "lowrank_energy_kept": {n: round(i["energy_kept"], 6) for n, i in factorized.items()},
+            "lowrank_kept_dense": sorted(n for n, i in self.layer_info.items() if i.get("rank") is None),
+            "lowrank_layer_params_before": int(dense),
+            "lowrank_layer_params_after": int(after),
+            "lowrank_when": self.when,
+            "lowrank_finetuned": self.finetuned if self.when == "after" else True,
+        }
+
+
+class LowRankCallback(Callback):
+    """Factorizes at ``start_epoch`` (``when=after``); earlier epochs are not eligible as the
+    val-selected checkpoint."""
+
+    def __init__(self, method: SVDLowRank) -> None:
+        self.method = method
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch >= self.method.resolve_start(trainer.max_epochs):
+            self.method.switch(pl_module.model)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch < self.method.resolve_start(trainer.max_epochs):
+            hide_epoch_from_selection(trainer)
+
+
+def load_lowrank_payload(payload: dict) -> nn.Module:
+    """Rebuild the factorized model: arch spec -> model, plan -> factorized layers, then the weights."""
+    from compresslab.models import build_model
+
+    model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+    apply_plan(model, payload.get("plan", {}))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"low-rank artifact does not match its plan: {exc}") from exc
+    return model.eval()
+
+
+LOADERS[LOWRANK_FORMAT] = load_lowrank_payload
+
+__all__ = [
+    "LOWRANK_FORMAT", "LowRankLinear", "LowRankConv", "LowRankSpatialConv2d", "SVDLowRank", "factorize",
+    "apply_plan", "lowrank_plan", "choose_rank",
+]

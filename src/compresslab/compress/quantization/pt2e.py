@@ -1,0 +1,370 @@
+"""Int8 quantization through PyTorch 2 export (PT2E) with torchao's x86 quantizer, lowered to
+oneDNN int8 kernels, and its safe artifact format.
+
+Flow (what PyTorch recommends since ``torch.ao.quantization`` was deprecated):
+``torch.export`` (strict, batch dimension dynamic) -> ``prepare_pt2e`` with
+``X86InductorQuantizer`` (conv+BN folded; weights int8 per-channel symmetric, activations
+uint8 per-tensor affine, static with observers calibrated on training batches, or dynamic
+for Linear layers) -> calibration -> ``convert_pt2e`` (a reference graph of
+quantize/dequantize ops around fp32 ops, with int8 weight constants) -> x86 lowering
+(:func:`lower_x86`: inductor's freezing passes rewrite the q/dq patterns into
+``onednn.qconv_pointwise`` / ``qlinear_pointwise`` calls on prepacked int8 weights), which
+runs real int8 compute in eager mode without code generation.
+
+Artifact (``compresslab.int8_pt2e/1``): no serialized graph (``torch.export.load`` may unpickle
+parts of a .pt2 archive) but plain data — the arch spec (+ low-rank plan), the converted
+graph's constants (int8 weights, per-channel scales and zero points, fp32 folded biases)
+and the activation quantization parameters of each quantize/dequantize node, in graph order.
+:func:`load_int8_payload` rebuilds the converted graph by running the same deterministic
+export/prepare/convert on a freshly built model, checks that the graph has exactly the saved
+constants and q/dq nodes, overwrites them, and lowers it. Rebuild + lowering take seconds
+(reported as ``int8_load_time_s``); latency is measured after warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from compresslab.artifact import LOADERS
+from compresslab.compress.bitpack import dtype_from_name, dtype_name, flatten_state, unflatten_state
+from compresslab.compress.quantization.layers import build_structure
+from compresslab.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INT8_FORMAT = "compresslab.int8_pt2e/1"
+MODES = ("static", "dynamic")
+_MAX_BATCH = 1 << 16
+
+
+def _torchao():
+    """Import the torchao PT2E pieces (and register the x86 lowering patterns)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+    import torchao.quantization.pt2e.inductor_passes.x86  # noqa: F401  (registers qconv/qlinear patterns)
+
+    return prepare_pt2e, convert_pt2e, X86InductorQuantizer, get_default_x86_inductor_quantization_config
+
+
+def _q_ops() -> tuple:
+    qd = torch.ops.quantized_decomposed
+    return (qd.quantize_per_tensor.default, qd.dequantize_per_tensor.default)
+
+
+def _batch_dim():
+    return torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+
+
+def _example(input_shape: Sequence[int]) -> torch.Tensor:
+    return torch.zeros(2, *[int(v) for v in input_shape])
+
+
+def _unique_module_stacks(gm: torch.fx.GraphModule) -> None:
+    """Give every call of a shared module (e.g. one ``nn.ReLU`` used twice in a block) its own
+    source partition. Non-strict export leaves ``source_fn_stack`` empty and the quantizer then
+    groups partitions by module name, which fails for modules called more than once."""
+    seen: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack:
+            continue
+        key = list(stack)[-1]
+        fqn, cls = stack[key]
+        n = seen.get(fqn, 0)
+        seen[fqn] = n + 1
+        if n:
+            stack = dict(stack)
+            stack[key] = (f"{fqn}@{n}", cls)
+            node.meta["nn_module_stack"] = stack
+
+
+def capture(model: nn.Module, example: torch.Tensor) -> tuple[torch.fx.GraphModule, str]:
+    """``torch.export`` with a dynamic batch dimension. Non-strict tracing (torch.export's default,
+    ~3x faster to trace here) with :func:`_unique_module_stacks`, which gives the same quantized
+    graph as strict (dynamo) tracing; strict is the fallback. Returns (graph module, how)."""
+    dyn = ({0: _batch_dim()},)
+    try:
+        gm = torch.export.export(model, (example,), dynamic_shapes=dyn, strict=False).module()
+        _unique_module_stacks(gm)
+        return gm, "non_strict"
+    except Exception as exc:  # noqa: BLE001 - report and try the other tracer
+        log.warning("non-strict torch.export failed (%s); trying strict export", exc)
+        return torch.export.export(model, (example,), dynamic_shapes=dyn, strict=True).module(), "strict"
+
+
+def quantizer_for(mode: str):
+    """torchao's X86InductorQuantizer with the default static or dynamic int8 config."""
+    _, _, X86InductorQuantizer, default_config = _torchao()
+    return X86InductorQuantizer().set_global(default_config(is_dynamic=(mode == "dynamic")))
+
+
+@torch.no_grad()
+def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: Iterable[torch.Tensor],
+                  mode: str = "static") -> tuple[torch.fx.GraphModule, dict]:
+    """Export, prepare, calibrate and convert ``model`` (not modified). Returns the converted
+    reference graph and facts about the run (capture mode, calibration batches, time)."""
+    prepare_pt2e, convert_pt2e, _, _ = _torchao()
+    start = time.perf_counter()
+    model = copy.deepcopy(model).eval()
+    gm, how = capture(model, example)
+    prepared = prepare_pt2e(gm, quantizer_for(mode))
+    n = 0
+    for x in calibration:
+        prepared(x)
+        n += 1
+    if n == 0:
+        prepared(example)
+    converted = convert_pt2e(prepared)
+    _drop_unused_attributes(converted)
+    return converted, {"capture": how, "calibration_batches": n, "convert_time_s": time.perf_counter() - start}
+
+
+def _drop_unused_attributes(gm: torch.fx.GraphModule) -> None:
+    """Remove parameters/buffers the converted graph no longer reads (the fp32 weights that
+    were folded into int8 constants)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name in [k for k in gm.state_dict() if k not in used]:
+        owner_name, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+        for store in (owner._parameters, owner._buffers):
+            store.pop(attr, None)
+        owner.__dict__.pop(attr, None)
+
+
+def graph_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The tensors the converted graph reads (``get_attr`` targets), by name, in graph order."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in out:
+            value = _get_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                out[node.target] = value.detach().cpu().clone()
+    return out
+
+
+def graph_qparams(gm: torch.fx.GraphModule) -> list[list]:
+    """``[scale, zero_point]`` literals of every per-tensor quantize/dequantize node, in order."""
+    ops = _q_ops()
+    return [[float(n.args[1]), int(n.args[2])] for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in ops and not isinstance(n.args[1], torch.fx.Node)]
+
+
+def _get_attr(gm: nn.Module, target: str):
+    owner_name, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    return getattr(owner, attr)
+
+
+def _set_attr(gm: nn.Module, target: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
+
+
+def _compact(constants: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store int64 zero points as int8 when lossless; returns (tensors, original dtype by name)."""
+    out, dtypes = {}, {}
+    for name, t in constants.items():
+        dtypes[name] = dtype_name(t.dtype)
+        if t.dtype == torch.int64 and (t.numel() == 0 or (int(t.min()) >= -128 and int(t.max()) <= 127)):
+            t = t.to(torch.int8)
+        out[name] = t
+    return out, dtypes
+
+
+def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], structure: Mapping[str, Any],
+                 mode: str, lower: bool, meta: Mapping[str, Any] | None = None) -> dict:
+    """The plain-data int8 artifact of a converted graph."""
+    constants, dtypes = _compact(graph_constants(converted))
+    blobs, index = flatten_state(constants)
+    return {
+        "format": INT8_FORMAT,
+        "loader_module": __name__,
+        "arch": dict(context["arch"]),
+        "input_shape": [int(v) for v in context["input_shape"]],
+        "num_classes": int(context["num_classes"]),
+        "structure": dict(structure or {}),
+        "mode": mode,
+        "lower": bool(lower),
+        "constants": blobs,
+        "constants_index": index,
+        "constants_dtype": dtypes,
+        "qparams": graph_qparams(converted),
+        "torch_version": str(torch.__version__),
+        "meta": dict(meta or {}),
+    }
+
+
+def rebuild_converted(payload: Mapping[str, Any]) -> torch.fx.GraphModule:
+    """Re-run export/prepare/convert on a fresh model and install the saved constants and qparams."""
+    model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"],
+                            payload.get("structure")).eval()
+    example = _example(payload["input_shape"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # observers that saw only zeros warn; their values are replaced
+        skeleton, _ = quantize_pt2e(model, example, [example], payload["mode"])
+    saved = unflatten_state(payload["constants"], payload["constants_index"])
+    names = graph_constants(skeleton)
+    if set(names) != set(saved):
+        raise CheckpointError(
+            "int8 artifact does not match the graph rebuilt from its architecture (different torch/torchao "
+            f"version or model code?): missing {sorted(set(names) - set(saved))[:4]}, "
+            f"unexpected {sorted(set(saved) - set(names))[:4]}")
+    for name, value in saved.items():
+        value = value.to(dtype_from_name(payload["constants_dtype"][name]))
+        if tuple(value.shape) != tuple(names[name].shape):
+            raise CheckpointError(f"int8 artifact: {name} has shape {tuple(value.shape)}, "
+                                  f"the rebuilt graph expects {tuple(names[name].shape)}")
+        _set_attr(skeleton, name, value)
+    ops = _q_ops()
+    qnodes = [n for n in skeleton.graph.nodes
+              if n.op == "call_function" and n.target in ops and not isinstance(n.args[1], torch.fx.Node)]
+    qparams = payload["qparams"]
+    if len(qnodes) != len(qparams):
+        raise CheckpointError(f"int8 artifact has {len(qparams)} activation qparams, the rebuilt graph "
+                              f"{len(qnodes)} quantize/dequantize nodes")
+    for node, (scale, zp) in zip(qnodes, qparams):
+        args = list(node.args)
+        args[1], args[2] = float(scale), int(zp)
+        node.args = tuple(args)
+    skeleton.recompile()
+    return skeleton
+
+
+def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
+    """Lower a converted PT2E graph to oneDNN int8 ops (torchao's ``lower_pt2e_quantized_to_x86``
+    with a dynamic batch dimension, and ``view`` made layout-agnostic)."""
+    from torch._inductor.constant_folding import constant_fold
+    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+
+    _torchao()
+    decomp = torch.export.default_decompositions()
+    for op in list(decomp.keys()):
+        if not torch._export.utils._is_cia_op(op):
+            del decomp[op]
+    lowered = torch.export.export(converted, (example,), dynamic_shapes=({0: _batch_dim()},),
+                                  strict=False).run_decompositions(decomp).module()
+    graph = lowered.graph
+    aten = torch.ops.aten
+    for node in list(graph.nodes):
+        if node.target == aten.t.default:
+            with graph.inserting_before(node):
+                new = graph.call_function(aten.permute.default, args=(node.args[0], [1, 0]))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    lowered.recompile()
+    with torch.no_grad():
+        freezing_passes(lowered, (example,))
+        constant_fold(lowered)
+    for node in lowered.graph.nodes:  # oneDNN outputs can be channels-last: view -> reshape
+        if node.target == aten.view.default:
+            node.target = aten.reshape.default
+    lowered.recompile()
+    return lowered
+
+
+def int8_ops(gm: torch.fx.GraphModule) -> list[str]:
+    """Names of the oneDNN int8 ops a lowered graph calls (empty: no real int8 compute)."""
+    return sorted({str(n.target) for n in gm.graph.nodes
+                   if n.op == "call_function" and str(n.target).startswith("onednn.q")})
+
+
+class Int8Model(nn.Module):
+    """A loaded int8 artifact: the lowered (or reference) graph, plus the stored int8 weights and
+    fp32 biases registered as frozen parameters so parameter counts and sparsity are measurable."""
+
+    def __init__(self, graph: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor], compute: str) -> None:
+        super().__init__()
+        self.graph = graph
+        self.compute = compute
+        self.stored = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in weights.values()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)
+
+    def train(self, mode: bool = True) -> "Int8Model":
+        # exported graphs refuse train()/eval(); an inference artifact has no training mode
+        self.training = False
+        return self
+
+
+def _stored_weights(converted: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The int8 weight and fp32 bias constants (not scales / zero points)."""
+    out = {}
+    for name, t in graph_constants(converted).items():
+        leaf = name.rpartition(".")[2]
+        if leaf.startswith(("_scale", "_zero_point")):
+            continue
+        out[name] = t
+    return out
+
+
+def load_int8_payload(payload: dict) -> nn.Module:
+    """Rebuild a working int8 model from an :data:`INT8_FORMAT` payload (see the module doc)."""
+    _register_flop_formulas()
+    converted = rebuild_converted(payload)
+    weights = _stored_weights(converted)
+    if payload.get("lower", True):
+        lowered = lower_x86(converted, _example(payload["input_shape"]))
+        return Int8Model(lowered, weights, "int8" if int8_ops(lowered) else "simulated")
+    return Int8Model(converted, weights, "simulated")
+
+
+LOADERS[INT8_FORMAT] = load_int8_payload
+
+
+# ---- MACs of oneDNN int8 ops (FlopCounterMode counts FLOPs = 2 x MACs) ----------------------
+_FLOPS_REGISTERED = False
+
+
+def _register_flop_formulas() -> None:
+    """Teach ``FlopCounterMode`` the oneDNN int8 conv/linear ops (once per process)."""
+    global _FLOPS_REGISTERED
+    if _FLOPS_REGISTERED:
+        return
+    _FLOPS_REGISTERED = True
+    from torch.utils.flop_counter import register_flop_formula
+
+    _torchao()
+    onednn = torch.ops.onednn
+
+    def conv_flops(qx, x_scale, x_zp, qw, w_scale, w_zp, *args, out_val=None, **kwargs) -> int:
+        # qconv_pointwise: bias, stride, padding, dilation, groups, ...
+        # qconv2d_pointwise.binary: qaccum, bias, stride, padding, dilation, groups, ...
+        groups = args[4] if isinstance(args[1], (list, tuple)) else args[5]
+        per_out = qx.shape[1] // max(1, int(groups))
+        return 2 * out_val.numel() * per_out * _kernel_numel(qw, out_val.shape[1], per_out)
+
+    def linear_flops(qx, x_scale, x_zp, qw, *args, out_val=None, **kwargs) -> int:
+        return 2 * out_val.numel() * qx.shape[-1]
+
+    try:
+        register_flop_formula([onednn.qconv_pointwise, onednn.qconv2d_pointwise], get_raw=True)(conv_flops)
+        register_flop_formula([onednn.qlinear_pointwise], get_raw=True)(linear_flops)
+    except Exception as exc:  # noqa: BLE001 - MACs are informative; never break loading over them
+        log.warning("could not register FLOP formulas for oneDNN int8 ops: %s", exc)
+
+
+def _kernel_numel(qw, out_channels: int, in_per_group: int) -> int:
+    """Spatial kernel size from a (possibly prepacked) weight's element count."""
+    try:
+        return max(1, int(qw.numel()) // max(1, out_channels * in_per_group))
+    except Exception:  # noqa: BLE001 - opaque prepacked tensor
+        return 1
+
