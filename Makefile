@@ -1,4 +1,5 @@
-# `make run` runs the default experiment, `make test` runs the test suite.
+# `make run` runs the showcase sweep (teacher once, then a distill x prune x quant grid and
+# its ablation table) on the embedded digits dataset; `make test` runs the test suite.
 # Both create .venv and install the project on first use; the stamp file makes
 # later calls skip the install until pyproject.toml changes.
 PYTHON ?= python3
@@ -18,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/compresslab $(ARGS)
+	$(VENV)/bin/compresslab -m experiment=showcase $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
