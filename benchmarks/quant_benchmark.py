@@ -82,7 +82,10 @@ def int8_section(out: Path, models: list[str], epochs: int, rounds: int, iters: 
         dm.setup()
         batch = int(recs["fp32"]["student"]["latency_batch"])
         x1, xn = dm.example_batch(1), dm.example_batch(batch)
+        load = _loadavg()
         lat = interleaved_latency({k: r["student"]["artifact"] for k, r in recs.items()}, x1, xn, rounds, iters)
+        print(f"  {model}: latency measured with {torch.get_num_threads()} threads, load average {load} -> "
+              f"{_loadavg()}", flush=True)
         ref = recs["fp32"]["student"]
         for k, r in recs.items():
             s = r["student"]
@@ -92,10 +95,9 @@ def int8_section(out: Path, models: list[str], epochs: int, rounds: int, iters: 
                          f"{lat['fp32']['bN_min'] / lat[k]['bN_min']:.2f}x",
                          f"{lat[k]['bN_min']:.2f}-{lat[k]['bN_max']:.2f}", s.get("compute", "fp32"),
                          f"{s['int8_load_time_s']:.1f}" if "int8_load_time_s" in s else "-"])
-        print(f"  batch N = {batch}", flush=True)
     _table(["model", "method", "acc %", "size KB", "size ratio", "b1 ms", "bN ms", "speedup b1", "speedup bN",
             "speedup bN (min)", "bN range ms", "compute", "load s"], rows)
-    print("  (medians of per-round medians; 'min' compares the fastest round of each, the least disturbed by other"
+    print("  (batch N = eval batch size = 256; medians of per-round medians; 'min' compares the fastest round of each, the least disturbed by other"
           " load; acc is the reloaded artifact's test accuracy; load s = rebuild + x86 lowering at load time)")
 
 
@@ -127,6 +129,13 @@ def lowbit_section(out: Path, epochs: int) -> None:
            rows)
 
 
+def _loadavg() -> str:
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except OSError:
+        return "?"
+
+
 def _table(header: list[str], rows: list[list]) -> None:
     cells = [header] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -144,9 +153,12 @@ def main() -> None:
     parser.add_argument("--models", default="resnet20,convnet", help="CNNs for the int8 section")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds")
     parser.add_argument("--iters", type=int, default=30, help="timed iterations per round (batch 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for everything (default: as is)")
     parser.add_argument("--skip-int8", action="store_true")
     parser.add_argument("--skip-lowbit", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, epochs per run {args.epochs}, out {out}")
