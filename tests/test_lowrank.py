@@ -125,7 +125,8 @@ def test_lowrank_artifact_rebuilds_the_factorized_model(tmp_path):
 
 
 def test_svd_after_training_pipeline_reports_ranks_and_finetunes(make_cfg):
-    record = run_experiment(make_cfg(["lowrank=svd", "teacher=none", "student.epochs=2", "lowrank.start_epoch=1",
+    record = run_experiment(make_cfg(["lowrank=svd", "lowrank.when=after", "teacher=none", "student.epochs=2",
+                                      "lowrank.start_epoch=1",
                                       "lowrank.rank_ratio=0.25"]))
     s = record["student"]
     assert s["lowrank_finetuned"] is True and s["lowrank_ranks"]

@@ -25,7 +25,6 @@ the state dict; :func:`load_lowrank_payload` rebuilds the factorized model befor
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -292,7 +291,7 @@ class SVDLowRank(CompressionMethod):
     """Truncated-SVD factorization of linear and conv layers (``lowrank=svd``)."""
 
     def __init__(self, name: str, rank_ratio: float | None = 0.5, energy: float | None = None,
-                 conv_mode: str = "channel", when: str = "after", start_epoch: int = -3, min_rank: int = 1,
+                 conv_mode: str = "channel", when: str = "before", start_epoch: int = -8, min_rank: int = 1,
                  exclude: Sequence[str] = (), keep_first_last: bool = False, only_if_smaller: bool = True) -> None:
         super().__init__(name)
         if energy is None and rank_ratio is None:

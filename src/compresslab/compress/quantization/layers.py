@@ -5,7 +5,7 @@
   swapping its class *in place* for a subclass (same object, same parameters and
   ``isinstance`` relations, so pruning callbacks and distillation hooks that hold the layer
   keep working; no new state-dict keys unless the method registers buffers).
-- :class:`STERound` and fake-quant helpers with a straight-through estimator
+- fake-quant helpers with a straight-through estimator
   (Bengio et al. 2013; Courbariaux et al., "BinaryConnect", NeurIPS 2015).
 - :func:`hide_epoch_from_selection`: make the current epoch ineligible as the val-selected
   checkpoint (the artifact must come from epochs where the method was active).
@@ -92,18 +92,6 @@ def is_swapped(module: nn.Module) -> bool:
 
 
 # ---- straight-through estimators -------------------------------------------------------
-class STERound(torch.autograd.Function):
-    """round() forward, identity backward (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero, qmin, qmax):

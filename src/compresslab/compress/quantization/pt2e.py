@@ -115,12 +115,12 @@ def quantize_pt2e(model: nn.Module, example: torch.Tensor, calibration: Iterable
     reference graph and facts about the run (capture mode, calibration batches, time)."""
     prepare_pt2e, convert_pt2e, _, _ = _torchao()
     start = time.perf_counter()
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model).cpu().eval()  # int8 inference is a CPU (oneDNN) artifact
     gm, how = capture(model, example)
     prepared = prepare_pt2e(gm, quantizer_for(mode))
     n = 0
     for x in calibration:
-        prepared(x)
+        prepared(x.cpu())
         n += 1
     if n == 0:
         prepared(example)

@@ -87,7 +87,7 @@ class PT2EInt8(CompressionMethod):
         x = self.calibration[0] if self.calibration else torch.zeros(2, *context["input_shape"])
         with torch.no_grad():
             ref = self.converted(x)
-            fp32 = self.float_student.eval()(x)
+            fp32 = self.float_student.cpu().eval()(x)
         payload = pt2e.make_payload(self.converted, context, structure, self.mode, self.lower)
         # the artifact is loaded once here: what the pipeline measures must rebuild exactly
         rebuilt = pt2e.rebuild_converted(payload)

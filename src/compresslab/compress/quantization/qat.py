@@ -33,8 +33,6 @@ giving the same int8 artifact type.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
