@@ -165,6 +165,35 @@ def test_weight_shared_artifact_decodes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_unshared_tensors_are_stored_in_fp16_and_the_file_is_the_blob_plus_a_small_container(tmp_path):
+    torch.manual_seed(0)
+    arch = {"_target_": "compresslab.models.MLP", "hidden": [300, 100]}
+    base = build_model(arch, SHAPE, 10).eval()
+    n_bias = sum(m.bias.numel() for m in base.modules() if isinstance(m, torch.nn.Linear))
+    sizes = {}
+    for dtype in ("float32", "float16"):
+        model = build_model(arch, SHAPE, 10).eval()
+        model.load_state_dict(base.state_dict())
+        method = WeightSharing("ws", unshared_dtype=dtype)
+        model = method.finalize(model, None)
+        payload = method.export(model, {"arch": arch, "input_shape": list(SHAPE), "num_classes": 10})
+        assert {dt for _, dt, _, _ in payload["dense_index"]} == {dtype}
+        path = tmp_path / f"{dtype}.pt"
+        atomic_torch_save(payload, path)
+        sizes[dtype] = (path.stat().st_size, payload["blob"].numel())
+        loaded = load_model_file(path)
+        for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+            assert torch.equal(a, b), name  # the model was rounded to what the file stores
+        x = torch.randn(4, *SHAPE)
+        assert torch.equal(model(x), loaded(x))
+    # fp16 biases: exactly 2 bytes fewer per bias in the blob; the biases really were rounded
+    assert sizes["float32"][1] - sizes["float16"][1] == 2 * n_bias
+    assert not torch.equal(model.features[1].bias, base.features[1].bias)
+    assert torch.allclose(model.features[1].bias, base.features[1].bias, atol=1e-3)
+    for file_size, blob in sizes.values():
+        assert blob < file_size < blob + 2500  # torch.save's zip + the plain-data description
+
+
 def test_prune_agp_then_weight_sharing_pipeline(make_cfg):
     record = run_experiment(make_cfg([
         "student=lenet300", "teacher=none", "prune=agp", "quant=weight_sharing", "student.epochs=3",

@@ -11,6 +11,7 @@ loader in :data:`LOADERS` under their ``format`` string.
 from __future__ import annotations
 
 import importlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -29,13 +30,20 @@ LOADERS: dict[str, Callable[[dict], nn.Module]] = {}
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` to a temp file in the same dir, then rename it into place."""
+    """Write ``obj`` with ``torch.save`` to a temp file in the same dir, then rename it into place.
+
+    The object is serialized in memory first, so the zip archive inside is named ``archive``
+    (as for any in-memory ``torch.save``) rather than after the temp file, which keeps the
+    container small and the same whatever the file is called.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(buffer.getbuffer())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

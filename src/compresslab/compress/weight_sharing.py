@@ -15,8 +15,11 @@ Huffman Coding", ICLR 2016).
    ``2^gap_bits - 1`` with filler zero entries, as in the paper's Fig. 2) + centroid index;
    ``dense``: a centroid index (or the zero symbol) for every weight. The gap and index
    streams are Huffman coded (canonical codes, :mod:`compresslab.compress.huffman`).
-   Codebooks are fp32. Everything is concatenated into one byte blob, so ``size_bytes``
-   is the encoded size; decoding gives back exactly the shared weights.
+   Codebooks are fp32. The tensors that are not shared (biases, BN parameters and statistics)
+   are stored in ``unshared_dtype`` (fp16 by default; the model is rounded to it in
+   ``finalize``, so the accuracy measured on the artifact includes that rounding).
+   Everything is concatenated into one byte blob, so ``size_bytes`` is the encoded size;
+   decoding gives back exactly the model that was evaluated.
 
 The loaded artifact computes with the decoded fp32 weights (``compute: simulated``).
 """
@@ -45,6 +48,7 @@ from compresslab.compress.quantization.layers import (
 from compresslab.errors import CheckpointError, ConfigError
 
 SHARED_FORMAT = "compresslab.shared/1"
+UNSHARED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 # ---- k-means -----------------------------------------------------------------------------
@@ -98,7 +102,7 @@ class WeightSharing(CompressionMethod):
 
     def __init__(self, name: str, bits_conv: int = 8, bits_fc: int = 5, gap_bits_conv: int = 8,
                  gap_bits_fc: int = 5, start_epoch: int = -2, kmeans_iters: int = 30,
-                 exclude: Sequence[str] = (), layout: str = "auto") -> None:
+                 exclude: Sequence[str] = (), layout: str = "auto", unshared_dtype: str = "float16") -> None:
         super().__init__(name)
         for key, val in (("bits_conv", bits_conv), ("bits_fc", bits_fc), ("gap_bits_conv", gap_bits_conv),
                          ("gap_bits_fc", gap_bits_fc)):
@@ -106,12 +110,15 @@ class WeightSharing(CompressionMethod):
                 raise ConfigError(f"quant.{key} must be in 1..16, got {val}")
         if layout not in ("auto", "sparse", "dense"):
             raise ConfigError(f"quant.layout must be auto, sparse or dense, got {layout!r}")
+        if unshared_dtype not in UNSHARED_DTYPES:
+            raise ConfigError(f"quant.unshared_dtype must be one of {sorted(UNSHARED_DTYPES)}, got {unshared_dtype!r}")
         self.bits_conv, self.bits_fc = int(bits_conv), int(bits_fc)
         self.gap_bits_conv, self.gap_bits_fc = int(gap_bits_conv), int(gap_bits_fc)
         self.start_epoch = int(start_epoch)
         self.kmeans_iters = int(kmeans_iters)
         self.exclude = list(exclude)
         self.layout = layout
+        self.unshared_dtype = UNSHARED_DTYPES[unshared_dtype]
         self.clusters: dict[str, _Cluster] = {}
         self.shared_during_training = False
         self._report: dict[str, Any] = {}
@@ -210,7 +217,21 @@ class WeightSharing(CompressionMethod):
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         if not self.adopt(student):
             self.cluster(student)  # no fine-tuning happened (or the selection predates it)
+        self.round_unshared(student)
         return student
+
+    def shared_keys(self, model: nn.Module) -> set[str]:
+        """State-dict keys of the shared (k-means coded) weights."""
+        return {f"{name}.weight" for name in self.layers(model)}
+
+    @torch.no_grad()
+    def round_unshared(self, model: nn.Module) -> None:
+        """Round the floating tensors that are not shared to ``unshared_dtype`` (in place), so the
+        model computes with exactly the values the artifact stores."""
+        shared = self.shared_keys(model)
+        for key, t in model.state_dict().items():
+            if key not in shared and t.is_floating_point():
+                t.copy_(t.to(self.unshared_dtype))
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
         payload, stats = encode_shared(student, self, context)
@@ -389,7 +410,7 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
     rows, names, shapes = [], [], []
     totals = Counter()
     per_layer = {}
-    shared_keys = set()
+    shared_keys = method.shared_keys(student)
     for name, module in layers.items():
         w = module.weight.detach().cpu().float()
         c = method.clusters[name]
@@ -413,7 +434,6 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
         shapes.append([int(v) for v in w.shape])
         streams += data
         books += _raw_bytes(codebook)
-        shared_keys.add(f"{name}.weight")
         for key in ("n", "nnz", "b0", "b1", "b2", "b3"):
             totals[key] += acct[key]
         per_layer[name] = {"layout": acct["layout"], "k": k, "sparsity": 1 - acct["nnz"] / acct["n"],
@@ -423,6 +443,11 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
     for key, t in student.state_dict().items():
         if key in shared_keys:
             continue
+        if t.is_floating_point():
+            stored = t.to(method.unshared_dtype)
+            if not torch.equal(stored.to(t.dtype), t):
+                raise RuntimeError(f"weight sharing: {key} is not rounded to {method.unshared_dtype} (finalize first)")
+            t = stored
         dense_index.append([key, str(t.dtype).removeprefix("torch."), [int(v) for v in t.shape], len(rest)])
         rest += _raw_bytes(t)
     blob = bytes(streams) + bytes(books) + bytes(rest)
@@ -456,6 +481,7 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
         "dc_total_ratio": b0 / b3,
         "dc_encoded_bytes": b3 / 8,
         "dc_unshared_bytes": len(rest),
+        "dc_unshared_dtype": str(method.unshared_dtype).removeprefix("torch."),
         "size_ratio_quantized_layers": b0 / b3,
         "dc_per_layer": per_layer,
     }
