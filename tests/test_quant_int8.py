@@ -80,7 +80,7 @@ def test_int8_artifact_runs_onednn_int8_ops_close_to_fp32(int8_case):
 def test_int8_artifact_sizes_params_and_macs(int8_case):
     model = int8_case["model"]
     payload = read_payload(int8_case["path"])
-    stored = pt2e.unflatten_state(payload["constants"], payload["constants_index"])
+    stored = pt2e.stored_constants(payload)
     int8 = [t for t in stored.values() if t.dtype == torch.int8 and t.dim() >= 2]
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert sorted(t.numel() for t in int8) == sorted(w.numel() for w in weights)  # every weight is int8
@@ -91,6 +91,34 @@ def test_int8_artifact_sizes_params_and_macs(int8_case):
     assert count_macs(loaded, x1) == count_macs(model, x1)  # oneDNN ops counted like their fp32 twins
     n_weights = sum(w.numel() for w in weights)
     assert n_weights < count_params(loaded)["params"] < n_weights + 2000  # + folded biases
+
+
+def test_pruned_int8_weights_are_stored_sparse_and_decode_exactly(int8_case, tmp_path):
+    model = build_model(RESNET8, SHAPE, 10)
+    model.load_state_dict(int8_case["model"].state_dict())
+    with torch.no_grad():  # 90% magnitude pruning of every conv (as prune=agp leaves them)
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0.0
+    g = torch.Generator().manual_seed(1)
+    converted, _ = pt2e.quantize_pt2e(model.eval(), torch.zeros(2, *SHAPE),
+                                      [torch.randn(32, *SHAPE, generator=g) for _ in range(4)], "static")
+    payload = pt2e.make_payload(converted, {"arch": RESNET8, "input_shape": list(SHAPE), "num_classes": 10},
+                                {}, "static", False)
+    int8_weights = {k: t for k, t in pt2e.graph_constants(converted).items() if t.dtype == torch.int8 and t.dim() == 4}
+    assert int8_weights and all((t == 0).float().mean() >= 0.89 for t in int8_weights.values())
+    assert set(int8_weights) <= set(pt2e.sparse_constants(payload))  # zeros survive quantization
+    stored = pt2e.stored_constants(payload)
+    for name, t in int8_weights.items():
+        assert torch.equal(stored[name], t)
+    path = tmp_path / "pruned_int8.pt"
+    atomic_torch_save(payload, path)
+    # conv weights: 1 bit of mask + 8 bits per kept weight instead of 8 bits each
+    assert int8_case["path"].stat().st_size / path.stat().st_size > 2.5
+    loaded = load_model_file(path)
+    x = int8_case["x"]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), converted(x))
 
 
 def test_int8_artifact_refuses_a_different_architecture(int8_case, tmp_path):

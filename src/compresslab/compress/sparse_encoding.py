@@ -113,10 +113,10 @@ def encode_state_dict(
 ) -> dict:
     """Encode a state dict as plain data: ``{"tensors": [records], "blob": uint8 tensor, ...}``.
 
-    ``encoding="auto"`` picks, per floating-point tensor, the smallest of dense / bitmask /
-    index; ``"bitmask"`` or ``"index"`` force that layout on the tensors in ``sparse_keys``
-    (default: every floating tensor with at least one zero). Integer and bool tensors are
-    always stored dense. ``raw_bytes`` is the size before compression.
+    ``encoding="auto"`` picks, per floating-point or int8 tensor (pruned int8 weights), the
+    smallest of dense / bitmask / index; ``"bitmask"`` or ``"index"`` force that layout on the
+    tensors in ``sparse_keys`` (default: every such tensor with at least one zero). Other
+    integer and bool tensors are always stored dense. ``raw_bytes`` is the size before compression.
     """
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}")
@@ -133,7 +133,7 @@ def encode_state_dict(
         numel, itemsize = t.numel(), t.element_size()
         rec: dict[str, Any] = {"name": name, "shape": list(t.shape), "dtype": dtype_name, "offset": len(out)}
         layout = "dense"
-        if t.is_floating_point() and numel > 0 and (wanted is None or name in wanted):
+        if (t.is_floating_point() or t.dtype == torch.int8) and numel > 0 and (wanted is None or name in wanted):
             mask = nonzero_mask(t)
             nnz = int(mask.sum())
             sizes = encoded_sizes(numel, nnz, itemsize)

@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 from compresslab.artifact import LOADERS
-from compresslab.compress.bitpack import dtype_from_name, dtype_name, flatten_state, unflatten_state
+from compresslab.compress.bitpack import dtype_from_name, dtype_name
+from compresslab.compress.sparse_encoding import decode_state_dict, encode_state_dict
 from compresslab.compress.quantization.layers import build_structure
 from compresslab.errors import CheckpointError
 
@@ -190,9 +191,14 @@ def _compact(constants: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
 
 def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], structure: Mapping[str, Any],
                  mode: str, lower: bool, meta: Mapping[str, Any] | None = None) -> dict:
-    """The plain-data int8 artifact of a converted graph."""
+    """The plain-data int8 artifact of a converted graph.
+
+    The constants go through the sparse encoding with ``encoding="auto"`` and no compression:
+    dense int8 weights are stored as they are, while the weights of a pruned student (whose
+    zeros stay exactly 0 under symmetric per-channel quantization) take the cheaper bitmask or
+    index layout, so pruning and int8 compose in the file size.
+    """
     constants, dtypes = _compact(graph_constants(converted))
-    blobs, index = flatten_state(constants)
     return {
         "format": INT8_FORMAT,
         "loader_module": __name__,
@@ -202,13 +208,23 @@ def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], st
         "structure": dict(structure or {}),
         "mode": mode,
         "lower": bool(lower),
-        "constants": blobs,
-        "constants_index": index,
+        "constants": encode_state_dict(constants, encoding="auto", compression="none"),
         "constants_dtype": dtypes,
         "qparams": graph_qparams(converted),
         "torch_version": str(torch.__version__),
         "meta": dict(meta or {}),
     }
+
+
+def stored_constants(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The graph constants an int8 payload stores (int8 weights, scales, zero points, biases),
+    as stored (zero points compacted to int8)."""
+    return dict(decode_state_dict(payload["constants"]))
+
+
+def sparse_constants(payload: Mapping[str, Any]) -> list[str]:
+    """Names of the constants stored in a sparse (bitmask / index) layout."""
+    return [rec["name"] for rec in payload["constants"]["tensors"] if rec["layout"] != "dense"]
 
 
 def rebuild_converted(payload: Mapping[str, Any]) -> torch.fx.GraphModule:
@@ -219,7 +235,7 @@ def rebuild_converted(payload: Mapping[str, Any]) -> torch.fx.GraphModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # observers that saw only zeros warn; their values are replaced
         skeleton, _ = quantize_pt2e(model, example, [example], payload["mode"])
-    saved = unflatten_state(payload["constants"], payload["constants_index"])
+    saved = stored_constants(payload)
     names = graph_constants(skeleton)
     if set(names) != set(saved):
         raise CheckpointError(

@@ -121,6 +121,7 @@ class PT2EInt8(CompressionMethod):
             "int8_ops": ops,
             "fallback_reason": fallback,
             "int8_load_time_s": load_time,
+            "int8_sparse_tensors": len(pt2e.sparse_constants(payload)),
             "int8_vs_reference_max_abs_diff": float((out - ref).abs().max()),
             "int8_vs_fp32_max_abs_diff": float((out - fp32).abs().max()),
             "int8_fp32_output_max_abs": float(fp32.abs().max()),
