@@ -19,6 +19,7 @@ To add a method: subclass :class:`FeatureLoss` (or :class:`LogitLoss`), implemen
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Sequence
 
@@ -35,15 +36,16 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- bases
-class LogitLoss(nn.Module):
+class LogitLoss(nn.Module, abc.ABC):
     """Base of the losses on the teacher's and the student's logits."""
 
+    @abc.abstractmethod
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, *, target: torch.Tensor | None = None,
-                epoch: int = 0) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+                epoch: int = 0) -> torch.Tensor:
+        """The loss of a batch of student logits against the teacher's."""
 
 
-class FeatureLoss(nn.Module):
+class FeatureLoss(nn.Module, abc.ABC):
     """Base of the losses on intermediate features captured at the configured taps.
 
     Class flags read by the distillation module:
@@ -71,10 +73,11 @@ class FeatureLoss(nn.Module):
               num_samples: int | None) -> None:
         """Create shape-dependent parameters/buffers (default: nothing to create)."""
 
+    @abc.abstractmethod
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor], *,
                 target: torch.Tensor | None = None, index: torch.Tensor | None = None,
-                epoch: int = 0) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+                epoch: int = 0) -> torch.Tensor:
+        """The loss of the student's tapped features against the teacher's (one entry per tap)."""
 
 
 # ----------------------------------------------------------------------------- logit methods

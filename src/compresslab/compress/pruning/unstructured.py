@@ -16,6 +16,7 @@ The artifact is the real sparse encoding of :mod:`compresslab.compress.sparse_en
 
 from __future__ import annotations
 
+import abc
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -256,7 +257,7 @@ class UnstructuredPruningCallback(Callback):
         self.method.after_point(self, trainer, pl_module, p)
 
 
-class UnstructuredPruning(CompressionMethod):
+class UnstructuredPruning(CompressionMethod, abc.ABC):
     """Base of the unstructured methods: prunable-weight selection, masks, finalize, sparse export.
 
     ``final_sparsity`` is the fraction of prunable weights (conv/linear weights, the
@@ -304,9 +305,9 @@ class UnstructuredPruning(CompressionMethod):
         self._prunable: list[str] = []
 
     # ---- what subclasses define ---------------------------------------------
+    @abc.abstractmethod
     def points(self) -> list[tuple[int, float]]:
         """The schedule: (time in ``unit``, target sparsity) pairs, increasing in time."""
-        raise NotImplementedError
 
     def compute_masks(self, weights, target: float, prior) -> dict[str, torch.Tensor]:
         """New keep-masks at a schedule point (default: magnitude at ``target``)."""
