@@ -340,3 +340,18 @@ def test_imagefolder_missing_and_mismatched(tmp_path):
     (tmp_path / "t" / "val" / "b").rmdir()
     with pytest.raises(ConfigError):
         ImageFolderDataModule(root=tmp_path / "t", image_size=16).setup()
+
+
+def test_teacher_output_cache_with_augmented_data_is_refused_before_any_training(make_cfg, tmp_path):
+    from compresslab.pipeline import run_experiment
+
+    write_cifar10(tmp_path / "data")
+    cfg = make_cfg(["dataset=cifar10", "dataset.verify_integrity=false", "dataset.num_workers=0",
+                    "teacher=resnet8", "student=resnet8", "distill=kd", "distill.cache_teacher_outputs=true"])
+    with pytest.raises(ConfigError, match="augmented.*dataset.augment=false"):
+        run_experiment(cfg)
+    assert not (tmp_path / "teachers").exists()  # refused before the teacher was trained
+    record = run_experiment(make_cfg(["dataset=cifar10", "dataset.verify_integrity=false", "dataset.num_workers=0",
+                                      "dataset.augment=false", "teacher=resnet8", "student=resnet8", "distill=kd",
+                                      "distill.cache_teacher_outputs=true", "dataset.val_fraction=0.2"]))
+    assert record["status"] == "completed"

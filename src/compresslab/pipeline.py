@@ -24,6 +24,7 @@ from pytorch_lightning.callbacks import Callback
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
 from compresslab.config_utils import instantiate_node, recipe_kwargs
+from compresslab.distill.module import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile
@@ -65,6 +66,8 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
             raise CheckpointError(f"teacher.ckpt={ckpt} does not exist ({Path(ckpt).resolve()})")
     elif cfg.distill.name != "none":
         raise ConfigError(f"distill={cfg.distill.name} needs a teacher, but teacher=none")
+    if cfg.distill.get("cache_teacher_outputs"):
+        check_cache_allowed(datamodule)  # before the teacher trains, not at the student's fit
     for key in ("epochs",):
         for role in ("teacher", "student"):
             value = cfg[role].get(key)

@@ -129,6 +129,19 @@ def _maybe_instantiate(spec: Any, kind: type, what: str) -> Any:
     return spec
 
 
+def check_cache_allowed(datamodule) -> None:
+    """Refuse the teacher-output cache for a dataset whose training samples are augmented (the
+    teacher's output for a sample would change between epochs, so a cache would be wrong)."""
+    augmented = getattr(datamodule, "has_augmentation", None)
+    if augmented is not False:
+        why = ("its training data is randomly augmented" if augmented else
+               "it does not declare `has_augmentation = False`")
+        raise ConfigError(
+            f"cache_teacher_outputs=true is refused for dataset {getattr(datamodule, 'name', datamodule)!r}: "
+            f"{why}, so the teacher's output for a sample changes between epochs and a cache would be wrong. "
+            "Set distill.cache_teacher_outputs=false, or turn augmentation off (dataset.augment=false).")
+
+
 class DistillationModule(ClassifierModule):
     """Distils a frozen ``teacher`` into ``model`` (the student); see the module docstring for the loss.
 
@@ -428,14 +441,7 @@ class DistillationModule(ClassifierModule):
                                   "(or call module.build(input_shape, num_samples) before fit)")
             self.build(dm.input_shape, num_samples)
         if self.cache_teacher_outputs:
-            augmented = getattr(dm, "has_augmentation", None)
-            if augmented is not False:
-                why = ("its training data is randomly augmented" if augmented else
-                       "it does not declare `has_augmentation = False`")
-                raise ConfigError(
-                    f"cache_teacher_outputs=true is refused for dataset {getattr(dm, 'name', dm)!r}: {why}, so the "
-                    "teacher's output for a sample changes between epochs and a cache would be wrong. Set "
-                    "distill.cache_teacher_outputs=false, or turn augmentation off (dataset.augment=false).")
+            check_cache_allowed(dm)
             need = TeacherOutputCache.nbytes(num_samples or 0, self.num_classes, self._teacher_shapes)
             if need > self.cache_max_mb * 2 ** 20:
                 raise ConfigError(f"the teacher-output cache would need {need / 2 ** 20:.0f} MiB "
