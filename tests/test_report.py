@@ -119,3 +119,15 @@ def test_multirun_with_a_failing_job_finishes_the_others(tmp_path):
 def test_composite_keys_join_axis_values():
     frame = records_to_frame([_record("a", "kd", 0, 0.5, 10, 1)], ["student+distill"])
     assert frame["student+distill"].tolist() == ["a/kd"]
+
+
+def test_tables_put_the_uncompressed_baseline_first_then_keep_the_sweep_order(tmp_path):
+    from compresslab.track.report import baseline_first
+    from compresslab.track.sweep import collect_job_results
+
+    assert baseline_first(["kd/agp", "kd/none", "none/agp", "none/none", "at/none"]) == [
+        "none/none", "kd/none", "none/agp", "at/none", "kd/agp"]
+    for job in (10, 2, 1):
+        (tmp_path / str(job)).mkdir()
+        (tmp_path / str(job) / "results.json").write_text(json.dumps({"status": "completed", "job": job}))
+    assert [r["job"] for r in collect_job_results(tmp_path)] == [1, 2, 10]

@@ -79,10 +79,19 @@ def pivot(frame: pd.DataFrame, rows: str, cols: str | None, metric: str):
     col = cols or "_all"
     if not cols:
         agg[col] = metric
-    mean = agg.pivot(index=rows, columns=col, values="mean")
-    std = agg.pivot(index=rows, columns=col, values="std")
-    count = agg.pivot(index=rows, columns=col, values="count")
+    row_order = baseline_first(frame[rows].tolist())
+    col_order = baseline_first(frame[cols].tolist()) if cols else [metric]
+    mean, std, count = (agg.pivot(index=rows, columns=col, values=v).reindex(index=row_order, columns=col_order)
+                        for v in ("mean", "std", "count"))
     return mean, std, count, _best_mask(mean, metric)
+
+
+def baseline_first(labels: Sequence[str]) -> list[str]:
+    """Distinct labels, those with fewer non-``none`` parts first (the uncompressed baseline
+    ``none`` / ``none/none`` leads), otherwise in order of first appearance (the sweep's order)."""
+    seen = list(dict.fromkeys(labels))
+    return sorted(seen, key=lambda label: (sum(part != "none" for part in str(label).split("/")),
+                                           seen.index(label)))
 
 
 def _scale(metric: str) -> float:

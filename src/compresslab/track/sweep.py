@@ -14,9 +14,9 @@ from rich.table import Table
 
 
 def collect_job_results(sweep_dir: Path) -> list[dict]:
-    """Every ``results.json`` under ``sweep_dir`` (one per job), sorted by path."""
+    """Every ``results.json`` under ``sweep_dir`` (one per job), in job order (``2/`` before ``10/``)."""
     records = []
-    for path in sorted(Path(sweep_dir).rglob("results.json")):
+    for path in sorted(Path(sweep_dir).rglob("results.json"), key=_natural_key):
         try:
             record = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
@@ -24,6 +24,11 @@ def collect_job_results(sweep_dir: Path) -> list[dict]:
         record["_path"] = str(path)
         records.append(record)
     return records
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort key comparing numeric path parts as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
 
 
 def summary_table(records: list[dict], sweep_dir: Path) -> Table:
