@@ -31,6 +31,7 @@ from compresslab.artifact import load_model_file
 from compresslab.compress.pruning import prune_channels
 from compresslab.compress.pruning.structured import structured_payload
 from compresslab.measure import count_macs
+from compresslab.measure.core import measure_latency
 
 RESNETS = {f"resnet{d}": {"_target_": "compresslab.models.CifarResNet", "depth": d} for d in (20, 32, 56, 110)}
 SHAPE = (3, 32, 32)
@@ -38,12 +39,7 @@ SHAPE = (3, 32, 32)
 
 @torch.no_grad()
 def _median_ms(model, x, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return measure_latency(model, x, warmup=0, iters=iters)["median_ms"]
 
 
 def structured(arch: str, ratios, batch: int, rounds: int, iters: int) -> None:

@@ -14,23 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from compresslab.artifact import load_model_file, read_payload
 from compresslab.measure import count_macs
+from compresslab.measure.core import measure_latency
 
 
 @torch.no_grad()
 def _median_ms(model, x, iters: int) -> float:
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return measure_latency(model, x, warmup=0, iters=iters)["median_ms"]
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import abc
 import csv
 import fnmatch
 import math
@@ -11,6 +12,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import Callback
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
@@ -204,3 +206,22 @@ def rebuildable_from_spec(student: nn.Module, context: Mapping[str, Any], same_s
 def state_to_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Detached CPU copies of a state dict's tensors."""
     return {k: v.detach().cpu().clone() for k, v in state.items()}
+
+
+class ScheduleTicks(Callback, abc.ABC):
+    """Calls ``self._tick(trainer, pl_module, t)`` at each schedule unit of ``self.method.unit``:
+    the start of every epoch (``t`` = epoch) or of every training batch (``t`` = optimizer step)."""
+
+    method: Any
+
+    @abc.abstractmethod
+    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
+        """Update the pruning state at schedule time ``t``."""
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self.method.unit == "epoch":
+            self._tick(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.method.unit == "step":
+            self._tick(trainer, pl_module, trainer.global_step)

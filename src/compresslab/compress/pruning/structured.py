@@ -37,6 +37,7 @@ from torch.nn.modules.conv import _ConvNd
 from compresslab.artifact import LOADERS
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.pruning.common import (
+    ScheduleTicks,
     PRUNABLE_TYPES,
     _matches,
     check_fraction,
@@ -226,7 +227,7 @@ def _swap_optimizer_params(trainer: pl.Trainer, before: Mapping[str, nn.Paramete
             del opt.state[p]
 
 
-class StructuredPruningCallback(Callback):
+class StructuredPruningCallback(ScheduleTicks):
     """Runs the channel-pruning steps of a :class:`StructuredPruning` on ``pl_module.model``."""
 
     def __init__(self, method: "StructuredPruning") -> None:
@@ -259,14 +260,6 @@ class StructuredPruningCallback(Callback):
             self.hook_handles.append(model.register_load_state_dict_pre_hook(
                 lambda module, state_dict, prefix, *args: resize_to_state_dict(module, state_dict, prefix)))
             self._hooked.add(id(model))
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.method.unit == "epoch":
-            self._tick(trainer, pl_module, trainer.current_epoch)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.method.unit == "step":
-            self._tick(trainer, pl_module, trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         log_scalars(trainer, {"prune/params": sum(p.numel() for p in pl_module.model.parameters()),

@@ -29,6 +29,7 @@ from torch import nn
 from compresslab.artifact import model_payload
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.pruning.common import (
+    ScheduleTicks,
     check_fraction,
     check_schedule_fits,
     check_scope,
@@ -126,7 +127,7 @@ def sparsity_of(weights: dict[str, torch.Tensor]) -> float:
     return 1.0 - nnz / total if total else 0.0
 
 
-class UnstructuredPruningCallback(Callback):
+class UnstructuredPruningCallback(ScheduleTicks):
     """Applies a :class:`UnstructuredPruning` method's schedule to ``pl_module.model``.
 
     The schedule is a list of (time, target sparsity) points in the method's unit
@@ -205,14 +206,6 @@ class UnstructuredPruningCallback(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.apply_masks(pl_module.model)  # after a resume: the restored masks
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if self.method.unit == "epoch":
-            self._tick(trainer, pl_module, trainer.current_epoch)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if self.method.unit == "step":
-            self._tick(trainer, pl_module, trainer.global_step)
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
