@@ -27,6 +27,7 @@ FAST = [
     "measure.latency_warmup=1",
     "measure.latency_iters=3",
     "measure.latency_batch=8",
+    "measure.fresh_process=false",  # tests that need it turn it back on (it adds a Python start-up)
 ]
 
 

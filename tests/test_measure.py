@@ -52,3 +52,42 @@ def test_results_are_written_atomically_as_json(tmp_path):
     assert read_results(path) == {"status": "completed", "x": None, "t": 2.5}
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp files left
     json.loads(path.read_text())
+
+
+def test_pipeline_profiles_the_saved_files_in_a_fresh_process(make_cfg, tmp_path):
+    from pathlib import Path
+
+    from compresslab.artifact import load_model_file
+    from compresslab.measure import profile
+    from compresslab.pipeline import run_experiment
+
+    first = run_experiment(make_cfg(["measure.fresh_process=true", "teacher=none", "student=convnet"]))
+    assert first["student"]["measured_in"] == "fresh_process"
+    assert first["student"]["fresh_process_max_abs_diff"] == 0.0
+    # what the child measured is what the file holds
+    saved = load_model_file(Path(first["student"]["artifact"]))
+    here = profile(saved, torch.zeros(1, 1, 8, 8), torch.zeros(8, 1, 8, 8), 0, 1)
+    for key in ("params", "params_nonzero", "macs", "latency_batch", "threads"):
+        assert first["student"][key] == here[key], key
+    # a teacher given as a Lightning checkpoint has no model file: it is measured from a temporary one
+    ckpt = tmp_path / "run" / "checkpoints" / "student" / "best.ckpt"
+    second = run_experiment(make_cfg(["measure.fresh_process=true", "teacher=convnet", f"teacher.ckpt={ckpt}",
+                                      f"paths.run_dir={tmp_path / 'run2'}"]))
+    teacher = second["teacher"]
+    assert teacher["source"] == "checkpoint" and teacher["measured_in"] == "fresh_process"
+    assert teacher["fresh_process_max_abs_diff"] == 0.0
+    assert teacher["size_bytes"] == ckpt.stat().st_size and teacher["params"] == first["student"]["params"]
+
+
+def test_an_artifact_that_needs_state_of_the_training_process_fails_in_the_fresh_process(tmp_path):
+    from compresslab.artifact import LOADERS, atomic_torch_save, load_model_file
+    from compresslab.measure.fresh import measure_in_fresh_process
+
+    LOADERS["tests.in_memory/1"] = lambda payload: nn.Linear(4, 2)  # registered only in this process
+    try:
+        atomic_torch_save({"format": "tests.in_memory/1"}, tmp_path / "odd.pt")
+        assert isinstance(load_model_file(tmp_path / "odd.pt"), nn.Linear)  # loads here ...
+        with pytest.raises(RuntimeError, match="fresh process.*Unknown artifact format"):  # ... not on its own
+            measure_in_fresh_process({"student": tmp_path / "odd.pt"}, torch.zeros(1, 4), torch.zeros(3, 4), 0, 1)
+    finally:
+        del LOADERS["tests.in_memory/1"]

@@ -223,10 +223,12 @@ def test_hide_epoch_from_selection_sets_worst_monitored_value():
 
 
 def test_ptq_int8_pipeline_run_reports_int8_backend_and_measures_the_artifact(make_cfg):
-    cfg = make_cfg(["quant=ptq_int8", "quant.num_calibration_batches=2", "teacher=none"])
+    cfg = make_cfg(["quant=ptq_int8", "quant.num_calibration_batches=2", "teacher=none", "measure.fresh_process=true"])
     record = run_experiment(cfg)
     s = record["student"]
     assert s["quant_backend"] == "pt2e_x86_onednn" and s["compute"] == "int8" and s["fallback_reason"] is None
+    # timed in a fresh process that rebuilt and lowered the int8 graph from the file alone
+    assert s["measured_in"] == "fresh_process" and s["fresh_process_max_abs_diff"] <= 1e-5
     assert s["size_ratio"] >= 3.0  # lenet5: 21k weights, so metadata weighs in a little
     assert s["int8_calibration_batches"] == 2
     dm = build_datamodule(cfg)

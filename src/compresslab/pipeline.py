@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import tempfile
 import traceback
 from functools import partial
 from pathlib import Path
@@ -28,6 +29,7 @@ from compresslab.distill.module import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile
+from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.models import build_model
 from compresslab.teacher import arch_spec, obtain_teacher
 from compresslab.track import base_record, write_results
@@ -94,11 +96,34 @@ def trainer_adjustments(trainer_cfg: DictConfig) -> dict:
     return out
 
 
-def _measure(model, path: Path, examples, cfg: DictConfig, extra: dict | None = None) -> dict:
+def _size(path: Path) -> dict:
+    return {"size_bytes": file_size(path), "artifact": str(path)}
+
+
+def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[str, torch.nn.Module],
+                 examples, num_classes: int) -> dict[str, dict]:
+    """Params, MACs and latency of every model: by default of its file, loaded in a fresh process
+    (``measure.fresh_process``) and checked to compute what this process loaded. A model without
+    a compresslab file (a teacher from a Lightning checkpoint) is written to a temporary one."""
     ex1, exn = examples
-    return {**(extra or {}),
-            **profile(model, ex1, exn, cfg.measure.latency_warmup, cfg.measure.latency_iters),
-            "size_bytes": file_size(path), "artifact": str(path)}
+    warmup, iters = int(cfg.measure.latency_warmup), int(cfg.measure.latency_iters)
+    if not cfg.measure.get("fresh_process", True):
+        return {name: {**profile(m, ex1, exn, warmup, iters), "measured_in": "training_process"}
+                for name, m in models.items()}
+    with tempfile.TemporaryDirectory(prefix="compresslab-teacher-") as tmp:
+        files = {name: path if path is not None else save_model_file(
+            Path(tmp) / f"{name}.pt", models[name], arch_spec(cfg[name]), ex1.shape[1:], num_classes)
+            for name, path in files.items()}
+        metrics, outputs = measure_in_fresh_process(files, ex1, exn, warmup, iters)
+    for name, model in models.items():
+        with torch.no_grad():
+            here = model(exn).detach().cpu()
+        diff = float((here - outputs[name]).abs().max())
+        if diff > 1e-4 * (1.0 + float(here.abs().max())):
+            log.warning("%s: the fresh process computes different outputs from its file (max abs diff %.3g)",
+                        name, diff)
+        metrics[name].update(measured_in="fresh_process", fresh_process_max_abs_diff=diff)
+    return metrics
 
 
 def _add_ratios(rows: dict[str, dict | None]) -> None:
@@ -164,17 +189,25 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         ref_path = save_model_file(artifacts / "reference.pt", build_model(spec, shape, classes), spec, shape, classes)
 
         examples = (dm.example_batch(1), dm.example_batch(int(cfg.measure.latency_batch)))
+        saved_student = load_model_file(student_path)  # measured as saved, freshly loaded
+        models = {"reference": load_model_file(ref_path), "student": saved_student}
+        files = {"reference": ref_path, "student": student_path}
+        if teacher is not None:  # a user's checkpoint may be a Lightning one: measured from a model file
+            models["teacher"] = teacher
+            files["teacher"] = None if tinfo["source"] == "checkpoint" else Path(tinfo["path"])
+        profiles = _profile_all(cfg, files, models, examples, classes)
         rows: dict[str, dict | None] = {"teacher": None}
         if teacher is not None:
-            rows["teacher"] = _measure(teacher, Path(tinfo["path"]), examples, cfg, {
+            rows["teacher"] = {
+                **profiles["teacher"], **_size(Path(tinfo["path"])),
                 "acc_top1": evaluate_accuracy(teacher, dm.test_dataloader()),
                 "acc_top1_last": tinfo.get("acc_top1_last"),
                 "train_time_s": tinfo.get("train_time_s"),
                 "source": tinfo["source"],
-            })
-        rows["reference"] = _measure(load_model_file(ref_path), ref_path, examples, cfg)
-        saved_student = load_model_file(student_path)  # measured as saved, freshly loaded
-        rows["student"] = _measure(saved_student, student_path, examples, cfg, {
+            }
+        rows["reference"] = {**profiles["reference"], **_size(ref_path)}
+        rows["student"] = {
+            **profiles["student"], **_size(student_path),
             "acc_top1": evaluate_accuracy(saved_student, dm.test_dataloader()),
             "acc_top1_last": fit["acc_top1_last"],
             "acc_top1_fit": fit["acc_top1"],
@@ -184,7 +217,7 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
             "resumed_from": fit["resumed_from"],
             "train_time_s": fit["train_time_s"],
             **{k: v for m in methods for k, v in m.report().items()},
-        })
+        }
         _add_ratios(rows)
         record.update(rows)
         record["status"] = "completed"

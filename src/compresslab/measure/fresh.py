@@ -1,0 +1,95 @@
+"""Measuring saved artifacts in a fresh Python process.
+
+The training process is not a fair place to time a model (its allocator, thread pools and
+kernel caches are warm from training, and it still holds everything the methods registered),
+and loading the file where it was written does not prove the file stands on its own. So the
+pipeline hands the artifact files to ``python -m compresslab.measure.fresh``, which loads each
+with :func:`compresslab.artifact.load_model_file` (``weights_only=True``, no pickled code),
+profiles it (params, MACs, latency at batch 1 and batch N) and writes its outputs on the batch-N
+example, so the parent can check that the fresh process computes what the parent loaded.
+
+The request travels as JSON on the command line; the example batches and the outputs travel as
+plain tensor files read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+RESULT_PREFIX = "COMPRESSLAB_MEASURE_RESULT "
+
+
+def measure_in_fresh_process(
+    artifacts: Mapping[str, Path],
+    example_b1: torch.Tensor,
+    example_bn: torch.Tensor,
+    warmup: int,
+    iters: int,
+    timeout_s: float = 900.0,
+) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+    """Profile each artifact file in one child process with this process's thread count.
+
+    Returns ``(metrics by name, outputs on example_bn by name)``; raises ``RuntimeError`` with
+    the child's error output when it fails.
+    """
+    with tempfile.TemporaryDirectory(prefix="compresslab-measure-") as tmp:
+        examples_path, outputs_path = Path(tmp) / "examples.pt", Path(tmp) / "outputs.pt"
+        torch.save({"b1": example_b1.detach().cpu(), "bN": example_bn.detach().cpu()}, examples_path)
+        request = {
+            "artifacts": {name: str(path) for name, path in artifacts.items()},
+            "examples": str(examples_path),
+            "outputs": str(outputs_path),
+            "device": str(example_b1.device),
+            "threads": torch.get_num_threads(),
+            "warmup": int(warmup),
+            "iters": int(iters),
+        }
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        proc = subprocess.run([sys.executable, "-m", "compresslab.measure.fresh", json.dumps(request)],
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+        if proc.returncode != 0 or not lines:
+            tail = (proc.stderr or proc.stdout or "(no output)").strip().splitlines()[-15:]
+            raise RuntimeError(f"measuring the artifacts in a fresh process failed (exit code {proc.returncode}): "
+                               f"{tail[-1]}\n" + "\n".join(tail[:-1]))
+        metrics = json.loads(lines[-1][len(RESULT_PREFIX):])
+        outputs = torch.load(outputs_path, map_location="cpu", weights_only=True)
+    return metrics, outputs
+
+
+def _child(request: dict) -> dict[str, dict]:
+    from compresslab.artifact import load_model_file
+    from compresslab.measure.core import profile
+
+    torch.set_num_threads(int(request["threads"]))
+    examples = torch.load(request["examples"], map_location="cpu", weights_only=True)
+    device = torch.device(request["device"])
+    ex1, exn = examples["b1"].to(device), examples["bN"].to(device)
+    metrics, outputs = {}, {}
+    for name, path in request["artifacts"].items():
+        model = load_model_file(Path(path)).to(device).eval()
+        metrics[name] = profile(model, ex1, exn, request["warmup"], request["iters"])
+        with torch.no_grad():
+            outputs[name] = model(exn).detach().cpu()
+    torch.save(outputs, request["outputs"])
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Child entry point: ``python -m compresslab.measure.fresh '<json request>'``."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m compresslab.measure.fresh '<json request>' (called by the pipeline)")
+    print(RESULT_PREFIX + json.dumps(_child(json.loads(args[0]))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
