@@ -91,3 +91,22 @@ def test_an_artifact_that_needs_state_of_the_training_process_fails_in_the_fresh
             measure_in_fresh_process({"student": tmp_path / "odd.pt"}, torch.zeros(1, 4), torch.zeros(3, 4), 0, 1)
     finally:
         del LOADERS["tests.in_memory/1"]
+
+
+def test_latency_of_several_models_is_measured_interleaved_in_rotating_order():
+    from compresslab.measure import interleaved_latency
+
+    calls = []
+
+    class Recorder(nn.Module):
+        def __init__(self, tag):
+            super().__init__()
+            self.tag = tag
+
+        def forward(self, x):
+            calls.append(self.tag)
+            return x
+
+    result = interleaved_latency({"a": Recorder("a"), "b": Recorder("b")}, torch.zeros(1), warmup=1, iters=4, rounds=2)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"]  # warm-up, round 0, round 1
+    assert set(result) == {"a", "b"} and all(0 <= r["median_ms"] <= r["p90_ms"] for r in result.values())

@@ -28,7 +28,7 @@ from compresslab.config_utils import instantiate_node, recipe_kwargs
 from compresslab.distill.module import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
-from compresslab.measure import evaluate_accuracy, file_size, profile
+from compresslab.measure import evaluate_accuracy, file_size, profile_many
 from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.models import build_model
 from compresslab.teacher import arch_spec, obtain_teacher
@@ -107,14 +107,15 @@ def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[st
     a compresslab file (a teacher from a Lightning checkpoint) is written to a temporary one."""
     ex1, exn = examples
     warmup, iters = int(cfg.measure.latency_warmup), int(cfg.measure.latency_iters)
+    rounds = int(cfg.measure.get("latency_rounds", 5))
     if not cfg.measure.get("fresh_process", True):
-        return {name: {**profile(m, ex1, exn, warmup, iters), "measured_in": "training_process"}
-                for name, m in models.items()}
+        profiles = profile_many(models, ex1, exn, warmup, iters, rounds)
+        return {name: {**p, "measured_in": "training_process"} for name, p in profiles.items()}
     with tempfile.TemporaryDirectory(prefix="compresslab-teacher-") as tmp:
         files = {name: path if path is not None else save_model_file(
             Path(tmp) / f"{name}.pt", models[name], arch_spec(cfg[name]), ex1.shape[1:], num_classes)
             for name, path in files.items()}
-        metrics, outputs = measure_in_fresh_process(files, ex1, exn, warmup, iters)
+        metrics, outputs = measure_in_fresh_process(files, ex1, exn, warmup, iters, rounds)
     for name, model in models.items():
         with torch.no_grad():
             here = model(exn).detach().cpu()

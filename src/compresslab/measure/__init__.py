@@ -6,7 +6,10 @@ from compresslab.measure.core import (
     evaluate_accuracy,
     file_size,
     measure_latency,
+    interleaved_latency,
     profile,
+    profile_many,
 )
 
-__all__ = ["count_macs", "count_params", "evaluate_accuracy", "file_size", "measure_latency", "profile"]
+__all__ = ["count_macs", "count_params", "evaluate_accuracy", "file_size", "measure_latency", "profile",
+           "interleaved_latency", "profile_many"]

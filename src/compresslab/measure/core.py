@@ -7,7 +7,7 @@ from __future__ import annotations
 import statistics
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -35,24 +35,52 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-@torch.no_grad()
-def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 10, iters: int = 50) -> dict:
-    """Wall-clock latency of ``model(example)`` in ms: median and p90 over ``iters`` timed runs."""
-    model.eval()
-    device = example.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(max(0, warmup)):
-        model(example)
-    sync()
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed_calls(model: nn.Module, example: torch.Tensor, n: int) -> list[float]:
     times = []
-    for _ in range(max(1, iters)):
+    for _ in range(n):
         start = time.perf_counter()
         model(example)
-        sync()
+        _sync(example.device)
         times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    times = sorted(times)
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     return {"median_ms": statistics.median(times), "p90_ms": p90}
+
+
+@torch.no_grad()
+def interleaved_latency(models: Mapping[str, nn.Module], example: torch.Tensor, warmup: int = 10,
+                        iters: int = 50, rounds: int = 5) -> dict[str, dict]:
+    """Latency in ms (median and p90 of about ``iters`` timed calls each) of several models on one
+    input, measured in turn: after every model's warm-up, ``rounds`` rounds in which each model
+    makes its share of the timed calls, the order rotating every round, so that drift (clock
+    speed, caches, other load on the machine) falls on all the models alike rather than on
+    whichever is measured first."""
+    names = list(models)
+    for name in names:
+        models[name].eval()
+        _timed_calls(models[name], example, max(0, warmup))
+    rounds = max(1, int(rounds))
+    per_round = max(1, -(-max(1, iters) // rounds))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name] += _timed_calls(models[name], example, per_round)
+    return {name: _summary(t) for name, t in times.items()}
+
+
+def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 10, iters: int = 50) -> dict:
+    """Wall-clock latency of ``model(example)`` in ms: median and p90 over ``iters`` timed runs."""
+    return interleaved_latency({"model": model}, example, warmup, iters, rounds=1)["model"]
 
 
 @torch.no_grad()
@@ -72,30 +100,33 @@ def file_size(path: Path) -> int:
     return Path(path).stat().st_size
 
 
-def profile(
-    model: nn.Module,
+def profile_many(
+    models: Mapping[str, nn.Module],
     example_b1: torch.Tensor,
     example_bn: torch.Tensor,
     warmup: int = 10,
     iters: int = 50,
-    macs_model: nn.Module | None = None,
-) -> dict:
-    """Params/sparsity, MACs (batch 1) and CPU latency at batch 1 and batch N, with threads and device.
-
-    ``macs_model`` lets a quantized artifact report the MACs of its float twin
-    (FlopCounterMode does not see int8 kernels).
-    """
-    stats = count_params(model)
-    lat1 = measure_latency(model, example_b1, warmup, iters)
-    latn = measure_latency(model, example_bn, warmup, max(5, iters // 2))
-    return {
-        **stats,
-        "macs": count_macs(macs_model if macs_model is not None else model, example_b1),
-        "latency_ms_b1": lat1["median_ms"],
-        "latency_ms_b1_p90": lat1["p90_ms"],
-        "latency_ms_bN": latn["median_ms"],
-        "latency_ms_bN_p90": latn["p90_ms"],
+    rounds: int = 5,
+) -> dict[str, dict]:
+    """Params/sparsity, MACs (batch 1) and latency at batch 1 and batch N of each model, with
+    threads and device; the latencies are measured interleaved (:func:`interleaved_latency`)."""
+    lat1 = interleaved_latency(models, example_b1, warmup, iters, rounds)
+    latn = interleaved_latency(models, example_bn, warmup, max(5, iters // 2), rounds)
+    return {name: {
+        **count_params(model),
+        "macs": count_macs(model, example_b1),
+        "latency_ms_b1": lat1[name]["median_ms"],
+        "latency_ms_b1_p90": lat1[name]["p90_ms"],
+        "latency_ms_bN": latn[name]["median_ms"],
+        "latency_ms_bN_p90": latn[name]["p90_ms"],
         "latency_batch": int(example_bn.shape[0]),
+        "latency_rounds": int(rounds),
         "threads": torch.get_num_threads(),
         "device": str(example_b1.device),
-    }
+    } for name, model in models.items()}
+
+
+def profile(model: nn.Module, example_b1: torch.Tensor, example_bn: torch.Tensor, warmup: int = 10,
+            iters: int = 50) -> dict:
+    """:func:`profile_many` of one model (one round of timed calls)."""
+    return profile_many({"model": model}, example_b1, example_bn, warmup, iters, rounds=1)["model"]

@@ -33,9 +33,11 @@ def measure_in_fresh_process(
     example_bn: torch.Tensor,
     warmup: int,
     iters: int,
+    rounds: int = 5,
     timeout_s: float = 900.0,
 ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
-    """Profile each artifact file in one child process with this process's thread count.
+    """Profile the artifact files in one child process with this process's thread count
+    (:func:`compresslab.measure.core.profile_many`: latencies interleaved over ``rounds``).
 
     Returns ``(metrics by name, outputs on example_bn by name)``; raises ``RuntimeError`` with
     the child's error output when it fails.
@@ -51,6 +53,7 @@ def measure_in_fresh_process(
             "threads": torch.get_num_threads(),
             "warmup": int(warmup),
             "iters": int(iters),
+            "rounds": int(rounds),
         }
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, "-m", "compresslab.measure.fresh", json.dumps(request)],
@@ -67,20 +70,16 @@ def measure_in_fresh_process(
 
 def _child(request: dict) -> dict[str, dict]:
     from compresslab.artifact import load_model_file
-    from compresslab.measure.core import profile
+    from compresslab.measure.core import profile_many
 
     torch.set_num_threads(int(request["threads"]))
     examples = torch.load(request["examples"], map_location="cpu", weights_only=True)
     device = torch.device(request["device"])
     ex1, exn = examples["b1"].to(device), examples["bN"].to(device)
-    metrics, outputs = {}, {}
-    for name, path in request["artifacts"].items():
-        model = load_model_file(Path(path)).to(device).eval()
-        metrics[name] = profile(model, ex1, exn, request["warmup"], request["iters"])
-        with torch.no_grad():
-            outputs[name] = model(exn).detach().cpu()
-    torch.save(outputs, request["outputs"])
-    return metrics
+    models = {name: load_model_file(Path(path)).to(device).eval() for name, path in request["artifacts"].items()}
+    with torch.no_grad():
+        torch.save({name: model(exn).detach().cpu() for name, model in models.items()}, request["outputs"])
+    return profile_many(models, ex1, exn, request["warmup"], request["iters"], request["rounds"])
 
 
 def main(argv: list[str] | None = None) -> None:
