@@ -67,7 +67,8 @@ def test_pipeline_profiles_the_saved_files_in_a_fresh_process(make_cfg, tmp_path
     # what the child measured is what the file holds
     saved = load_model_file(Path(first["student"]["artifact"]))
     here = profile(saved, torch.zeros(1, 1, 8, 8), torch.zeros(8, 1, 8, 8), 0, 1)
-    for key in ("params", "params_nonzero", "macs", "latency_batch", "threads"):
+    assert first["student"]["dtypes"] == ["float32"] and first["student"]["input_dtype"] == "float32"
+    for key in ("params", "params_nonzero", "macs", "latency_batch", "threads", "dtypes"):
         assert first["student"][key] == here[key], key
     # a teacher given as a Lightning checkpoint has no model file: it is measured from a temporary one
     ckpt = tmp_path / "run" / "checkpoints" / "student" / "best.ckpt"

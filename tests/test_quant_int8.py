@@ -229,6 +229,7 @@ def test_ptq_int8_pipeline_run_reports_int8_backend_and_measures_the_artifact(ma
     assert s["quant_backend"] == "pt2e_x86_onednn" and s["compute"] == "int8" and s["fallback_reason"] is None
     # timed in a fresh process that rebuilt and lowered the int8 graph from the file alone
     assert s["measured_in"] == "fresh_process" and s["fresh_process_max_abs_diff"] <= 1e-5
+    assert "int8" in s["dtypes"] and "int8" not in record["reference"]["dtypes"]
     assert s["size_ratio"] >= 3.0  # lenet5: 21k weights, so metadata weighs in a little
     assert s["int8_calibration_batches"] == 2
     dm = build_datamodule(cfg)

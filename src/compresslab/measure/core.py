@@ -4,6 +4,7 @@ FlopCounterMode (MACs = FLOPs / 2 for conv/linear/matmul)."""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from pathlib import Path
@@ -109,7 +110,7 @@ def profile_many(
     rounds: int = 5,
 ) -> dict[str, dict]:
     """Params/sparsity, MACs (batch 1) and latency at batch 1 and batch N of each model, with
-    threads and device; the latencies are measured interleaved (:func:`interleaved_latency`)."""
+    threads, device and dtypes; the latencies are measured interleaved (:func:`interleaved_latency`)."""
     lat1 = interleaved_latency(models, example_b1, warmup, iters, rounds)
     latn = interleaved_latency(models, example_bn, warmup, max(5, iters // 2), rounds)
     return {name: {
@@ -123,7 +124,16 @@ def profile_many(
         "latency_rounds": int(rounds),
         "threads": torch.get_num_threads(),
         "device": str(example_b1.device),
+        "input_dtype": str(example_b1.dtype).removeprefix("torch."),
+        "dtypes": tensor_dtypes(model),
     } for name, model in models.items()}
+
+
+def tensor_dtypes(model: nn.Module) -> list[str]:
+    """The distinct dtypes of a model's parameters and buffers (e.g. ``["float32", "int8"]``);
+    scalar buffers (BatchNorm's ``num_batches_tracked`` counter) are not model data and are left out."""
+    return sorted({str(t.dtype).removeprefix("torch.")
+                   for t in itertools.chain(model.parameters(), model.buffers()) if t.dim() > 0})
 
 
 def profile(model: nn.Module, example_b1: torch.Tensor, example_bn: torch.Tensor, warmup: int = 10,
