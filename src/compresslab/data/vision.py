@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import os
+from abc import abstractmethod
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -71,16 +72,36 @@ class CIFAR100Unverified(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}
 
 
-class _TorchvisionDataModule(ClassificationDataModule):
+class _SharedTrainFiles(ClassificationDataModule):
+    """One untransformed training set, loaded once and viewed twice: with the training transform
+    (the train split) and with the eval transform (the validation split carved from it)."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._train_base: Dataset | None = None
+
+    @abstractmethod
+    def _load_train_base(self) -> Dataset:
+        """The training files as a dataset without transform."""
+
+    def _base_train(self) -> Dataset:
+        if self._train_base is None:
+            self._train_base = self._load_train_base()
+        return self._train_base
+
+    def _train_dataset(self) -> Dataset:
+        return with_transform(self._base_train(), self.train_transform())
+
+    def _train_dataset_for_eval(self) -> Dataset:
+        return with_transform(self._base_train(), self.eval_transform())
+
+
+class _TorchvisionDataModule(_SharedTrainFiles):
     """Shared logic for torchvision datasets built as ``cls(root, train=..., transform=..., download=...)``."""
 
     dataset_cls: type = datasets.VisionDataset
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._train_base: Dataset | None = None
 
     # ---- transforms -----------------------------------------------------
     def _normalize(self) -> list:
@@ -123,16 +144,8 @@ class _TorchvisionDataModule(ClassificationDataModule):
                     f"and set dataset.download=false."
                 ) from e
 
-    def _base_train(self) -> Dataset:
-        if self._train_base is None:
-            self._train_base = self._make(True, None)
-        return self._train_base
-
-    def _train_dataset(self) -> Dataset:
-        return with_transform(self._base_train(), self.train_transform())
-
-    def _train_dataset_for_eval(self) -> Dataset:
-        return with_transform(self._base_train(), self.eval_transform())
+    def _load_train_base(self) -> Dataset:
+        return self._make(True, None)
 
     def _test_dataset(self) -> Dataset:
         return self._make(False, self.eval_transform())
@@ -237,7 +250,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
 
 # ---- ImageNet-style folders --------------------------------------------------
-class ImageFolderDataModule(ClassificationDataModule):
+class ImageFolderDataModule(_SharedTrainFiles):
     """``<root>/<train_dir>/<class>/*.jpg`` + ``<root>/<test_dir>/<class>/*.jpg`` via ``torchvision.datasets.ImageFolder``.
 
     The ImageNet recipe: RandomResizedCrop(image_size) + RandomHorizontalFlip
@@ -269,7 +282,6 @@ class ImageFolderDataModule(ClassificationDataModule):
             self.name = str(name)
         self.has_augmentation = self.augment
         self._classes: list[str] | None = None
-        self._train_base: Dataset | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:  # type: ignore[override]
@@ -315,18 +327,11 @@ class ImageFolderDataModule(ClassificationDataModule):
             transforms.Normalize(self.mean, self.std),
         ])
 
-    def _base_train(self) -> Dataset:
-        if self._train_base is None:
-            self.check_available()
-            self._train_base = datasets.ImageFolder(str(self.train_dir))
-            self._classes = list(self._train_base.classes)
-        return self._train_base
-
-    def _train_dataset(self) -> Dataset:
-        return with_transform(self._base_train(), self.train_transform())
-
-    def _train_dataset_for_eval(self) -> Dataset:
-        return with_transform(self._base_train(), self.eval_transform())
+    def _load_train_base(self) -> Dataset:
+        self.check_available()
+        base = datasets.ImageFolder(str(self.train_dir))
+        self._classes = list(base.classes)
+        return base
 
     def _test_dataset(self) -> Dataset:
         test = datasets.ImageFolder(str(self.test_dir), transform=self.eval_transform())
