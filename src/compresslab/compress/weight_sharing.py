@@ -38,6 +38,7 @@ from torch import nn
 from compresslab.artifact import LOADERS
 from compresslab.compress import huffman
 from compresslab.compress.base import CompressionMethod
+from compresslab.compress.bitpack import dtype_from_name, dtype_name
 from compresslab.compress.quantization.layers import (
     build_structure,
     hide_epoch_from_selection,
@@ -48,7 +49,7 @@ from compresslab.compress.quantization.layers import (
 from compresslab.errors import CheckpointError, ConfigError
 
 SHARED_FORMAT = "compresslab.shared/1"
-UNSHARED_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+UNSHARED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ---- k-means -----------------------------------------------------------------------------
@@ -111,14 +112,14 @@ class WeightSharing(CompressionMethod):
         if layout not in ("auto", "sparse", "dense"):
             raise ConfigError(f"quant.layout must be auto, sparse or dense, got {layout!r}")
         if unshared_dtype not in UNSHARED_DTYPES:
-            raise ConfigError(f"quant.unshared_dtype must be one of {sorted(UNSHARED_DTYPES)}, got {unshared_dtype!r}")
+            raise ConfigError(f"quant.unshared_dtype must be one of {list(UNSHARED_DTYPES)}, got {unshared_dtype!r}")
         self.bits_conv, self.bits_fc = int(bits_conv), int(bits_fc)
         self.gap_bits_conv, self.gap_bits_fc = int(gap_bits_conv), int(gap_bits_fc)
         self.start_epoch = int(start_epoch)
         self.kmeans_iters = int(kmeans_iters)
         self.exclude = list(exclude)
         self.layout = layout
-        self.unshared_dtype = UNSHARED_DTYPES[unshared_dtype]
+        self.unshared_dtype = dtype_from_name(unshared_dtype)
         self.clusters: dict[str, _Cluster] = {}
         self.shared_during_training = False
         self._report: dict[str, Any] = {}
@@ -448,7 +449,7 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
             if not torch.equal(stored.to(t.dtype), t):
                 raise RuntimeError(f"weight sharing: {key} is not rounded to {method.unshared_dtype} (finalize first)")
             t = stored
-        dense_index.append([key, str(t.dtype).removeprefix("torch."), [int(v) for v in t.shape], len(rest)])
+        dense_index.append([key, dtype_name(t.dtype), [int(v) for v in t.shape], len(rest)])
         rest += _raw_bytes(t)
     blob = bytes(streams) + bytes(books) + bytes(rest)
     payload = {
@@ -481,7 +482,7 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
         "dc_total_ratio": b0 / b3,
         "dc_encoded_bytes": b3 / 8,
         "dc_unshared_bytes": len(rest),
-        "dc_unshared_dtype": str(method.unshared_dtype).removeprefix("torch."),
+        "dc_unshared_dtype": dtype_name(method.unshared_dtype),
         "size_ratio_quantized_layers": b0 / b3,
         "dc_per_layer": per_layer,
     }
@@ -490,7 +491,6 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
 
 def load_shared_payload(payload: dict) -> nn.Module:
     """Decode a :data:`SHARED_FORMAT` payload into a working fp32 model."""
-    from compresslab.compress.bitpack import dtype_from_name
 
     model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"],
                             payload.get("structure"))
