@@ -80,18 +80,16 @@ def test_pipeline_profiles_the_saved_files_in_a_fresh_process(make_cfg, tmp_path
     assert teacher["size_bytes"] == ckpt.stat().st_size and teacher["params"] == first["student"]["params"]
 
 
-def test_an_artifact_that_needs_state_of_the_training_process_fails_in_the_fresh_process(tmp_path):
-    from compresslab.artifact import LOADERS, atomic_torch_save, load_model_file
+def test_an_artifact_that_needs_state_of_the_training_process_fails_in_the_fresh_process(tmp_path, monkeypatch):
+    from compresslab.artifact import ARTIFACT_LOADERS, atomic_torch_save, load_model_file
     from compresslab.measure.fresh import measure_in_fresh_process
 
-    LOADERS["tests.in_memory/1"] = lambda payload: nn.Linear(4, 2)  # registered only in this process
-    try:
-        atomic_torch_save({"format": "tests.in_memory/1"}, tmp_path / "odd.pt")
-        assert isinstance(load_model_file(tmp_path / "odd.pt"), nn.Linear)  # loads here ...
-        with pytest.raises(RuntimeError, match="fresh process.*Unknown artifact format"):  # ... not on its own
-            measure_in_fresh_process({"student": tmp_path / "odd.pt"}, torch.zeros(1, 4), torch.zeros(3, 4), 0, 1)
-    finally:
-        del LOADERS["tests.in_memory/1"]
+    # a loader listed only in this process's table (the fresh process reads the table from source)
+    monkeypatch.setitem(ARTIFACT_LOADERS.entries, "tests.in_memory/1", ("torch.nn.modules.linear", "Identity"))
+    atomic_torch_save({"format": "tests.in_memory/1"}, tmp_path / "odd.pt")
+    assert isinstance(load_model_file(tmp_path / "odd.pt"), nn.Identity)  # loads here ...
+    with pytest.raises(RuntimeError, match="fresh process.*Refused artifact format"):  # ... not on its own
+        measure_in_fresh_process({"student": tmp_path / "odd.pt"}, torch.zeros(1, 4), torch.zeros(3, 4), 0, 1)
 
 
 def test_latency_of_several_models_is_measured_interleaved_in_rotating_order():

@@ -3,30 +3,44 @@
 A model file is a ``torch.save`` of plain data only (strings, numbers, lists,
 dicts, tensors), so :func:`load_model_file` reads it with ``weights_only=True``
 and rebuilds the module from the spec through :func:`compresslab.models.build_model`,
-which only accepts targets inside ``compresslab.models``. No pickled code runs.
-Compression methods with other formats (sparse, int8, bit-packed) register a
-loader in :data:`LOADERS` under their ``format`` string.
+which only accepts the zoo's own model factories. No pickled code runs.
+Compression methods with other formats (sparse, int8, bit-packed) have their loader
+listed in :data:`ARTIFACT_LOADERS` under their ``format`` string: a fixed table in this
+file, so the format read from a file selects one of these loaders and nothing else.
 """
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from compresslab.allowlist import Allowlist
 from compresslab.errors import CheckpointError
 from compresslab.models import build_model
 
 DENSE_FORMAT = "compresslab.dense/1"
 
-#: format string -> function(payload) -> nn.Module, for artifacts in other encodings.
-LOADERS: dict[str, Callable[[dict], nn.Module]] = {}
+#: format string -> (module defining the loader, loader name); each loader is
+#: ``function(payload) -> nn.Module``. A method with a new file format adds its line here.
+ARTIFACT_LOADERS = Allowlist(
+    "artifact format",
+    {
+        "compresslab.sparse/1": ("compresslab.compress.sparse_encoding", "load_sparse_payload"),
+        "compresslab.structured/1": ("compresslab.compress.pruning.structured", "load_structured_payload"),
+        "compresslab.int8_pt2e/1": ("compresslab.compress.quantization.pt2e", "load_int8_payload"),
+        "compresslab.lowbit/1": ("compresslab.compress.lowbit", "load_lowbit_payload"),
+        "compresslab.lowrank/1": ("compresslab.compress.lowrank", "load_lowrank_payload"),
+        "compresslab.shared/1": ("compresslab.compress.weight_sharing", "load_shared_payload"),
+    },
+    f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
+    error=CheckpointError,
+)
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -88,17 +102,14 @@ def read_payload(path: Path) -> dict:
 
 def model_from_payload(payload: Mapping[str, Any]) -> nn.Module:
     """Rebuild a model from a payload read by :func:`read_payload`."""
+    if not isinstance(payload, Mapping):
+        raise CheckpointError(f"Not a compresslab model file: it holds a {type(payload).__name__}, not a dict")
     fmt = payload.get("format")
     if fmt == DENSE_FORMAT:
         model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
         model.load_state_dict(payload["state_dict"])
         return model.eval()
-    loader_module = payload.get("loader_module")
-    if fmt not in LOADERS and isinstance(loader_module, str) and loader_module.startswith("compresslab."):
-        importlib.import_module(loader_module)  # registers its format in LOADERS (compresslab modules only)
-    if fmt in LOADERS:
-        return LOADERS[fmt](dict(payload)).eval()
-    raise CheckpointError(f"Unknown artifact format {fmt!r}; known: {[DENSE_FORMAT, *LOADERS]}")
+    return ARTIFACT_LOADERS.resolve(fmt)(dict(payload)).eval()
 
 
 def load_model_file(path: Path) -> nn.Module:

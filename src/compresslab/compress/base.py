@@ -47,7 +47,7 @@ class CompressionMethod:
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
         """A plain-data payload to save as the artifact, with a ``format`` registered in
-        :data:`compresslab.artifact.LOADERS`; None leaves the dense format."""
+        :data:`compresslab.artifact.ARTIFACT_LOADERS`; None leaves the dense format."""
         return None
 
     def report(self) -> dict[str, Any]:

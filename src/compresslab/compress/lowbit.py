@@ -30,7 +30,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslab.artifact import LOADERS
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.bitpack import (
     dtype_from_name,
@@ -304,7 +303,6 @@ def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, b
     all_half = all(layer["scale_dtype"] == "float16" for layer in layers)
     payload = {
         "format": LOWBIT_FORMAT,
-        "loader_module": __name__,
         "arch": dict(context["arch"]),
         "input_shape": [int(v) for v in context["input_shape"]],
         "num_classes": int(context["num_classes"]),
@@ -373,6 +371,3 @@ def strip_lowbit(student: nn.Module) -> nn.Module:
         if "lowbit_act_range" in module._buffers:
             del module._buffers["lowbit_act_range"]
     return student
-
-
-LOADERS[LOWBIT_FORMAT] = load_lowbit_payload

@@ -31,7 +31,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslab.artifact import LOADERS
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.quantization.layers import hide_epoch_from_selection, quantizable_layers
 from compresslab.errors import CheckpointError, ConfigError
@@ -388,7 +387,6 @@ class SVDLowRank(CompressionMethod):
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
         return {
             "format": LOWRANK_FORMAT,
-            "loader_module": __name__,
             "arch": dict(context["arch"]),
             "input_shape": [int(v) for v in context["input_shape"]],
             "num_classes": int(context["num_classes"]),
@@ -441,7 +439,6 @@ def load_lowrank_payload(payload: dict) -> nn.Module:
     return model.eval()
 
 
-LOADERS[LOWRANK_FORMAT] = load_lowrank_payload
 
 __all__ = [
     "LOWRANK_FORMAT", "LowRankLinear", "LowRankConv", "LowRankSpatialConv2d", "SVDLowRank", "factorize",

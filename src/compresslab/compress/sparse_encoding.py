@@ -16,7 +16,7 @@ a bit pattern of all zeros, so ``-0.0`` and NaNs are kept as values and decoding
 bit-exact for every dtype.
 
 The artifact format ``compresslab.sparse/1`` is registered in
-:data:`compresslab.artifact.LOADERS`; :func:`load_sparse_payload` decodes the state
+:data:`compresslab.artifact.ARTIFACT_LOADERS`; :func:`load_sparse_payload` decodes the state
 dict and rebuilds the dense model from the arch spec (through ``build_model``, so no
 pickled code runs).
 """
@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from compresslab.artifact import LOADERS
 from compresslab.models import build_model
 
 SPARSE_FORMAT = "compresslab.sparse/1"
@@ -227,7 +226,6 @@ def sparse_payload(
     enc = encode_state_dict(model.state_dict(), encoding=encoding, compression=compression, sparse_keys=sparse_keys)
     return {
         "format": SPARSE_FORMAT,
-        "loader_module": __name__,
         "arch": dict(arch),
         "input_shape": [int(v) for v in input_shape],
         "num_classes": int(num_classes),
@@ -241,6 +239,3 @@ def load_sparse_payload(payload: Mapping[str, Any]) -> nn.Module:
     model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
     model.load_state_dict(decode_state_dict(payload))
     return model.eval()
-
-
-LOADERS[SPARSE_FORMAT] = load_sparse_payload

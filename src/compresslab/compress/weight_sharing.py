@@ -35,7 +35,6 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslab.artifact import LOADERS
 from compresslab.compress import huffman
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.bitpack import dtype_from_name, dtype_name
@@ -454,7 +453,6 @@ def encode_shared(student: nn.Module, method: WeightSharing, context: dict[str, 
     blob = bytes(streams) + bytes(books) + bytes(rest)
     payload = {
         "format": SHARED_FORMAT,
-        "loader_module": __name__,
         "arch": dict(context["arch"]),
         "input_shape": [int(v) for v in context["input_shape"]],
         "num_classes": int(context["num_classes"]),
@@ -511,6 +509,3 @@ def load_shared_payload(payload: dict) -> nn.Module:
     except RuntimeError as exc:
         raise CheckpointError(f"weight-shared artifact does not match its architecture: {exc}") from exc
     return model.eval()
-
-
-LOADERS[SHARED_FORMAT] = load_shared_payload

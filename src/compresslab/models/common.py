@@ -7,10 +7,25 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from compresslab.allowlist import Allowlist, with_module_aliases
 from compresslab.errors import ConfigError
 
-#: Only callables under these modules may be named by a config or an artifact's arch spec.
-ALLOWED_TARGET_PREFIXES = ("compresslab.models.",)
+#: The model factories an arch spec may name: defining module -> names defined there.
+#: Each is accepted as ``compresslab.models.<Name>`` and as ``<defining module>.<Name>``.
+MODEL_DEFINITIONS = {
+    "compresslab.models.simple": ("MLP", "LeNet5", "ConvNet", "CNN1D"),
+    "compresslab.models.resnet_cifar": ("CifarResNet", "resnet8x4", "resnet32x4"),
+    "compresslab.models.wrn": ("WideResNet",),
+    "compresslab.models.vgg": ("VGG",),
+    "compresslab.models.mobilenetv2": ("MobileNetV2",),
+    "compresslab.models.tv": ("torchvision_model",),
+}
+MODEL_FACTORIES = Allowlist(
+    "architecture _target_",
+    with_module_aliases("compresslab.models.", MODEL_DEFINITIONS),
+    "Pick a model config: teacher=<name> / student=<name> (see conf/arch/); a file's arch spec "
+    "may only name one of compresslab's model factories.",
+)
 
 
 def require_image_input(model_name: str, input_shape: Sequence[int]) -> tuple[int, int, int]:
@@ -35,22 +50,15 @@ def require_sequence_input(model_name: str, input_shape: Sequence[int]) -> tuple
 
 
 def build_model(arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """Build a model from an arch spec ``{"_target_": "compresslab.models....", **kwargs}``.
+    """Build a model from an arch spec ``{"_target_": "compresslab.models.<Factory>", **kwargs}``.
 
-    The spec is plain data (it is stored inside artifacts next to the state
-    dict), and only targets inside ``compresslab.models`` are accepted, so
-    rebuilding a model from a file never imports arbitrary code.
+    The spec is plain data (it is stored inside artifacts next to the state dict). Its
+    ``_target_`` is looked up in :data:`MODEL_FACTORIES`, an explicit allowlist of the zoo's
+    factories, never resolved by walking attributes, so rebuilding a model from a file
+    cannot reach any other callable.
     """
-    from hydra.utils import get_method
-
     spec = dict(arch)
-    target = spec.pop("_target_", None)
-    if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
-        raise ConfigError(
-            f"Architecture spec must have a _target_ inside compresslab.models, got {target!r}. "
-            "Pick a model config: teacher=<name> / student=<name> (see conf/arch/)."
-        )
-    factory = get_method(target)
+    factory = MODEL_FACTORIES.resolve(spec.pop("_target_", None))
     return factory(input_shape=tuple(int(v) for v in input_shape), num_classes=int(num_classes), **spec)
 
 

@@ -34,7 +34,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from compresslab.artifact import LOADERS
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.pruning.common import (
     ScheduleTicks,
@@ -118,7 +117,6 @@ def structured_payload(model: nn.Module, arch: Mapping[str, Any], input_shape: S
     """Plain-data artifact of a channel-pruned model: original arch spec + pruned state dict."""
     return {
         "format": STRUCTURED_FORMAT,
-        "loader_module": __name__,
         "arch": dict(arch),
         "input_shape": [int(v) for v in input_shape],
         "num_classes": int(num_classes),
@@ -135,7 +133,6 @@ def load_structured_payload(payload: Mapping[str, Any]) -> nn.Module:
     return model.eval()
 
 
-LOADERS[STRUCTURED_FORMAT] = load_structured_payload
 
 
 # ---- one pruning step with torch-pruning ------------------------------------------

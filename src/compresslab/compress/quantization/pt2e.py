@@ -32,7 +32,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from compresslab.artifact import LOADERS
 from compresslab.compress.bitpack import dtype_from_name, dtype_name
 from compresslab.compress.sparse_encoding import decode_state_dict, encode_state_dict
 from compresslab.compress.quantization.layers import build_structure
@@ -201,7 +200,6 @@ def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], st
     constants, dtypes = _compact(graph_constants(converted))
     return {
         "format": INT8_FORMAT,
-        "loader_module": __name__,
         "arch": dict(context["arch"]),
         "input_shape": [int(v) for v in context["input_shape"]],
         "num_classes": int(context["num_classes"]),
@@ -342,7 +340,6 @@ def load_int8_payload(payload: dict) -> nn.Module:
     return Int8Model(converted, weights, "simulated")
 
 
-LOADERS[INT8_FORMAT] = load_int8_payload
 
 
 # ---- MACs of oneDNN int8 ops (FlopCounterMode counts FLOPs = 2 x MACs) ----------------------
@@ -383,4 +380,3 @@ def _kernel_numel(qw, out_channels: int, in_per_group: int) -> int:
         return max(1, int(qw.numel()) // max(1, out_channels * in_per_group))
     except Exception:  # noqa: BLE001 - opaque prepacked tensor
         return 1
-
