@@ -4,6 +4,7 @@ failures every run must survive with a record (see also test_pipeline's pickle a
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,138 @@ def test_every_artifact_format_and_zoo_model_is_in_its_allowlist():
     for name in zoo.__all__:
         if name != "build_model":
             assert MODEL_FACTORIES.resolve(f"compresslab.models.{name}") is getattr(zoo, name)
+
+
+# ---- every failure leaves a record ---------------------------------------------------
+def _cli(args, cwd, timeout=300, flags=()):
+    import os
+    import subprocess
+
+    from conftest import FAST, ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "compresslab.cli", *flags, *FAST, *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+def test_a_sweep_job_whose_config_cannot_be_read_is_counted_and_recorded(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = _cli(["seed=0,abc", "teacher=none", f"hydra.sweep.dir={sweep}",
+                f"paths.teacher_cache={tmp_path / 'teachers'}"], tmp_path, flags=["-m"])
+    assert out.returncode != 0
+    assert "1 completed, 1 failed" in out.stdout
+    bad = json.loads((sweep / "1" / "results.json").read_text())
+    assert bad["status"] == "failed" and "seed must be an integer, got 'abc'" in bad["error"]
+    assert "seed=abc" in bad["overrides"] and bad["traceback"]
+    assert json.loads((sweep / "0" / "results.json").read_text())["status"] == "completed"
+
+
+def test_the_sweep_summary_counts_a_launched_job_that_left_no_record(tmp_path):
+    from omegaconf import OmegaConf
+
+    from compresslab.track.sweep import collect_job_results, launched_job_dirs
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / "results.json").write_text(json.dumps({"status": "completed", "student": {"acc_top1": 1}}))
+    config = OmegaConf.create({"hydra": {
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None},
+        "overrides": {"task": ["seed=0,1", "student.epochs=1"]},
+        "sweep": {"dir": str(tmp_path), "subdir": "${hydra.job.num}"}}})
+    records = collect_job_results(tmp_path, launched_job_dirs(config))
+    assert [r["status"] for r in records] == ["completed", "failed"]
+    assert "left no results.json" in records[1]["error"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed must be an integer"),
+    ("+foo=${oc.env:COMPRESSLAB_NO_SUCH_VARIABLE}", "COMPRESSLAB_NO_SUCH_VARIABLE"),
+])
+def test_a_run_whose_config_cannot_be_read_leaves_a_failed_record(make_cfg, override, message):
+    from compresslab.pipeline import run_experiment
+
+    cfg = make_cfg([override])
+    with pytest.raises(Exception, match=message):
+        run_experiment(cfg)
+    record = json.loads((Path(cfg.paths.run_dir) / "results.json").read_text())
+    assert record["status"] == "failed" and message in record["error"] and record["stage"] == "config"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill=kd", "distill.logit_loss.temperature=0"], "temperature must be > 0"),
+    (["distill=fitnet", "distill.feature_losses.fitnet.teacher_layers=[no.such.layer]"], "no.such.layer"),
+    (["dataset.batch_size=0"], "dataset.batch_size must be a positive integer"),
+    (["student.epochs=0"], "student.epochs must be a positive integer"),
+])
+def test_config_errors_fail_before_any_fit(make_cfg, overrides, message):
+    import time
+
+    from compresslab.pipeline import run_experiment
+
+    cfg = make_cfg([*overrides, "teacher.epochs=3"])
+    start = time.perf_counter()
+    with pytest.raises(Exception, match=message):
+        run_experiment(cfg)
+    assert time.perf_counter() - start < 10
+    assert not Path(cfg.paths.teacher_cache).exists() or not any(Path(cfg.paths.teacher_cache).iterdir())
+    assert not (Path(cfg.paths.run_dir) / "checkpoints").exists()
+
+
+def _axis_pairs():
+    import itertools
+
+    from conftest import CONF_DIR
+
+    options = {axis: sorted(p.stem for p in (CONF_DIR / axis).glob("*.yaml")) for axis in ("prune", "quant", "lowrank")}
+    for (a, xs), (b, ys) in itertools.combinations(options.items(), 2):
+        for x, y in itertools.product(xs, ys):
+            if "none" not in (x, y):
+                yield f"{a}={x}", f"{b}={y}"
+
+
+PAIR_OVERRIDES = ["teacher=none", "student.epochs=12", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                  "measure.latency_iters=1", "measure.latency_rounds=1"]
+
+
+def test_every_pair_of_compression_axes_composes_and_validates(make_cfg):
+    from compresslab.pipeline import build_datamodule, validate
+
+    dm = None
+    pairs = list(_axis_pairs())
+    assert len(pairs) >= 55
+    for pair in pairs:
+        cfg = make_cfg([*pair, *PAIR_OVERRIDES])
+        if dm is None:
+            dm = build_datamodule(cfg)
+            dm.setup("fit")
+        methods = validate(cfg, dm)  # a pair that can't work must be refused here, not after training
+        assert len(methods) == 2, pair
+
+
+@pytest.mark.slow
+def test_structured_pruning_combines_with_every_other_axis_end_to_end(tmp_path):
+    """structured × {int8, low-bit, weight sharing, low rank} used to train and then fail at export."""
+    from conftest import compose_config
+
+    from compresslab.artifact import load_model_file
+    from compresslab.pipeline import run_experiment
+
+    for pair in [p for p in _axis_pairs() if "prune=structured" in p]:
+        record = run_experiment(compose_config(tmp_path / "_".join(pair).replace("=", "-"), [*pair, *PAIR_OVERRIDES]))
+        assert record["status"] == "completed", pair
+        student = load_model_file(record["student"]["artifact"])
+        assert record["student"]["params"] < record["reference"]["params"], pair
+        assert student(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+@pytest.mark.slow
+def test_kd_structured_pruning_and_int8_in_one_run_measured_in_a_fresh_process(make_cfg):
+    from compresslab.artifact import read_payload
+    from compresslab.pipeline import run_experiment
+
+    record = run_experiment(make_cfg(["distill=kd", "prune=structured", "quant=ptq_int8", "student.epochs=4",
+                                      "prune.start=1", "measure.fresh_process=true"]))
+    student = record["student"]
+    assert record["status"] == "completed" and student["measured_in"] == "fresh_process"
+    assert student["compute"] == "int8" and student["params"] < record["reference"]["params"]
+    assert student["fresh_process_max_abs_diff"] < 1e-4
+    assert read_payload(student["artifact"])["structure"]["resized"]  # the pruned shapes travel in the file

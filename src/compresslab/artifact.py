@@ -11,9 +11,7 @@ file, so the format read from a file selects one of these loaders and nothing el
 
 from __future__ import annotations
 
-import io
-import os
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +20,7 @@ from torch import nn
 
 from compresslab.allowlist import Allowlist
 from compresslab.errors import CheckpointError
+from compresslab.files import atomic_torch_save
 from compresslab.models import build_model
 
 DENSE_FORMAT = "compresslab.dense/1"
@@ -41,27 +40,6 @@ ARTIFACT_LOADERS = Allowlist(
     f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
     error=CheckpointError,
 )
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write ``obj`` with ``torch.save`` to a temp file in the same dir, then rename it into place.
-
-    The object is serialized in memory first, so the zip archive inside is named ``archive``
-    (as for any in-memory ``torch.save``) rather than after the temp file, which keeps the
-    container small and the same whatever the file is called.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(buffer.getbuffer())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def model_payload(
@@ -94,10 +72,28 @@ def read_payload(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refused or corrupt
+        damage = file_damage(path)
+        if damage:
+            raise CheckpointError(f"{path} is damaged: it {damage}.") from exc
         raise CheckpointError(
             f"Cannot load {path} safely (weights_only=True): {exc}. compresslab only loads files "
             "holding plain tensors/containers (its own model files, Lightning checkpoints, state dicts)."
         ) from exc
+
+
+def file_damage(path: Path) -> str | None:
+    """Why ``path`` is not a complete ``torch.save`` file (empty, truncated, corrupt), or None."""
+    try:
+        size = Path(path).stat().st_size
+        if size == 0:
+            return "is empty (0 bytes; a write that never finished?)"
+        if not zipfile.is_zipfile(path):
+            return f"is truncated or corrupt ({size} bytes, not a complete torch.save zip archive)"
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        return f"is corrupt (bad data in its entry {bad!r})" if bad else None
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        return f"cannot be read as a zip archive ({type(exc).__name__}: {exc})"
 
 
 def model_from_payload(payload: Mapping[str, Any]) -> nn.Module:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
@@ -33,6 +33,7 @@ from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.models import build_model
 from compresslab.teacher import arch_spec, obtain_teacher
 from compresslab.track import base_record, write_results
+from compresslab.track.results import unresolved_record, write_final_results
 from compresslab.track.console import print_summary
 from compresslab.track.wandb_glue import finish, log_final, make_logger
 from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
@@ -60,9 +61,14 @@ def build_student_module(cfg: DictConfig, student: torch.nn.Module, teacher, num
 def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
     """Everything that can be checked before training: models build, files exist, methods parse."""
     shape, classes = datamodule.input_shape, datamodule.num_classes
-    build_model(arch_spec(cfg.student), shape, classes)
+    for key in ("batch_size", "eval_batch_size"):
+        value = cfg.dataset.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"dataset.{key} must be a positive integer, got {value!r}")
+    student = build_model(arch_spec(cfg.student), shape, classes)
+    teacher = None
     if cfg.teacher.get("arch") is not None:
-        build_model(arch_spec(cfg.teacher), shape, classes)
+        teacher = build_model(arch_spec(cfg.teacher), shape, classes)
         ckpt = cfg.teacher.get("ckpt")
         if ckpt and not Path(ckpt).exists():
             raise CheckpointError(f"teacher.ckpt={ckpt} does not exist ({Path(ckpt).resolve()})")
@@ -70,11 +76,14 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
         raise ConfigError(f"distill={cfg.distill.name} needs a teacher, but teacher=none")
     if cfg.distill.get("cache_teacher_outputs"):
         check_cache_allowed(datamodule)  # before the teacher trains, not at the student's fit
-    for key in ("epochs",):
-        for role in ("teacher", "student"):
-            value = cfg[role].get(key)
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ConfigError(f"{role}.{key} must be a non-negative integer, got {value!r}")
+    trains_teacher = teacher is not None and not cfg.teacher.get("ckpt")
+    for role in ("teacher", "student") if trains_teacher else ("student",):
+        value = cfg[role].get("epochs")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{role}.epochs must be a positive integer, got {value!r} (an untrained "
+                              f"{role} is not a result; for a trained teacher pass teacher.ckpt=<file>)")
+    if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
+        build_student_module(cfg, student, teacher, classes)
     methods = build_methods(cfg)
     instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
@@ -136,6 +145,27 @@ def _add_ratios(rows: dict[str, dict | None]) -> None:
             metrics["speedup_b1"] = ref["latency_ms_b1"] / metrics["latency_ms_b1"]
 
 
+def job_run_dir(cfg: DictConfig) -> Path:
+    """``cfg.paths.run_dir``, or Hydra's output dir for the job when the config can't resolve it."""
+    try:
+        return Path(cfg.paths.run_dir)
+    except Exception:  # noqa: BLE001 - an unresolvable config still gets its record in the job dir
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+        raise
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job ([] outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)]
+
+
 def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run one experiment described by ``cfg`` and return its results record."""
     with JobProcessGroup():
@@ -143,15 +173,21 @@ def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) ->
 
 
 def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]:
-    run_dir = Path(cfg.paths.run_dir)
+    run_dir = job_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
-    record = base_record(cfg, run_dir)
+    try:
+        record = base_record(cfg, run_dir)
+    except Exception as exc:  # the config itself can't be read: a short failed record, then the error
+        if is_rank_zero():
+            write_results(results_path, unresolved_record(run_dir, exc, hydra_overrides()))
+        raise
     install_hydra_ddp_fix()
     if is_rank_zero():
         write_results(results_path, record)
     logger = None
     failed = True
+    run_error: BaseException | None = None
     try:
         if cfg.measure.get("threads"):
             torch.set_num_threads(int(cfg.measure.threads))
@@ -225,6 +261,7 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         failed = False
         return record
     except BaseException as exc:
+        run_error = exc
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
@@ -232,10 +269,13 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
     finally:
         record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         if is_rank_zero():
-            write_results(results_path, record)
             try:
-                if logger is not None and not failed:
-                    log_final(logger, record)
+                write_final_results(results_path, record, run_error)
             finally:
-                finish(logger, failed)
-                print_summary(record)
+                failed = failed or record["status"] != "completed"
+                try:
+                    if logger is not None and not failed:
+                        log_final(logger, record)
+                finally:
+                    finish(logger, failed)
+                    print_summary(record)

@@ -14,6 +14,8 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from compresslab.files import AtomicCheckpointIO
+
 
 class ClassifierModule(pl.LightningModule):
     """Supervised training of ``model`` with cross-entropy (optional label smoothing).
@@ -120,15 +122,17 @@ def fit_with_checkpoints(
     last_checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
     )
+    clock = FitTime()
     trainer: pl.Trainer = trainer_factory(
-        max_epochs=int(max_epochs), callbacks=[checkpoint, last_checkpoint, *callbacks], logger=logger,
-        default_root_dir=str(ckpt_dir),
+        max_epochs=int(max_epochs), callbacks=[checkpoint, last_checkpoint, clock, *callbacks], logger=logger,
+        default_root_dir=str(ckpt_dir), plugins=[AtomicCheckpointIO()],
     )
     last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if resume and last.exists() else None
-    start = time.perf_counter()
+    if resume_from:
+        check_resumable(last)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
-    train_time = time.perf_counter() - start
+    train_time = clock.total_s()
     last_acc = _test_acc(trainer, module, datamodule, ckpt_path=None)
     best_path = checkpoint.best_model_path
     if best_path and Path(best_path).exists():
@@ -148,6 +152,41 @@ def fit_with_checkpoints(
         "train_time_s": train_time,
         "trainer": trainer,
     }
+
+
+def check_resumable(last: Path) -> None:
+    """Refuse to resume from a damaged ``last.ckpt`` with a message naming it and the way out."""
+    from compresslab.artifact import read_payload
+    from compresslab.errors import CheckpointError
+
+    try:
+        read_payload(last)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"Cannot resume: {exc} Re-run with resume=false to train this fit from the start, or delete {last} "
+            "(best.ckpt beside it is not used for resuming).") from exc
+
+
+class FitTime(Callback):
+    """Wall time spent in ``fit``, summed over resumed runs: it travels in the checkpoint
+    (callback state), so re-running a finished run keeps the original fit's time."""
+
+    def __init__(self) -> None:
+        self.before_s = 0.0
+        self._start: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def total_s(self) -> float:
+        """Time of earlier (resumed-from) fits plus this one so far."""
+        return self.before_s + (time.perf_counter() - self._start if self._start is not None else 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_time_s": self.total_s()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before_s = float(state_dict.get("train_time_s", 0.0))
 
 
 def _test_acc(trainer: pl.Trainer, module, datamodule, ckpt_path) -> float:

@@ -306,7 +306,7 @@ def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, b
         "arch": dict(context["arch"]),
         "input_shape": [int(v) for v in context["input_shape"]],
         "num_classes": int(context["num_classes"]),
-        "structure": structure_of(student),
+        "structure": structure_of(student, context),
         "scheme": scheme,
         "bits": int(bits),
         "per_channel": bool(per_channel),

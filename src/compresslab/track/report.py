@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -308,6 +309,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         if missing:
             parser.error(f"no such directory: {', '.join(map(str, missing))}")
         records = [r for p in args.paths for r in collect_job_results(p)]
+        for r in [r for r in records if r.get("status") == "unreadable"]:
+            print(f"warning: skipped {r['_path']}: {r.get('error')}", file=sys.stderr)
+        records = [r for r in records if r.get("status") != "unreadable"]
     failed = [r for r in records if r.get("status") != "completed"]
     out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
     report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,

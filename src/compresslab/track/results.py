@@ -17,15 +17,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import platform
 import subprocess
-import tempfile
+import traceback
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
+
+from compresslab.errors import ConfigError
+from compresslab.files import atomic_write_bytes
 
 AXES = ("dataset", "teacher", "student", "distill", "prune", "quant", "lowrank")
 _PACKAGES = ("torch", "torchvision", "pytorch-lightning", "hydra-core", "torchmetrics", "wandb", "compresslab")
@@ -46,15 +48,39 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_results(path: Path, record: Mapping[str, Any]) -> Path:
-    """Write ``record`` as JSON to ``path`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(record), f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    """Write ``record`` as JSON to ``path`` atomically (temp file in the same dir + rename)."""
+    text = json.dumps(_jsonable(record), indent=2, sort_keys=False) + "\n"
+    return atomic_write_bytes(Path(path), text.encode("utf-8"))
+
+
+def write_final_results(path: Path, record: dict[str, Any], run_error: BaseException | None) -> None:
+    """Write a run's last record; when that fails (a full disk), write a short failed one.
+
+    The short record keeps the run's own error (``run_error``) if it failed, so the write
+    error does not hide why the run stopped. If even the short record can't be written as a
+    new file, it overwrites results.json in place (reusing the space the old record held),
+    so no run is left saying ``running``. Raises the write error only for a run that had
+    otherwise completed: a run whose results can't be saved has failed.
+    """
+    try:
+        write_results(path, record)
+        return
+    except OSError as exc:
+        write_error = exc
+    short = {k: record.get(k) for k in ("run_id", "run_dir", "started_at", "finished_at", "axes")}
+    short.update(status="failed", error=record.get("error") if run_error is not None else
+                 f"could not write results.json: {write_error}",
+                 results_write_error=f"{type(write_error).__name__}: {write_error}")
+    data = (json.dumps(_jsonable(short), indent=1) + "\n").encode("utf-8")
+    try:
+        atomic_write_bytes(Path(path), data)
+    except OSError:
+        with open(path, "r+b" if Path(path).exists() else "wb") as handle:
+            handle.truncate(0)
+            handle.write(data)
+    record.update(short)
+    if run_error is None:
+        raise write_error
 
 
 def read_results(path: Path) -> dict:
@@ -93,8 +119,40 @@ def axes_of(cfg: DictConfig) -> dict:
     for group in AXES:
         node = cfg.get(group)
         axes[group] = node.get("name") if isinstance(node, DictConfig) else None
-    axes["seed"] = int(cfg.seed)
+    axes["seed"] = seed_of(cfg)
     return axes
+
+
+def seed_of(cfg: DictConfig) -> int:
+    """``cfg.seed`` as an int; a ConfigError saying what to pass otherwise."""
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"seed must be an integer, got {seed!r}: pass e.g. seed=0 (a sweep: seed=0,1,2)")
+    return seed
+
+
+def unresolved_record(run_dir: Path, exc: BaseException, overrides: list[str] | None = None) -> dict:
+    """The record of a run whose config could not even be read (bad seed, unresolvable
+    interpolation): status failed, the overrides that made the job, the error and traceback."""
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return {
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {exc}",
+        "traceback": "".join(traceback.format_exception(exc)),
+        "stage": "config",
+        "overrides": list(overrides or []),
+        "run_id": Path(run_dir).name,
+        "run_dir": str(Path(run_dir).resolve()),
+        "started_at": now,
+        "finished_at": now,
+        "axes": None,
+        "config": None,
+        "teacher": None,
+        "student": None,
+        "reference": None,
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
 
 
 def base_record(cfg: DictConfig, run_dir: Path) -> dict:

@@ -4,26 +4,55 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 
-def collect_job_results(sweep_dir: Path) -> list[dict]:
-    """Every ``results.json`` under ``sweep_dir`` (one per job), in job order (``2/`` before ``10/``)."""
+def collect_job_results(sweep_dir: Path, job_dirs: Iterable[Path] = ()) -> list[dict]:
+    """Every ``results.json`` under ``sweep_dir`` (one per job), in job order (``2/`` before ``10/``).
+
+    ``job_dirs`` are the directories of jobs that were launched: one without a results.json
+    (a job that died before writing it) is listed as failed, so no launched job goes uncounted.
+    A results.json that can't be read or parsed is kept as ``status: unreadable`` with the reason.
+    """
+    paths = {p.resolve() for p in Path(sweep_dir).rglob("results.json")}
+    paths |= {(Path(d) / "results.json").resolve() for d in job_dirs}
     records = []
-    for path in sorted(Path(sweep_dir).rglob("results.json"), key=_natural_key):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            record = {"status": "unreadable", "error": str(exc)}
+    for path in sorted(paths, key=_natural_key):
+        if not path.exists():
+            record = {"status": "failed", "error": f"the job left no results.json (see {path.parent}/*.log)"}
+        else:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError(f"holds a JSON {type(record).__name__}, not an object")
+            except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+                record = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
         record["_path"] = str(path)
         records.append(record)
     return records
+
+
+def launched_job_dirs(config: DictConfig) -> list[Path]:
+    """The directories of the jobs Hydra's basic sweeper launched, from the sweep's own
+    overrides (its job list); [] for other sweepers, whose trial count the config doesn't fix."""
+    hydra_cfg = config.hydra
+    if "BasicSweeper" not in str(hydra_cfg.sweeper.get("_target_", "")):
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arguments = list(hydra_cfg.overrides.task) + [f"{k}={v}" for k, v in (hydra_cfg.sweeper.get("params") or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    n_jobs = sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    if OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
+        return []  # job dirs named otherwise: only the results files found and the jobs seen ending count
+    return [Path(hydra_cfg.sweep.dir) / str(i) for i in range(n_jobs)]
 
 
 def _natural_key(path: Path) -> tuple:
@@ -33,8 +62,9 @@ def _natural_key(path: Path) -> tuple:
 
 def summary_table(records: list[dict], sweep_dir: Path) -> Table:
     """One row per job: directory, axes that vary, status, student accuracy or the error."""
-    axes_keys = sorted({k for r in records for k in (r.get("axes") or {})})
-    varying = [k for k in axes_keys if len({str((r.get("axes") or {}).get(k)) for r in records}) > 1]
+    with_axes = [r.get("axes") for r in records if r.get("axes")]  # a config that didn't resolve has none
+    axes_keys = sorted({k for axes in with_axes for k in axes})
+    varying = [k for k in axes_keys if len({str(axes.get(k)) for axes in with_axes}) > 1]
     n_ok = sum(r.get("status") == "completed" for r in records)
     table = Table(title=f"sweep: {n_ok} completed, {len(records) - n_ok} failed")
     for col in ["job", *varying, "status", "student acc / error"]:
@@ -43,7 +73,8 @@ def summary_table(records: list[dict], sweep_dir: Path) -> Table:
         job = Path(r["_path"]).parent.name
         detail = (f"{(r.get('student') or {}).get('acc_top1', float('nan')):.4f}" if r.get("status") == "completed"
                   else str(r.get("error") or "")[:120])
-        table.add_row(job, *[escape(str((r.get("axes") or {}).get(k))) for k in varying], str(r.get("status")),
+        axes = r.get("axes") or {}
+        table.add_row(job, *[escape(str(axes.get(k, "?"))) for k in varying], str(r.get("status")),
                       escape(detail))
     return table
 
@@ -54,10 +85,17 @@ class SweepSummary(Callback):
     def __init__(self, fail_on_error: bool = True, report: dict | None = None) -> None:
         self.fail_on_error = fail_on_error
         self.report = dict(report or {})
+        self.job_dirs: list[Path] = []  # jobs that ended in this process (the basic launcher's)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        hydra_cfg = getattr(job_return, "hydra_cfg", None)
+        output_dir = OmegaConf.select(hydra_cfg, "hydra.runtime.output_dir") if hydra_cfg is not None else None
+        if output_dir:
+            self.job_dirs.append(Path(output_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = collect_job_results(sweep_dir)
+        records = collect_job_results(sweep_dir, [*launched_job_dirs(config), *self.job_dirs])
         console = Console()
         console.print(summary_table(records, sweep_dir))
         best = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper

@@ -191,12 +191,15 @@ def log_table(trainer: pl.Trainer, key: str, rows: Sequence[Mapping[str, Any]]) 
 
 
 def rebuildable_from_spec(student: nn.Module, context: Mapping[str, Any], same_shapes: bool = True) -> bool:
-    """Whether ``build_model(context["arch"])`` has the student's state-dict keys (and shapes),
-    i.e. an artifact of arch spec + weights can rebuild it (an earlier method such as a
-    low-rank factorization may have changed the module structure)."""
-    from compresslab.models import build_model
+    """Whether the model rebuilt from ``context["arch"]`` (and ``context["structure"]``, a
+    :func:`~compresslab.compress.quantization.layers.structure_of` description, when given)
+    has the student's state-dict keys (and shapes), i.e. an artifact of arch spec + weights
+    can rebuild it (an earlier method such as a low-rank factorization may have changed the
+    module structure)."""
+    from compresslab.compress.quantization.layers import build_structure
 
-    ref = build_model(context["arch"], context["input_shape"], context["num_classes"]).state_dict()
+    ref = build_structure(context["arch"], context["input_shape"], context["num_classes"],
+                          context.get("structure")).state_dict()
     mine = student.state_dict()
     if list(ref) != list(mine):
         return False

@@ -113,26 +113,29 @@ def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
 
 
 def structured_payload(model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
-                       meta: Mapping[str, Any] | None = None) -> dict:
-    """Plain-data artifact of a channel-pruned model: original arch spec + pruned state dict."""
+                       meta: Mapping[str, Any] | None = None, structure: Mapping[str, Any] | None = None) -> dict:
+    """Plain-data artifact of a channel-pruned model: original arch spec (plus the low-rank
+    plan when the student was factorized first, see ``build_structure``) + pruned state dict."""
     return {
         "format": STRUCTURED_FORMAT,
         "arch": dict(arch),
         "input_shape": [int(v) for v in input_shape],
         "num_classes": int(num_classes),
+        "structure": {k: v for k, v in dict(structure or {}).items() if k == "lowrank"},
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }
 
 
 def load_structured_payload(payload: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a channel-pruned model: build the arch, resize to the saved shapes, load."""
-    model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+    """Rebuild a channel-pruned model: build the arch (and its low-rank plan), resize to the
+    saved shapes, load."""
+    from compresslab.compress.quantization.layers import build_structure
+
+    model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"], payload.get("structure"))
     resize_to_state_dict(model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
-
-
 
 
 # ---- one pruning step with torch-pruning ------------------------------------------
@@ -431,7 +434,10 @@ class StructuredPruning(CompressionMethod):
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
-        if not rebuildable_from_spec(student, context, same_shapes=False):
+        from compresslab.compress.quantization.layers import structure_of
+
+        structure = structure_of(student, context)  # the low-rank plan, if lowrank ran first
+        if not rebuildable_from_spec(student, {**context, "structure": structure}, same_shapes=False):
             raise ConfigError(f"prune={self.name}: the student's modules no longer match its arch spec (another "
                               "method changed the structure); structured pruning cannot be saved as spec + weights")
         run_dir = context.get("run_dir")
@@ -440,7 +446,8 @@ class StructuredPruning(CompressionMethod):
                                 title=f"prune={self.name}: channels per layer")
             self._report["channel_table"] = paths["csv"]
         return structured_payload(student, context["arch"], context["input_shape"], context["num_classes"],
-                                  meta={"prune": self.name, "ratio": self.ratio, "importance": self.importance})
+                                  meta={"prune": self.name, "ratio": self.ratio, "importance": self.importance},
+                                  structure=structure)
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

@@ -10,7 +10,8 @@
 - :func:`hide_epoch_from_selection`: make the current epoch ineligible as the val-selected
   checkpoint (the artifact must come from epochs where the method was active).
 - :func:`structure_of` / :func:`build_structure`: rebuild a student from its arch spec plus
-  the low-rank factorization plan, so every artifact format here composes with ``lowrank``.
+  the low-rank factorization plan and the channel-pruned shapes, so every artifact format
+  here composes with ``lowrank`` and ``prune=structured``.
 """
 
 from __future__ import annotations
@@ -149,17 +150,27 @@ def hide_epoch_from_selection(trainer) -> None:
 
 
 # ---- structure (arch spec + low-rank plan) ---------------------------------------------
-def structure_of(model: nn.Module) -> dict[str, Any]:
-    """Plain-data description of structural changes made to a zoo model (the low-rank plan)."""
+def structure_of(model: nn.Module, context: Mapping[str, Any]) -> dict[str, Any]:
+    """Plain-data description of the structural changes made to a zoo model: the low-rank
+    plan, and the shapes of the tensors that channel pruning resized (only those that differ
+    from the model rebuilt from ``context``'s arch spec and that plan)."""
     from compresslab.compress.lowrank import lowrank_plan
 
     plan = lowrank_plan(model)
-    return {"lowrank": plan} if plan else {}
+    structure: dict[str, Any] = {"lowrank": plan} if plan else {}
+    fresh = build_structure(context["arch"], context["input_shape"], context["num_classes"], structure)
+    fresh_shapes = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    resized = {k: [int(d) for d in v.shape] for k, v in model.state_dict().items()
+               if k in fresh_shapes and tuple(v.shape) != fresh_shapes[k]}
+    if resized:
+        structure["resized"] = resized
+    return structure
 
 
 def build_structure(arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
                     structure: Mapping[str, Any] | None = None) -> nn.Module:
-    """Build the zoo model from ``arch`` and re-apply a :func:`structure_of` description."""
+    """Build the zoo model from ``arch`` and re-apply a :func:`structure_of` description
+    (low-rank factorization, then the channel-pruned tensor shapes)."""
     from compresslab.models import build_model
 
     model = build_model(arch, input_shape, num_classes)
@@ -167,6 +178,14 @@ def build_structure(arch: Mapping[str, Any], input_shape: Sequence[int], num_cla
         from compresslab.compress.lowrank import apply_plan
 
         apply_plan(model, structure["lowrank"])
+    if structure and structure.get("resized"):
+        from compresslab.compress.pruning.structured import resize_to_state_dict
+
+        shapes = {k: torch.empty([int(d) for d in shape], device="meta") for k, shape in structure["resized"].items()}
+        for name in resize_to_state_dict(model, shapes):  # defined values until the saved ones are loaded
+            module = model.get_submodule(name)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
     return model
 
 

@@ -83,7 +83,7 @@ class PT2EInt8(CompressionMethod):
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
         if self.converted is None:
             return self._weight_only_fallback(context)
-        structure = structure_of(self.float_student)
+        structure = structure_of(self.float_student, context)
         x = self.calibration[0] if self.calibration else torch.zeros(2, *context["input_shape"])
         with torch.no_grad():
             ref = self.converted(x)
