@@ -337,3 +337,56 @@ def test_crd_bounded_queue_for_large_datasets():
     assert int(crd.queue_ptr) == 3
     assert torch.equal(crd.memory_t[3], before[3])  # only the 3 oldest slots were replaced
     assert not torch.equal(crd.memory_t[:3], before[:3])
+
+
+def _confident_pair(gap: float, dtype):
+    """A student whose target logit leads by ``gap`` and a moderately sure teacher (10 classes)."""
+    student = torch.zeros(3, 10, dtype=dtype)
+    student[:, 3] = gap
+    student[1, 5] = 1.5  # the non-target logits need not be equal
+    student[2, 0] = -2.0
+    teacher = torch.linspace(-1.0, 1.0, 10, dtype=dtype).repeat(3, 1)
+    teacher[:, 3] = 3.0
+    return student.requires_grad_(), teacher, torch.full((3,), 3, dtype=torch.long)
+
+
+def _dkd_value_and_target_grad(loss, gap, dtype):
+    s, t, y = _confident_pair(gap, dtype)
+    value = loss(s, t, target=y)
+    value.backward()
+    return value.item(), s.grad[:, 3].clone()
+
+
+def _old_tckd_formula(s, t, y, temp):
+    """The former TCKD: stack([p_gt, 1 - p_gt]) clamped to 1e-12 (kept to show the test catches it)."""
+    gt = torch.nn.functional.one_hot(y, s.shape[1]).bool()
+    p_s, p_t = torch.softmax(s / temp, 1), torch.softmax(t / temp, 1)
+    b_s = torch.stack([p_s[gt], 1 - p_s[gt]], 1).clamp_min(1e-12)
+    b_t = torch.stack([p_t[gt], 1 - p_t[gt]], 1).clamp_min(1e-12)
+    return (b_t * (b_t.log() - b_s.log())).sum(1).mean() * temp ** 2
+
+
+@pytest.mark.parametrize("temp", [1.0, 4.0])
+@pytest.mark.parametrize("gap", [10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0])
+def test_dkd_float32_matches_float64_for_confident_students(gap, temp):
+    # TCKD in log space: float32 gives the float64 value and gradient however confident the student is.
+    loss = DKDLoss(alpha=1.0, beta=8.0, temperature=temp, warmup_epochs=0)
+    v32, g32 = _dkd_value_and_target_grad(loss, gap, torch.float32)
+    v64, g64 = _dkd_value_and_target_grad(loss, gap, torch.float64)
+    assert v32 == pytest.approx(v64, rel=1e-5)
+    assert torch.allclose(g32.double(), g64, rtol=1e-4, atol=1e-7)
+    assert bool((g64.abs() > 1e-3).all())  # the target logit still gets a gradient
+
+
+def test_dkd_old_tckd_formula_fails_the_float32_check_at_gap_40():
+    # The issue's example: a gap of 40 at T=1. The old formula's float32 TCKD is wrong, with a zero
+    # gradient for the target logit; the log-space one equals the float64 value.
+    s32, t32, y = _confident_pair(40.0, torch.float32)
+    s64, t64, _ = _confident_pair(40.0, torch.float64)
+    tckd = DKDLoss(alpha=1.0, beta=0.0, temperature=1.0, warmup_epochs=0)
+    old32 = _old_tckd_formula(s32, t32, y, 1.0)
+    old32.backward()
+    assert float(s32.grad[:, 3].abs().max()) == 0.0
+    exact = tckd(s64, t64, target=y).item()
+    assert abs(old32.item() - exact) > 0.1 * exact
+    assert tckd(s32.detach(), t32, target=y).item() == pytest.approx(exact, rel=1e-5)

@@ -154,6 +154,14 @@ class DKDLoss(LogitLoss):
             return 1.0
         return min((int(epoch) + 1) / self.warmup_epochs, 1.0)
 
+    @staticmethod
+    def _binary_log_probs(z_gt: torch.Tensor, z_nt: torch.Tensor) -> torch.Tensor:
+        """``(N, 2)`` log-probabilities [log p(target), log p(non-target)] from the (scaled) target
+        logit ``z_gt`` (N,) and the non-target logits ``z_nt`` (N, C-1), never forming 1 - p."""
+        lse_nt = torch.logsumexp(z_nt, dim=1)
+        lse_all = torch.logaddexp(z_gt, lse_nt)
+        return torch.stack([z_gt - lse_all, lse_nt - lse_all], dim=1)
+
     def forward(self, student, teacher, *, target=None, epoch=0):
         if target is None:
             raise ValueError("DKD needs the labels (target=...)")
@@ -161,14 +169,16 @@ class DKDLoss(LogitLoss):
         t = self.temperature
         n, c = student.shape
         gt = F.one_hot(target, c).bool()
-        p_s, p_t = F.softmax(student / t, dim=1), F.softmax(teacher / t, dim=1)
-        # TCKD: binary distributions [p(target), p(non-target)]
-        b_s = torch.stack([p_s[gt], 1.0 - p_s[gt]], dim=1).clamp_min(1e-12)
-        b_t = torch.stack([p_t[gt], 1.0 - p_t[gt]], dim=1).clamp_min(1e-12)
-        tckd = (b_t * (b_t.log() - b_s.log())).sum(1).mean() * t ** 2
-        # NCKD: distributions over the C-1 non-target classes
         s_nt = student[~gt].view(n, c - 1) / t
         t_nt = teacher[~gt].view(n, c - 1) / t
+        # TCKD: KL between the binary distributions [p(target), p(non-target)], in log space:
+        # log p(non-target) = logsumexp(non-target logits) - logsumexp(all logits). Written as
+        # log(1 - p(target)) it rounds to log(0) in float32 for a confident network (gap ~17+ at
+        # T=1), which a clamp turns into a wrong value with a zero gradient.
+        log_b_s = self._binary_log_probs(student[gt] / t, s_nt)
+        log_b_t = self._binary_log_probs(teacher[gt] / t, t_nt)
+        tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(1).mean() * t ** 2
+        # NCKD: distributions over the C-1 non-target classes
         log_q_s, log_q_t = F.log_softmax(s_nt, dim=1), F.log_softmax(t_nt, dim=1)
         nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean() * t ** 2
         return self.warmup_factor(epoch) * (self.alpha * tckd + self.beta * nckd)
