@@ -259,3 +259,155 @@ def test_kd_structured_pruning_and_int8_in_one_run_measured_in_a_fresh_process(m
     assert student["compute"] == "int8" and student["params"] < record["reference"]["params"]
     assert student["fresh_process_max_abs_diff"] < 1e-4
     assert read_payload(student["artifact"])["structure"]["resized"]  # the pruned shapes travel in the file
+
+
+# ---- faults: full disk, damaged checkpoints, kill -9, bad UTF-8 ------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 700 KB tmpfs (needs root on Linux, as in CI); skipped where it can't be mounted. It holds
+    the first epoch's best.ckpt and last.ckpt of lenet5 (~270 KB each), not the next save."""""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=700k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_leaves_a_failed_record_no_temp_file_and_no_torn_checkpoint(small_tmpfs, tmp_path):
+    from conftest import compose_config
+
+    from compresslab.pipeline import run_experiment
+
+    cfg = compose_config(tmp_path, [f"paths.run_dir={small_tmpfs / 'run'}", "student.epochs=3",
+                                    "trainer.limit_train_batches=null"])
+    with pytest.raises(OSError, match="No space left"):
+        run_experiment(cfg)
+    files = [p for p in small_tmpfs.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp")], files
+    record = json.loads((small_tmpfs / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and "No space left" in record["error"]
+    checkpoints = [p for p in files if p.suffix == ".ckpt"]
+    assert checkpoints  # the first epoch's saves fit; a later one did not
+    for ckpt in checkpoints:
+        assert torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"] == 0  # the old one, not torn
+
+
+def test_on_a_full_disk_the_failure_record_keeps_the_run_error_and_wins_over_the_write_error(small_tmpfs):
+    from compresslab.track.results import write_final_results, write_results
+
+    path = small_tmpfs / "results.json"
+    write_results(path, {"status": "running", "error": None, "run_id": "r"})
+    with open(small_tmpfs / "filler", "wb", buffering=0) as filler:  # take every byte that is left
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                filler.write(b"\0" * 4096)
+    record = {"status": "failed", "error": "RuntimeError: the run's own error", "run_id": "r",
+              "config": {"big": "x" * 50_000}}
+    write_final_results(path, record, RuntimeError("the run's own error"))
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "failed" and saved["error"] == "RuntimeError: the run's own error"
+    assert "No space left" in saved["results_write_error"] and "config" not in saved
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler", "results.json"]  # no temp file
+    completed = {"status": "completed", "error": None, "run_id": "r", "config": {"big": "x" * 50_000}}
+    with pytest.raises(OSError, match="No space left"):  # a completed run whose record can't be saved has failed
+        write_final_results(path, completed, None)
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "failed" and "could not write results.json" in saved["error"]
+
+
+def _fit_once(make_cfg, extra=()):
+    from compresslab.pipeline import run_experiment
+
+    cfg = make_cfg(["teacher=none", "student.epochs=2", *extra])
+    return cfg, run_experiment(cfg)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_a_damaged_last_checkpoint_names_the_file_and_the_way_out(make_cfg, damage):
+    from compresslab.pipeline import run_experiment
+
+    cfg, _ = _fit_once(make_cfg)
+    last = Path(cfg.paths.run_dir) / "checkpoints" / "student" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+    with pytest.raises(CheckpointError) as err:
+        run_experiment(cfg)
+    message = str(err.value)
+    assert str(last) in message and ("truncated" in message if damage == "truncated" else "empty" in message)
+    assert "resume=false" in message
+    record = json.loads((Path(cfg.paths.run_dir) / "results.json").read_text())
+    assert record["status"] == "failed" and str(last) in record["error"]
+
+
+def test_rerunning_a_completed_run_keeps_its_fit_time(make_cfg):
+    from compresslab.pipeline import run_experiment
+
+    cfg, first = _fit_once(make_cfg, ["trainer.limit_train_batches=null"])
+    again = run_experiment(cfg)
+    assert again["student"]["resumed_from"] and first["student"]["train_time_s"] > 0.2
+    assert again["student"]["train_time_s"] == pytest.approx(first["student"]["train_time_s"], rel=0.5)
+
+
+def test_files_are_created_with_the_umask_mode(make_cfg):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        cfg, record = _fit_once(make_cfg, ["teacher=convnet", "teacher.epochs=1"])
+    finally:
+        os.umask(old)
+    run_dir = Path(cfg.paths.run_dir)
+    paths = [run_dir / "results.json", Path(record["student"]["artifact"]), Path(record["teacher"]["artifact"]),
+             run_dir / "checkpoints" / "student" / "last.ckpt"]
+    assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in paths} == {oct(0o644)}
+
+
+def test_the_report_skips_a_record_that_is_not_utf8(tmp_path, capsys):
+    from compresslab.track import report
+
+    for job, body in [("0", json.dumps({"status": "completed", "axes": {"student": "a"},
+                                        "student": {"acc_top1": 0.9}}).encode()), ("1", b"\xff\xfe{not utf-8")]:
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "results.json").write_bytes(body)
+    report.main([str(tmp_path), "--rows", "student", "--cols", "", "--no-plots"])
+    captured = capsys.readouterr()
+    assert "warning: skipped" in captured.err and str(tmp_path / "1" / "results.json") in captured.err
+    assert "1 completed runs, 0 failed" in captured.out
+
+
+@pytest.mark.slow
+def test_kill_9_mid_fit_resumes_from_the_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import FAST, ROOT
+
+    run_dir = tmp_path / "run"
+    args = [*[o for o in FAST if not o.startswith("trainer.limit_train_batches")], "teacher=none",
+            "student.epochs=8", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "compresslab.cli", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "student" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert last.exists(), "the fit never wrote last.ckpt"
+    epoch_at_kill = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert json.loads((run_dir / "results.json").read_text())["status"] == "running"
+    out = _cli(["teacher=none", "student.epochs=8", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "completed" and record["student"]["resumed_from"] == str(last)
+    assert epoch_at_kill < 7 and record["student"]["epochs_run"] == 8
