@@ -25,11 +25,13 @@ from pytorch_lightning.callbacks import Callback
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
 from compresslab.config_utils import instantiate_node, recipe_kwargs
+from compresslab.data.regime import check_regime_config, check_student_regime
 from compresslab.distill.module import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile_many
 from compresslab.measure.fresh import measure_in_fresh_process
+from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
 from compresslab.teacher import arch_spec, obtain_teacher
 from compresslab.track import base_record, write_results
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 def build_datamodule(cfg: DictConfig):
     """Instantiate ``cfg.dataset`` and check its files are there (clear error otherwise)."""
+    check_regime_config(cfg.dataset)  # the student's regime options, as a ConfigError
     dm = instantiate_node(cfg.dataset)
     dm.prepare_data()
     return dm
@@ -76,6 +79,8 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
         raise ConfigError(f"distill={cfg.distill.name} needs a teacher, but teacher=none")
     if cfg.distill.get("cache_teacher_outputs"):
         check_cache_allowed(datamodule)  # before the teacher trains, not at the student's fit
+    check_student_regime(datamodule, cfg.distill.name)  # a transfer set without labels needs soft targets
+    parse_class_bias(_eval_cfg(cfg).get("class_bias"), classes)
     trains_teacher = teacher is not None and not cfg.teacher.get("ckpt")
     for role in ("teacher", "student") if trains_teacher else ("student",):
         value = cfg[role].get("epochs")
@@ -87,6 +92,12 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
     methods = build_methods(cfg)
     instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
+
+
+def _eval_cfg(cfg: DictConfig) -> dict:
+    """The ``eval`` node (class bias) as a plain dict ({} when absent)."""
+    node = cfg.get("eval")
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
 
 
 def _trainer_with(trainer_cfg: DictConfig, extra: list, callbacks=(), **kwargs) -> pl.Trainer:
@@ -238,6 +249,7 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
             rows["teacher"] = {
                 **profiles["teacher"], **_size(Path(tinfo["path"])),
                 "acc_top1": evaluate_accuracy(teacher, dm.test_dataloader()),
+                **class_metrics(teacher, dm, classes, with_bias=False),
                 "acc_top1_last": tinfo.get("acc_top1_last"),
                 "train_time_s": tinfo.get("train_time_s"),
                 "source": tinfo["source"],
@@ -246,6 +258,7 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         rows["student"] = {
             **profiles["student"], **_size(student_path),
             "acc_top1": evaluate_accuracy(saved_student, dm.test_dataloader()),
+            **class_metrics(saved_student, dm, classes, _eval_cfg(cfg)),
             "acc_top1_last": fit["acc_top1_last"],
             "acc_top1_fit": fit["acc_top1"],
             "val_acc_top1": fit["val_acc_top1"],
@@ -257,6 +270,8 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         }
         _add_ratios(rows)
         record.update(rows)
+        if hasattr(dm, "regime_summary"):
+            record["data_regime"] = dm.regime_summary()
         record["status"] = "completed"
         failed = False
         return record

@@ -23,11 +23,14 @@ from torch import nn
 from compresslab.config_utils import recipe_kwargs
 from compresslab.distributed import is_rank_zero
 from compresslab.artifact import read_payload, load_state_dict_into, save_model_file
+from compresslab.data.regime import STUDENT_REGIME_KEYS
 from compresslab.models import build_model
 from compresslab.train import ClassifierModule, fit_with_checkpoints
 
-#: Dataset keys that change what is loaded, not which samples/labels a model sees.
-_DATA_KEYS_IGNORED = {"root", "download", "num_workers", "eval_batch_size", "pin_memory", "persistent_workers"}
+#: Dataset keys that change what is loaded, not which samples/labels a model sees, and the
+#: student's regime (the teacher always trains on the full training split).
+_DATA_KEYS_IGNORED = {"root", "download", "num_workers", "eval_batch_size", "pin_memory", "persistent_workers",
+                      *STUDENT_REGIME_KEYS}
 #: Trainer keys that change the numbers a training run produces.
 _TRAINER_KEYS_HASHED = ("precision", "limit_train_batches", "limit_val_batches", "max_steps",
                         "accumulate_grad_batches", "gradient_clip_val")
@@ -40,7 +43,8 @@ def arch_spec(model_cfg: DictConfig) -> dict:
 
 
 def teacher_identity(cfg: DictConfig) -> dict:
-    """Everything that determines a trained teacher: data, arch, recipe, seed, trainer numerics."""
+    """Everything that determines a trained teacher: data, arch, recipe, seed, trainer numerics
+    (not the student's regime: ``dataset.train_fraction``, ``exclude_classes``, ...)."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in _DATA_KEYS_IGNORED}
     recipe = {k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k not in ("ckpt", "name")}
     trainer = {k: cfg.trainer.get(k) for k in _TRAINER_KEYS_HASHED}
@@ -62,9 +66,15 @@ def build_recipe_module(model: nn.Module, recipe: DictConfig, cfg: DictConfig, n
 def obtain_teacher(
     cfg: DictConfig, datamodule, trainer_factory: Callable[..., pl.Trainer], log: Callable[[str], Any] = print,
 ) -> tuple[nn.Module, dict] | tuple[None, None]:
-    """Return ``(teacher in eval mode, info)``; info has ``path``, ``source`` and test accuracies."""
+    """Return ``(teacher in eval mode, info)``; info has ``path``, ``source`` and test accuracies.
+
+    The teacher trains on the full training split: a datamodule with a student regime is
+    replaced by its :meth:`~compresslab.data.ClassificationDataModule.full_split_view`.
+    """
     if cfg.teacher.get("arch") is None:
         return None, None
+    if hasattr(datamodule, "full_split_view"):
+        datamodule = datamodule.full_split_view()
     shape, classes = datamodule.input_shape, datamodule.num_classes
     spec = arch_spec(cfg.teacher)
     if cfg.teacher.get("ckpt"):

@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from compresslab.data.regime import UNLABELED, labelled_cross_entropy
 from compresslab.files import AtomicCheckpointIO
 
 
@@ -54,12 +55,14 @@ class ClassifierModule(pl.LightningModule):
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits for one training batch (subclasses add distillation terms)."""
         logits = self.model(x)
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
+        return labelled_cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss, logits = self.training_loss(x, y)
-        self.train_acc(logits.detach(), y)
+        labelled = y != UNLABELED  # samples of a partly labelled transfer set (dataset.unlabeled_fraction)
+        if bool(labelled.any()):
+            self.train_acc(logits.detach()[labelled], y[labelled])
         self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -10,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from compresslab.data.regime import RegimeSubset, check_regime_values, dataset_targets, student_split
 from compresslab.errors import DatasetNotFoundError
 
 
@@ -21,6 +23,12 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
     :meth:`_test_dataset`, and set ``input_shape`` (without batch dim) and
     ``num_classes``. The validation split is a fixed-seed random subset of the
     training set (``val_fraction``, ``split_seed``), evaluated without augmentation.
+
+    The student's regime (see :mod:`compresslab.data.regime`) narrows the training split that
+    remains: ``train_fraction`` (a class-stratified subset seeded by ``subset_seed``),
+    ``exclude_classes`` (labels removed), ``unlabeled_fraction`` (labels hidden, the samples kept
+    for soft targets). Validation and test are never narrowed; :meth:`full_split_view` is the
+    same data without the regime (what the teacher trains on).
     """
 
     name: str = "dataset"
@@ -43,10 +51,18 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         persistent_workers: bool = False,
         augment: bool = True,
         on_device: bool = False,
+        train_fraction: float = 1.0,
+        subset_seed: int = 0,
+        exclude_classes: Sequence[int] | None = None,
+        unlabeled_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if not 0.0 < float(val_fraction) < 1.0:
             raise ValueError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
+        if exclude_classes is not None and not isinstance(exclude_classes, (int, str)):
+            exclude_classes = list(exclude_classes)
+        (self.train_fraction, self.exclude_classes, self.unlabeled_fraction,
+         self.subset_seed) = check_regime_values(train_fraction, exclude_classes, unlabeled_fraction, subset_seed)
         self.root = Path(root)
         self.download = bool(download)
         self.batch_size = int(batch_size)
@@ -105,10 +121,50 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         n_val = max(1, int(round(n * self.val_fraction)))
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         self.val_indices = sorted(perm[:n_val])
-        self.train_indices = sorted(perm[n_val:])
-        self.train_set = Subset(train_aug, self.train_indices)
+        self.full_train_indices = sorted(perm[n_val:])
+        if self.has_student_regime:
+            pool = self.full_train_indices
+            labels = dataset_targets(train_eval)[torch.as_tensor(pool, dtype=torch.long)]
+            self.train_indices, self.unlabeled_indices = student_split(
+                pool, labels, self.num_classes, self.train_fraction, self.exclude_classes,
+                self.unlabeled_fraction, self.subset_seed, self.name)
+        else:
+            self.train_indices, self.unlabeled_indices = self.full_train_indices, []
+        self.train_set = self._student_train(train_aug)
         self.val_set = Subset(train_eval, self.val_indices)
         self.test_set = self._test_dataset()
+
+    @property
+    def has_student_regime(self) -> bool:
+        """Whether the student's training split is narrower than the full training split."""
+        return self.train_fraction < 1.0 or bool(self.exclude_classes) or self.unlabeled_fraction > 0.0
+
+    def _student_train(self, dataset: Dataset) -> Dataset:
+        if not self.unlabeled_indices:
+            return Subset(dataset, self.train_indices)
+        return RegimeSubset(dataset, self.train_indices, self.unlabeled_indices)
+
+    def full_split_view(self) -> "ClassificationDataModule":
+        """This datamodule without the student's regime: the full training split with every label
+        (the teacher trains on it). Shares the loaded files; ``self`` when there is no regime."""
+        if not self.has_student_regime:
+            return self
+        view = copy.copy(self)
+        view.train_fraction, view.exclude_classes, view.unlabeled_fraction = 1.0, [], 0.0
+        view._resident = {}
+        view.train_set = view.val_set = view.test_set = None
+        view.setup()
+        return view
+
+    def regime_summary(self) -> dict:
+        """Sizes of the splits and what the regime removed (for results.json)."""
+        return {
+            "train_fraction": self.train_fraction, "subset_seed": self.subset_seed,
+            "exclude_classes": list(self.exclude_classes), "unlabeled_fraction": self.unlabeled_fraction,
+            "full_train_samples": len(self.full_train_indices), "train_samples": len(self.train_indices),
+            "labelled_train_samples": len(self.train_indices) - len(self.unlabeled_indices),
+            "val_samples": len(self.val_indices), "test_samples": len(self.test_set),
+        }
 
     def device_augment(self, x: torch.Tensor) -> torch.Tensor:
         """The training augmentation as a batched tensor op (for ``on_device``); identity by default."""
@@ -125,7 +181,7 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
 
         device, rank, world = self._device_and_shard()
         if split not in self._resident:
-            source = {"train": Subset(self._train_dataset_for_eval(), self.train_indices),
+            source = {"train": self._student_train(self._train_dataset_for_eval()),
                       "val": self.val_set, "test": self.test_set}[split]
             self._resident[split] = stack_dataset(source, device)
         x, y = self._resident[split]

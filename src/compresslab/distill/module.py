@@ -4,7 +4,7 @@
 passes the student (``model``), the trained ``teacher``, ``num_classes``, the
 student's optimizer/scheduler partials and ``label_smoothing``. The loss is
 
-    ce_weight · CE(student, labels)
+    ce_weight · CE(student, labels)          (over the samples that have a label)
     + kd_weight · logit_loss(student logits, teacher logits)
     + Σ_i weight_i · feature_loss_i(student taps_i, teacher taps_i)
 
@@ -29,6 +29,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Dataset
 
+from compresslab.data.regime import UNLABELED, labelled_cross_entropy
 from compresslab.distill.losses import FeatureLoss, LogitLoss
 from compresslab.distill.taps import (
     ProbeResult,
@@ -384,7 +385,10 @@ class DistillationModule(ClassifierModule):
         t_logits, t_feats = self.teacher_outputs(x, index)
         with capture(self.model, self.student_taps) as s_feats:
             logits = self.model(x)
-        ce = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        # A partly labelled transfer set (dataset.unlabeled_fraction): the hard-label loss only where
+        # a label exists; losses that need a class (DKD's target, CRD) get the teacher's prediction there.
+        ce = labelled_cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        y = torch.where(y == UNLABELED, t_logits.argmax(1).to(y.dtype), y)
         terms = {"ce": ce}
         total = self.ce_weight * ce
         if self.logit_loss is not None and self.kd_weight:
