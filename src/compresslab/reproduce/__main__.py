@@ -1,0 +1,5 @@
+import sys
+
+from compresslab.reproduce import main
+
+sys.exit(main())

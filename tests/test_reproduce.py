@@ -1,0 +1,125 @@
+"""compresslab-reproduce: the claim presets, metrics computed from results.json records, the verdict
+rules, and the whole suite at --quick (one seed, short schedules) producing a row and a figure per
+claim. The verdicts themselves are not asserted (they are what the suite measures)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from compresslab.errors import ConfigError
+from compresslab.reproduce import VERDICTS, available_claims
+from compresslab.reproduce.claims import Claim, Metric, lookup
+from compresslab.reproduce.suite import _compose
+
+CLAIMS = ["hinton_omitted_class", "hinton_soft_targets", "han_pruning", "zhu_gupta_agp", "frankle_lottery",
+          "deep_compression", "jacob_int8", "ternary_binary"]
+KEYS = {"claim", "paper", "metric", "paper_value", "ours_mean", "ours_std", "seeds", "verdict", "figure"}
+
+
+def _claim(**repro):
+    base = {"claim": "c", "seeds": [0, 1], "jobs": {"a": [], "b": []}, "headline": "d",
+            "metrics": {"x": {"a": "a:student.acc"}, "y": {"a": "b:student.acc"},
+                        "d": {"a": "x", "op": "-", "b": "y", "scale": 100}},
+            "checks": [{"metric": "d", "op": ">", "value": 0.0}, {"metric": "x", "op": ">=", "value": 0.9}]}
+    base.update(repro)
+    return Claim.from_config({"repro": base, "paper": {"citation": "P", "claim": "S"}})
+
+
+def test_the_suite_has_the_eight_claims_with_rules_and_seeds():
+    claims = available_claims()
+    assert list(claims) == CLAIMS
+    for c in claims.values():
+        assert c.paper and c.statement and c.schedule and len(c.seeds) == 3 and c.checks
+        assert all(check.why for check in c.checks)  # every tolerance says where it comes from
+
+
+@pytest.mark.parametrize("name", CLAIMS)
+def test_every_job_of_every_claim_composes_at_full_and_quick_schedule(name):
+    claim = available_claims()[name]
+    for job, overrides in claim.jobs.items():
+        for extra in ([], claim.quick_overrides(job)):
+            cfg = _compose([f"experiment=repro/{name}", *overrides, *extra, "paths.run_dir=/tmp/x"])
+            assert cfg.repro.claim == name and cfg.paper.citation == claim.paper
+            from compresslab.compress import build_methods
+
+            build_methods(cfg)  # the prune/quant schedules fit the epochs (checked at build)
+
+
+def test_metrics_are_computed_from_records_and_the_verdict_is_mechanical():
+    c = _claim()
+    per_seed = {0: {"a": {"student": {"acc": 0.95}}, "b": {"student": {"acc": 0.93}}},
+                1: {"a": {"student": {"acc": 0.97}}, "b": {"student": {"acc": 0.96}}}}
+    values = c.values(per_seed)
+    assert values["d"] == pytest.approx([2.0, 1.0])
+    verdict, checks = c.verdict(values)
+    assert verdict == "reproduced" and [ch["holds"] for ch in checks] == [True, True]
+    per_seed[0]["a"]["student"]["acc"] = 0.85  # x mean 0.91 still holds, d mean -3.5 fails
+    assert c.verdict(c.values(per_seed))[0] == "partly"
+    per_seed[1]["a"]["student"]["acc"] = 0.80
+    assert c.verdict(c.values(per_seed))[0] == "not reproduced"
+    assert c.verdict({"d": [], "x": []})[0] == "not reproduced"  # no completed seed
+    assert set(VERDICTS) == {"reproduced", "partly", "not reproduced"}
+
+
+def test_lookup_and_bad_claim_specs():
+    record = {"student": {"acc_per_class": [0.5, 0.25], "class_bias": {"3": 1.5}, "none": None}}
+    assert lookup(record, "student.acc_per_class.1") == 0.25
+    assert lookup(record, "student.class_bias.3") == 1.5
+    with pytest.raises(KeyError):
+        lookup(record, "student.none")
+    with pytest.raises(ConfigError, match="names no job"):
+        Metric.parse("m", {"a": "zz:student.acc"}, ["a"])
+    with pytest.raises(ConfigError, match="defined before"):
+        Metric.parse("m", {"a": "later"}, ["a"])
+    with pytest.raises(ConfigError, match="at least one check"):
+        _claim(checks=[])
+    with pytest.raises(ConfigError, match="headline"):
+        _claim(headline="nope")
+    with pytest.raises(ConfigError, match="not jobs"):
+        _claim(quick={"zz": ["student.epochs=1"]})
+
+
+def _script() -> list[str]:
+    exe = Path(sys.executable).with_name("compresslab-reproduce")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "compresslab.reproduce"]
+
+
+@pytest.mark.slow
+def test_quick_suite_gives_a_row_and_a_figure_per_claim(tmp_path):
+    out = tmp_path / "repro"
+    env = {**os.environ, "WANDB_MODE": "offline", "COMPRESSLAB_DATA_DIR": str(tmp_path / "data")}
+    start = time.perf_counter()
+    proc = subprocess.run([*_script(), "--quick", "--out", str(out)], capture_output=True, text=True, env=env,
+                          timeout=300)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert wall < 120
+    rows = json.loads((out / "reproduce.json").read_text())
+    assert [r["claim"] for r in rows] == CLAIMS
+    for r in rows:
+        assert KEYS <= set(r) and r["verdict"] in VERDICTS and r["seeds"] == [0] and not r["errors"]
+        assert r["ours_mean"] is not None and r["ours_std"] == 0.0
+        png = Path(r["figure"])
+        assert png.parent == out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        for run in r["runs"].values():  # every job left its own record
+            assert json.loads((Path(run) / "results.json").read_text())["status"] == "completed"
+    # the numbers are computed from those records
+    hinton = rows[0]
+    record = json.loads((Path(hinton["runs"]["kd/seed0"]) / "results.json").read_text())
+    assert hinton["ours_mean"] == pytest.approx(100 * record["student"]["acc_per_class_bias"][3])
+    assert record["student"]["class_bias_chosen_on"] == "val"
+    md = (out / "reproduce.md").read_text()
+    assert "| paper | claim | paper number | ours (mean ± std) | verdict |" in md
+    assert all(f"## {c} — " in md for c in CLAIMS)
+    assert "hinton_omitted_class" in proc.stdout  # the table
+    # a second call into the same --out reuses the completed runs
+    again = subprocess.run([*_script(), "--quick", "--only", "ternary_binary", "--out", str(out)],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("reused") == 3
