@@ -31,7 +31,7 @@ from compresslab.artifact import load_model_file
 from compresslab.compress.pruning import prune_channels
 from compresslab.compress.pruning.structured import structured_payload
 from compresslab.measure import count_macs
-from compresslab.measure.core import measure_latency
+from compresslab.measure.core import mean_call_ms
 
 RESNETS = {f"resnet{d}": {"_target_": "compresslab.models.CifarResNet", "depth": d} for d in (20, 32, 56, 110)}
 SHAPE = (3, 32, 32)
@@ -39,7 +39,7 @@ SHAPE = (3, 32, 32)
 
 @torch.no_grad()
 def _median_ms(model, x, iters: int) -> float:
-    return measure_latency(model, x, warmup=0, iters=iters)["median_ms"]
+    return mean_call_ms(model, x, iters)
 
 
 def structured(arch: str, ratios, batch: int, rounds: int, iters: int) -> None:

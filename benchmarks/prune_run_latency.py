@@ -20,12 +20,12 @@ import torch
 
 from compresslab.artifact import load_model_file, read_payload
 from compresslab.measure import count_macs
-from compresslab.measure.core import measure_latency
+from compresslab.measure.core import mean_call_ms
 
 
 @torch.no_grad()
 def _median_ms(model, x, iters: int) -> float:
-    return measure_latency(model, x, warmup=0, iters=iters)["median_ms"]
+    return mean_call_ms(model, x, iters)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 
 from compresslab.artifact import load_model_file  # noqa: E402
-from compresslab.measure.core import measure_latency  # noqa: E402
+from compresslab.measure.core import mean_call_ms  # noqa: E402
 from compresslab.pipeline import build_datamodule, run_experiment  # noqa: E402
 
 
@@ -46,7 +46,7 @@ def run(out: Path, tag: str, overrides: list[str], epochs: int) -> dict:
         cfg = compose("config", overrides=[
             f"paths.run_dir={run_dir}", f"paths.teacher_cache={out / 'teachers'}", "logger=none", "teacher=none",
             f"student.epochs={epochs}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "measure.latency_iters=10", "measure.latency_warmup=3", "resume=false", *overrides])
+            "measure.latency_round_ms=5", "measure.latency_warmup=3", "resume=false", *overrides])
     start = time.perf_counter()
     rec = run_experiment(cfg)
     print(f"  [{tag}] done in {time.perf_counter() - start:.0f}s", flush=True)
@@ -60,8 +60,8 @@ def interleaved_latency(paths: dict[str, str], x1: torch.Tensor, xn: torch.Tenso
     samples = {k: {"b1": [], "bN": []} for k in models}
     for _ in range(rounds):
         for k, m in models.items():
-            samples[k]["b1"].append(measure_latency(m, x1, warmup=5, iters=iters)["median_ms"])
-            samples[k]["bN"].append(measure_latency(m, xn, warmup=3, iters=max(5, iters // 2))["median_ms"])
+            samples[k]["b1"].append(mean_call_ms(m, x1, iters))
+            samples[k]["bN"].append(mean_call_ms(m, xn, max(5, iters // 2)))
     return {k: {b: statistics.median(v) for b, v in s.items()}
             | {"b1_min": min(s["b1"]), "bN_min": min(s["bN"]), "bN_max": max(s["bN"])}
             for k, s in samples.items()}

@@ -25,7 +25,8 @@ FAST = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "measure.latency_warmup=1",
-    "measure.latency_iters=3",
+    "measure.latency_round_ms=1",
+    "measure.latency_rounds=2",
     "measure.latency_batch=8",
     "measure.fresh_process=false",  # tests that need it turn it back on (it adds a Python start-up)
 ]

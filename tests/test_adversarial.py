@@ -89,7 +89,7 @@ def test_crafted_files_are_refused_in_the_fresh_measuring_process(tmp_path, hub_
     repo, marker = hub_repo
     path = dense_file(tmp_path / "student.pt", crafted_specs(repo)["hub_load_through_common"])
     with pytest.raises(RuntimeError, match="Refused architecture"):
-        measure_in_fresh_process({"student": path}, torch.zeros(1, 1, 8, 8), torch.zeros(2, 1, 8, 8), 0, 1)
+        measure_in_fresh_process({"student": path}, torch.zeros(1, 1, 8, 8), torch.zeros(2, 1, 8, 8))
     assert not marker.exists()
 
 
@@ -213,7 +213,7 @@ def _axis_pairs():
 
 
 PAIR_OVERRIDES = ["teacher=none", "student.epochs=12", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-                  "measure.latency_iters=1", "measure.latency_rounds=1"]
+                  "measure.latency_round_ms=1", "measure.latency_rounds=1"]
 
 
 def test_every_pair_of_compression_axes_composes_and_validates(make_cfg):

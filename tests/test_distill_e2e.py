@@ -19,7 +19,7 @@ QUICK = [
     "trainer.limit_val_batches=1",
     "trainer.limit_test_batches=1",
     "measure.latency_warmup=0",
-    "measure.latency_iters=1",
+    "measure.latency_round_ms=1",
     "measure.latency_batch=2",
 ]
 

@@ -34,7 +34,7 @@ def test_ddp_jobs_in_a_multirun_share_one_run_dir_each(tmp_path):
     cmd = [sys.executable, "-m", "compresslab.cli", "-m", "seed=0,1", "trainer=ddp", "trainer.accelerator=cpu",
            "trainer.devices=2", "logger=wandb", "teacher.epochs=1", "student.epochs=1",
            "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
-           "measure.latency_iters=3", f"hydra.sweep.dir={sweep}", f"paths.teacher_cache={tmp_path / 'teachers'}"]
+           "measure.latency_round_ms=1", f"hydra.sweep.dir={sweep}", f"paths.teacher_cache={tmp_path / 'teachers'}"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600,
                          env={**os.environ, "WANDB_MODE": "offline"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]

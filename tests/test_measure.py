@@ -32,7 +32,7 @@ def test_macs_of_linear_and_conv_match_hand_computation():
 
 def test_latency_reports_median_below_p90():
     model = nn.Linear(16, 16)
-    lat = measure_latency(model, torch.randn(4, 16), warmup=2, iters=20)
+    lat = measure_latency(model, torch.randn(4, 16), warmup=2, rounds=3, round_ms=2)
     assert 0 < lat["median_ms"] <= lat["p90_ms"]
 
 
@@ -59,14 +59,17 @@ def test_pipeline_profiles_the_saved_files_in_a_fresh_process(make_cfg, tmp_path
 
     from compresslab.artifact import load_model_file
     from compresslab.measure import profile
+    from compresslab.measure.latency import LatencySettings
     from compresslab.pipeline import run_experiment
 
-    first = run_experiment(make_cfg(["measure.fresh_process=true", "teacher=none", "student=convnet"]))
+    first = run_experiment(make_cfg(["measure.fresh_process=true", "teacher=none", "student=convnet",
+                                     "measure.threads_bN=1"]))  # not "auto": the idle probe could differ
     assert first["student"]["measured_in"] == "fresh_process"
     assert first["student"]["fresh_process_max_abs_diff"] == 0.0
     # what the child measured is what the file holds
     saved = load_model_file(Path(first["student"]["artifact"]))
-    here = profile(saved, torch.zeros(1, 1, 8, 8), torch.zeros(8, 1, 8, 8), 0, 1)
+    here = profile(saved, torch.zeros(1, 1, 8, 8), torch.zeros(8, 1, 8, 8), LatencySettings(warmup=0, rounds=1, round_ms=1,
+                                                                                          threads_bN=1))
     assert first["student"]["dtypes"] == ["float32"] and first["student"]["input_dtype"] == "float32"
     for key in ("params", "params_nonzero", "macs", "latency_batch", "threads", "dtypes"):
         assert first["student"][key] == here[key], key
@@ -89,7 +92,7 @@ def test_an_artifact_that_needs_state_of_the_training_process_fails_in_the_fresh
     atomic_torch_save({"format": "tests.in_memory/1"}, tmp_path / "odd.pt")
     assert isinstance(load_model_file(tmp_path / "odd.pt"), nn.Identity)  # loads here ...
     with pytest.raises(RuntimeError, match="fresh process.*Refused artifact format"):  # ... not on its own
-        measure_in_fresh_process({"student": tmp_path / "odd.pt"}, torch.zeros(1, 4), torch.zeros(3, 4), 0, 1)
+        measure_in_fresh_process({"student": tmp_path / "odd.pt"}, torch.zeros(1, 4), torch.zeros(3, 4))
 
 
 def test_latency_of_several_models_is_measured_interleaved_in_rotating_order():
@@ -106,6 +109,8 @@ def test_latency_of_several_models_is_measured_interleaved_in_rotating_order():
             calls.append(self.tag)
             return x
 
-    result = interleaved_latency({"a": Recorder("a"), "b": Recorder("b")}, torch.zeros(1), warmup=1, iters=4, rounds=2)
-    assert calls == ["a", "b"] + ["a", "a", "b", "b"] + ["b", "b", "a", "a"]  # warm-up, round 0, round 1
-    assert set(result) == {"a", "b"} and all(0 <= r["median_ms"] <= r["p90_ms"] for r in result.values())
+    result = interleaved_latency({n: Recorder(n) for n in "abc"}, torch.zeros(1), warmup=3, rounds=3, round_ms=1)
+    runs = [tag for i, tag in enumerate(calls) if i == 0 or calls[i - 1] != tag]  # consecutive calls merged
+    assert calls[:3] == ["a"] * 3  # each model's warm-up (at least 3 calls) comes first
+    assert runs == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rounds in rotating order
+    assert set(result) == {"a", "b", "c"} and all(0 <= r["median_ms"] <= r["p90_ms"] for r in result.values())

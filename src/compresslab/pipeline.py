@@ -31,6 +31,7 @@ from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_r
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile_many
 from compresslab.measure.fresh import measure_in_fresh_process
+from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
 from compresslab.teacher import arch_spec, obtain_teacher
@@ -120,22 +121,37 @@ def _size(path: Path) -> dict:
     return {"size_bytes": file_size(path), "artifact": str(path)}
 
 
+def latency_deferred(cfg: DictConfig) -> bool:
+    """``measure.defer``: true/false, or auto = defer when the sweep's launcher runs jobs
+    concurrently (submitit, SLURM, joblib...), whose latencies would disturb each other; the
+    sweep then measures every job's artifacts together at its end (``compresslab-measure``)."""
+    value = cfg.measure.get("defer", "auto")
+    if value != "auto":
+        return bool(value)
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return "BasicLauncher" not in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
 def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[str, torch.nn.Module],
                  examples, num_classes: int) -> dict[str, dict]:
     """Params, MACs and latency of every model: by default of its file, loaded in a fresh process
     (``measure.fresh_process``) and checked to compute what this process loaded. A model without
     a compresslab file (a teacher from a Lightning checkpoint) is written to a temporary one."""
     ex1, exn = examples
-    warmup, iters = int(cfg.measure.latency_warmup), int(cfg.measure.latency_iters)
-    rounds = int(cfg.measure.get("latency_rounds", 5))
+    settings = LatencySettings.from_config(cfg.measure)
+    latency = not latency_deferred(cfg)
     if not cfg.measure.get("fresh_process", True):
-        profiles = profile_many(models, ex1, exn, warmup, iters, rounds)
+        profiles = profile_many(models, ex1, exn, settings, latency=latency)
         return {name: {**p, "measured_in": "training_process"} for name, p in profiles.items()}
     with tempfile.TemporaryDirectory(prefix="compresslab-teacher-") as tmp:
         files = {name: path if path is not None else save_model_file(
             Path(tmp) / f"{name}.pt", models[name], arch_spec(cfg[name]), ex1.shape[1:], num_classes)
             for name, path in files.items()}
-        metrics, outputs = measure_in_fresh_process(files, ex1, exn, warmup, iters, rounds)
+        metrics, outputs = measure_in_fresh_process(files, ex1, exn, settings, latency=latency)
     for name, model in models.items():
         with torch.no_grad():
             here = model(exn).detach().cpu()
@@ -148,12 +164,17 @@ def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[st
 
 
 def _add_ratios(rows: dict[str, dict | None]) -> None:
+    """Size ratio, and the analytic speed-ups (MACs and weight-bytes ratios, a roofline-style
+    expectation for compute- and memory-bound runs) beside the measured ones."""
     ref = rows["reference"]
     for metrics in rows.values():
         if metrics:
             metrics["size_ratio"] = ref["size_bytes"] / metrics["size_bytes"]
-            metrics["speedup"] = ref["latency_ms_bN"] / metrics["latency_ms_bN"]
-            metrics["speedup_b1"] = ref["latency_ms_b1"] / metrics["latency_ms_b1"]
+            metrics["expected_speedup_macs"] = ref["macs"] / metrics["macs"] if metrics.get("macs") else None
+            metrics["expected_speedup_bytes"] = (ref["weight_bytes"] / metrics["weight_bytes"]
+                                                 if metrics.get("weight_bytes") else None)
+            if metrics.get("speedup") is not None and metrics["expected_speedup_macs"]:
+                metrics["speedup_vs_expected"] = metrics["speedup"] / metrics["expected_speedup_macs"]
 
 
 def job_run_dir(cfg: DictConfig) -> Path:

@@ -1,18 +1,20 @@
-"""Measurement rules (DESIGN.md): latency after warm-up over many timed runs (median, p90)
-with device/threads recorded; size = bytes of the saved artifact; MACs counted by torch's
-FlopCounterMode (MACs = FLOPs / 2 for conv/linear/matmul)."""
+"""Measurement rules (DESIGN.md): latency from :mod:`compresslab.measure.latency` (interleaved
+rounds, median/p90/IQR, ratio intervals, noise gate, threads and clock recorded); size = bytes
+of the saved artifact; MACs counted by torch's FlopCounterMode (MACs = FLOPs / 2 for
+conv/linear/matmul); weight bytes = what a forward pass reads as weights."""
 
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode
+
+from compresslab.measure.latency import LatencySettings, measure_latencies, summarize, time_interleaved
 
 
 def count_params(model: nn.Module) -> dict:
@@ -36,52 +38,30 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops() // 2)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def interleaved_latency(models: Mapping[str, nn.Module], example: torch.Tensor, warmup: int = 10,
+                        rounds: int = 5, round_ms: float = 20.0, clock: str = "wall") -> dict[str, dict]:
+    """Latency in ms (median, p90 and IQR of the timed blocks) of several models on one input,
+    measured in turn with :mod:`compresslab.measure.latency`'s engine: after every model's
+    warm-up, ``rounds`` rounds in which each model is timed for ``round_ms``, the order
+    rotating every round, at the current thread count."""
+    settings = LatencySettings(warmup=warmup, rounds=rounds, round_ms=round_ms, clock=clock,
+                               threads_b1=None, threads_bN=None)
+    timed = time_interleaved(models, example, settings, threads=None)
+    return {name: summarize(t) for name, t in timed.items()}
 
 
-def _timed_calls(model: nn.Module, example: torch.Tensor, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        model(example)
-        _sync(example.device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def _summary(times: list[float]) -> dict:
-    times = sorted(times)
-    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
-    return {"median_ms": statistics.median(times), "p90_ms": p90}
+def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 10, rounds: int = 5,
+                    round_ms: float = 20.0) -> dict:
+    """Latency of ``model(example)`` in ms: median, p90 and IQR of its timed blocks."""
+    return interleaved_latency({"model": model}, example, warmup, rounds, round_ms)["model"]
 
 
 @torch.no_grad()
-def interleaved_latency(models: Mapping[str, nn.Module], example: torch.Tensor, warmup: int = 10,
-                        iters: int = 50, rounds: int = 5) -> dict[str, dict]:
-    """Latency in ms (median and p90 of about ``iters`` timed calls each) of several models on one
-    input, measured in turn: after every model's warm-up, ``rounds`` rounds in which each model
-    makes its share of the timed calls, the order rotating every round, so that drift (clock
-    speed, caches, other load on the machine) falls on all the models alike rather than on
-    whichever is measured first."""
-    names = list(models)
-    for name in names:
-        models[name].eval()
-        _timed_calls(models[name], example, max(0, warmup))
-    rounds = max(1, int(rounds))
-    per_round = max(1, -(-max(1, iters) // rounds))
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name] += _timed_calls(models[name], example, per_round)
-    return {name: _summary(t) for name, t in times.items()}
-
-
-def measure_latency(model: nn.Module, example: torch.Tensor, warmup: int = 10, iters: int = 50) -> dict:
-    """Wall-clock latency of ``model(example)`` in ms: median and p90 over ``iters`` timed runs."""
-    return interleaved_latency({"model": model}, example, warmup, iters, rounds=1)["model"]
+def mean_call_ms(model: nn.Module, example: torch.Tensor, calls: int) -> float:
+    """Mean ms per call of ``calls`` calls of ``model(example)`` (``Timer.timeit``, current threads);
+    for benchmarks that take their own median over repeated rounds."""
+    timer = Timer(stmt="model(x)", globals={"model": model.eval(), "x": example}, num_threads=torch.get_num_threads())
+    return timer.timeit(max(1, int(calls))).mean * 1e3
 
 
 @torch.no_grad()
@@ -101,32 +81,65 @@ def file_size(path: Path) -> int:
     return Path(path).stat().st_size
 
 
+def static_profile(model: nn.Module, example_b1: torch.Tensor) -> dict:
+    """What a model is, independent of the clock: params/sparsity, MACs at batch 1, the bytes of
+    weights a forward pass reads, dtypes."""
+    return {
+        **count_params(model),
+        "macs": count_macs(model, example_b1),
+        "weight_bytes": weight_bytes(model),
+        "device": str(example_b1.device),
+        "input_dtype": str(example_b1.dtype).removeprefix("torch."),
+        "dtypes": tensor_dtypes(model),
+    }
+
+
 def profile_many(
     models: Mapping[str, nn.Module],
     example_b1: torch.Tensor,
     example_bn: torch.Tensor,
-    warmup: int = 10,
-    iters: int = 50,
-    rounds: int = 5,
+    settings: LatencySettings | None = None,
+    latency: bool = True,
 ) -> dict[str, dict]:
-    """Params/sparsity, MACs (batch 1) and latency at batch 1 and batch N of each model, with
-    threads, device and dtypes; the latencies are measured interleaved (:func:`interleaved_latency`)."""
-    lat1 = interleaved_latency(models, example_b1, warmup, iters, rounds)
-    latn = interleaved_latency(models, example_bn, warmup, max(5, iters // 2), rounds)
-    return {name: {
-        **count_params(model),
-        "macs": count_macs(model, example_b1),
-        "latency_ms_b1": lat1[name]["median_ms"],
-        "latency_ms_b1_p90": lat1[name]["p90_ms"],
-        "latency_ms_bN": latn[name]["median_ms"],
-        "latency_ms_bN_p90": latn[name]["p90_ms"],
-        "latency_batch": int(example_bn.shape[0]),
-        "latency_rounds": int(rounds),
-        "threads": torch.get_num_threads(),
-        "device": str(example_b1.device),
-        "input_dtype": str(example_b1.dtype).removeprefix("torch."),
-        "dtypes": tensor_dtypes(model),
-    } for name, model in models.items()}
+    """:func:`static_profile` of each model plus, unless ``latency`` is off (``measure.defer``),
+    its latency at batch 1 and batch N from :func:`~compresslab.measure.latency.measure_latencies`
+    (interleaved; speed-ups with intervals relative to ``"reference"``; the noise gate's verdict
+    as ``latency_reliable`` / ``latency_unreliable_reason`` on every row)."""
+    settings = settings or LatencySettings()
+    rows = {name: static_profile(model, example_b1) for name, model in models.items()}
+    if not latency:
+        for row in rows.values():
+            row["latency_deferred"] = True
+        return rows
+    result = measure_latencies(models, example_b1, example_bn, settings)
+    gate = result["gate"]
+    for name, row in rows.items():
+        row.update(result["models"][name])
+        row.update(latency_batch=int(example_bn.shape[0]), latency_rounds=int(settings.rounds),
+                   latency_clock=gate["clock"], threads=gate["threads_bN"], threads_b1=gate["threads_b1"],
+                   threads_bN=gate["threads_bN"], latency_reliable=gate["reliable"],
+                   latency_unreliable_reason=gate["reason"], latency_load=gate["load"],
+                   latency_self_check=gate["self_check"])
+    return rows
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors a forward pass reads as weights: parameters and buffers (a packed or
+    quantized model counts its stored dtype), scalar counters excluded."""
+    seen, total = set(), 0
+    for t in itertools.chain(model.parameters(), model.buffers(), _graph_constants(model)):
+        if t.dim() > 0 and id(t) not in seen:
+            seen.add(id(t))
+            try:
+                total += t.numel() * t.element_size()
+            except RuntimeError:  # opaque prepacked tensor
+                continue
+    return total
+
+
+def _graph_constants(model: nn.Module) -> list[torch.Tensor]:
+    """Tensor attributes of an fx graph module that are neither parameters nor buffers (PT2E int8)."""
+    return [v for v in vars(model).values() if isinstance(v, torch.Tensor)]
 
 
 def tensor_dtypes(model: nn.Module) -> list[str]:
@@ -136,7 +149,7 @@ def tensor_dtypes(model: nn.Module) -> list[str]:
                    for t in itertools.chain(model.parameters(), model.buffers()) if t.dim() > 0})
 
 
-def profile(model: nn.Module, example_b1: torch.Tensor, example_bn: torch.Tensor, warmup: int = 10,
-            iters: int = 50) -> dict:
-    """:func:`profile_many` of one model (one round of timed calls)."""
-    return profile_many({"model": model}, example_b1, example_bn, warmup, iters, rounds=1)["model"]
+def profile(model: nn.Module, example_b1: torch.Tensor, example_bn: torch.Tensor,
+            settings: LatencySettings | None = None) -> dict:
+    """:func:`profile_many` of one model."""
+    return profile_many({"model": model}, example_b1, example_bn, settings)["model"]

@@ -20,9 +20,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from dataclasses import asdict
 from typing import Mapping
 
 import torch
+
+from compresslab.measure.latency import LatencySettings
 
 RESULT_PREFIX = "COMPRESSLAB_MEASURE_RESULT "
 
@@ -31,17 +34,17 @@ def measure_in_fresh_process(
     artifacts: Mapping[str, Path],
     example_b1: torch.Tensor,
     example_bn: torch.Tensor,
-    warmup: int,
-    iters: int,
-    rounds: int = 5,
+    settings: LatencySettings | None = None,
+    latency: bool = True,
     timeout_s: float = 900.0,
 ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
-    """Profile the artifact files in one child process with this process's thread count
-    (:func:`compresslab.measure.core.profile_many`: latencies interleaved over ``rounds``).
+    """Profile the artifact files in one child process (:func:`compresslab.measure.core.profile_many`:
+    latencies interleaved over rounds, with ``settings``' clock, threads and noise gate).
 
     Returns ``(metrics by name, outputs on example_bn by name)``; raises ``RuntimeError`` with
     the child's error output when it fails.
     """
+    settings = settings or LatencySettings()
     with tempfile.TemporaryDirectory(prefix="compresslab-measure-") as tmp:
         examples_path, outputs_path = Path(tmp) / "examples.pt", Path(tmp) / "outputs.pt"
         torch.save({"b1": example_b1.detach().cpu(), "bN": example_bn.detach().cpu()}, examples_path)
@@ -51,9 +54,8 @@ def measure_in_fresh_process(
             "outputs": str(outputs_path),
             "device": str(example_b1.device),
             "threads": torch.get_num_threads(),
-            "warmup": int(warmup),
-            "iters": int(iters),
-            "rounds": int(rounds),
+            "settings": asdict(settings),
+            "latency": bool(latency),
         }
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, "-m", "compresslab.measure.fresh", json.dumps(request)],
@@ -79,7 +81,7 @@ def _child(request: dict) -> dict[str, dict]:
     models = {name: load_model_file(Path(path)).to(device).eval() for name, path in request["artifacts"].items()}
     with torch.no_grad():
         torch.save({name: model(exn).detach().cpu() for name, model in models.items()}, request["outputs"])
-    return profile_many(models, ex1, exn, request["warmup"], request["iters"], request["rounds"])
+    return profile_many(models, ex1, exn, LatencySettings(**request["settings"]), latency=request["latency"])
 
 
 def main(argv: list[str] | None = None) -> None:

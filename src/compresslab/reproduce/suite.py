@@ -35,7 +35,7 @@ JOB_SETTINGS = [
     "measure.fresh_process=false",
 ]
 #: Shorter latency loops where the config has these keys (the figures are not used by any claim).
-LATENCY_SETTINGS = {"measure.latency_warmup": 1, "measure.latency_iters": 3, "measure.latency_rounds": 1,
+LATENCY_SETTINGS = {"measure.latency_warmup": 1, "measure.latency_rounds": 1,
                     "measure.latency_batch": 8, "measure.latency_round_ms": 1.0, "measure.defer": True}
 
 

@@ -1,0 +1,268 @@
+"""The latency engine: several models timed in turn, with their spread, ratio intervals and a noise gate.
+
+Timing uses ``torch.utils.benchmark.Timer`` (fixed thread count per measurement, CUDA
+synchronisation, compiled statement). Models are measured in *interleaved rotating rounds*:
+after every model's warm-up, each round times every model in turn, the order rotating each
+round, so drift (clock speed, caches, other processes) falls on all models alike.
+
+What makes a figure trustworthy on a shared machine (see docs/measurement.md for the data):
+
+- ``clock="cpu"`` (the default) times each call with the CPU time of the measuring thread
+  (one thread) or process (several), so the time slices other processes take are not
+  counted; ``clock="wall"`` is plain ``perf_counter``.
+- Threads are fixed and recorded: 1 at batch 1; at batch N the machine's physical cores when
+  it is otherwise idle, 1 when other processes are using the CPU (multi-threaded kernels
+  stall when one of their threads is descheduled).
+- Every latency carries its IQR, every ratio a bootstrap interval over rounds.
+- The reference is timed twice in the same rounds (a *twin*): their ratio must be ~1.
+  When the twin check or the spread is beyond its threshold, the result says
+  ``reliable: False`` with the reason, and tables print the figure as unreliable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch.utils.benchmark import Timer
+
+TWIN_SUFFIX = "#twin"
+
+
+@dataclass
+class LatencySettings:
+    """How to time: ``measure.*`` in conf/config.yaml documents each field."""
+
+    warmup: int = 10                # untimed calls per model before the first round
+    rounds: int = 7
+    round_ms: float = 20.0          # timed work per model per round (Timer.blocked_autorange's min_run_time)
+    clock: str = "cpu"              # cpu | wall
+    threads_b1: int | None = 1      # None: leave torch's thread count
+    threads_bN: int | str | None = "auto"   # auto: physical cores when idle, else 1
+    max_spread: float = 0.25        # IQR / median above this: unreliable
+    max_twin_deviation: float = 0.10   # |twin ratio - 1| above this: unreliable
+    max_other_cpu: float = 0.25     # wall clock only: other processes' CPU share above this: unreliable
+    bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.clock not in ("cpu", "wall"):
+            raise ValueError(f"measure.clock must be cpu or wall, got {self.clock!r}")
+
+    @classmethod
+    def from_config(cls, measure: Mapping[str, Any]) -> "LatencySettings":
+        """Settings from the ``measure`` config node (its ``latency_*``, ``clock``, ``threads*`` keys)."""
+        get = measure.get
+        threads = get("threads")
+        gate = dict(get("reliability") or {})
+        return cls(
+            warmup=int(get("latency_warmup", 10)), rounds=int(get("latency_rounds", 7)),
+            round_ms=float(get("latency_round_ms", 20.0)), clock=str(get("clock", "cpu")),
+            threads_b1=int(threads) if threads else _threads(get("threads_b1", 1)),
+            threads_bN=int(threads) if threads else _threads(get("threads_bN", "auto")),
+            max_spread=float(gate.get("max_spread", 0.25)),
+            max_twin_deviation=float(gate.get("max_twin_deviation", 0.10)),
+            max_other_cpu=float(gate.get("max_other_cpu", 0.25)),
+        )
+
+
+def _threads(value: Any) -> int | str | None:
+    return value if value in (None, "auto") else int(value)
+
+
+# ---- the machine ------------------------------------------------------------------------
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    try:
+        for cpu in allowed:
+            topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+            cores.add((topo / "physical_package_id").read_text().strip() + ":" + (topo / "core_id").read_text().strip())
+    except OSError:
+        return len(allowed)
+    return max(1, len(cores))
+
+
+def _busy_and_self() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this process has used), from /proc."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / tick, own.user + own.system
+
+
+class LoadProbe:
+    """The machine's load over a stretch of time: load average, and the share of the CPUs
+    that *other* processes used (from /proc/stat minus this process's own CPU time)."""
+
+    def __init__(self) -> None:
+        self.start_wall = time.monotonic()
+        self.start = _busy_and_self()
+        self.load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+    def result(self) -> dict[str, Any]:
+        end, wall = _busy_and_self(), time.monotonic() - self.start_wall
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        other = None
+        if self.start is not None and end is not None and wall > 0:
+            other_s = max(0.0, (end[0] - self.start[0]) - (end[1] - self.start[1]))
+            other = min(1.0, other_s / (wall * cpus))
+        return {"loadavg_1m": self.load_start, "other_cpu_fraction": other, "cpus": cpus,
+                "seconds": round(wall, 3)}
+
+
+def idle(probe_s: float = 0.3, max_other: float = 0.10) -> tuple[bool, dict]:
+    """Whether other processes leave the CPUs free (measured over ``probe_s``)."""
+    probe = LoadProbe()
+    time.sleep(probe_s)
+    load = probe.result()
+    return (load["other_cpu_fraction"] is not None and load["other_cpu_fraction"] <= max_other), load
+
+
+# ---- timing -----------------------------------------------------------------------------
+def _clock(kind: str, threads: int) -> Callable[[], float]:
+    if kind == "wall":
+        return time.perf_counter
+    return time.thread_time if threads == 1 else time.process_time
+
+
+@dataclass
+class Timed:
+    """Per-call times (ms) of one model: one list of block means per round."""
+
+    rounds: list[list[float]] = field(default_factory=list)
+
+    def samples(self) -> np.ndarray:
+        return np.array([t for r in self.rounds for t in r], dtype=float)
+
+
+@torch.no_grad()
+def time_interleaved(models: Mapping[str, Callable], example: Any, settings: LatencySettings,
+                     threads: int | None) -> dict[str, Timed]:
+    """Time ``model(example)`` for every model in interleaved rotating rounds (see module doc):
+    in each round every model runs ``Timer.blocked_autorange(min_run_time=round_ms)``, whose
+    blocks (per-call means) are that round's samples."""
+    names = list(models)
+    n_threads = int(threads) if threads else torch.get_num_threads()
+    clock = _clock(settings.clock, n_threads)
+    timers = {}
+    for name in names:
+        model = models[name]
+        if isinstance(model, torch.nn.Module):
+            model.eval()
+        timers[name] = Timer(stmt="model(x)", globals={"model": model, "x": example}, timer=clock,
+                             num_threads=n_threads)
+        if settings.warmup > 0:
+            timers[name].timeit(settings.warmup)
+    timed = {name: Timed() for name in names}
+    for r in range(max(1, int(settings.rounds))):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            measurement = timers[name].blocked_autorange(min_run_time=settings.round_ms / 1e3)
+            timed[name].rounds.append([t * 1e3 for t in measurement.times])
+    return timed
+
+
+def summarize(t: Timed) -> dict[str, float]:
+    """Median, p90 and IQR (ms) of a model's per-call block times."""
+    s = t.samples()
+    q25, q50, q75, q90 = np.percentile(s, [25, 50, 75, 90])
+    return {"median_ms": float(q50), "p90_ms": float(q90), "iqr_ms": float(q75 - q25)}
+
+
+def ratio_interval(num: Timed, den: Timed, n_boot: int = 1000, seed: int = 0) -> tuple[float, list[float]]:
+    """``median(num) / median(den)`` and its 5-95% bootstrap interval, resampling rounds (the
+    unit in which the two were measured side by side)."""
+    a, b = num.rounds, den.rounds
+    k = min(len(a), len(b))
+    point = float(np.median(num.samples()) / np.median(den.samples()))
+    if k < 2:
+        return point, [point, point]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, k, size=(n_boot, k))
+    ratios = [np.median([t for i in p for t in a[i]]) / np.median([t for i in p for t in b[i]]) for p in picks]
+    lo, hi = np.percentile(ratios, [5, 95])
+    return point, [float(lo), float(hi)]
+
+
+def measure_latencies(models: Mapping[str, Callable], example_b1: Any, example_bn: Any,
+                      settings: LatencySettings, references: Mapping[str, str] | None = None,
+                      twin: str | None = "reference") -> dict[str, Any]:
+    """Latency at batch 1 and batch N of every model, interleaved, with the noise gate.
+
+    ``references`` maps a model name to the name of the model its speed-up is relative to
+    (default: every model relative to ``"reference"`` when there is one); ``twin`` is timed a
+    second time in the same rounds as the self-check. Returns ``{"models": {name: figures},
+    "gate": {...}}``; each model's figures hold ``latency_ms_b1``/``_p90``/``_iqr``, the same
+    for ``bN``, ``speedup``/``speedup_b1`` and their ``_ci`` when it has a reference.
+    """
+    references = dict(references if references is not None else
+                      {n: "reference" for n in models if "reference" in models})
+    timed_models = dict(models)
+    if twin is not None and twin in models:
+        timed_models[twin + TWIN_SUFFIX] = models[twin]
+    probe = LoadProbe()
+    threads_bn = settings.threads_bN
+    idle_load = None
+    if threads_bn == "auto":
+        is_idle, idle_load = idle()
+        threads_bn = physical_cores() if is_idle else 1
+    threads_b1 = settings.threads_b1 or torch.get_num_threads()
+    timed = {"b1": time_interleaved(timed_models, example_b1, settings, threads_b1),
+             "bN": time_interleaved(timed_models, example_bn, settings, threads_bn)}
+    load = probe.result()
+    out: dict[str, dict] = {}
+    for name in models:
+        row: dict[str, Any] = {}
+        for key, tag in (("b1", "b1"), ("bN", "bN")):
+            s = summarize(timed[key][name])
+            row[f"latency_ms_{tag}"] = s["median_ms"]
+            row[f"latency_ms_{tag}_p90"] = s["p90_ms"]
+            row[f"latency_ms_{tag}_iqr"] = s["iqr_ms"]
+        ref = references.get(name)
+        if ref is not None and ref in models:
+            row["speedup"], row["speedup_ci"] = ratio_interval(timed["bN"][ref], timed["bN"][name], settings.bootstrap)
+            row["speedup_b1"], row["speedup_b1_ci"] = ratio_interval(timed["b1"][ref], timed["b1"][name],
+                                                                     settings.bootstrap)
+        out[name] = row
+    gate = _gate(timed, models, twin, settings, load)
+    gate.update(threads_b1=int(threads_b1), threads_bN=int(threads_bn or torch.get_num_threads()),
+                clock=settings.clock, idle_probe=idle_load, settings=asdict(settings))
+    return {"models": out, "gate": gate}
+
+
+def _gate(timed: Mapping[str, Mapping[str, Timed]], models: Mapping[str, Any], twin: str | None,
+          settings: LatencySettings, load: dict) -> dict[str, Any]:
+    """The noise gate: spread, twin self-check and (wall clock) other processes' CPU share."""
+    reasons = []
+    spreads = {}
+    for key in ("b1", "bN"):
+        for name in models:
+            s = summarize(timed[key][name])
+            spreads[f"{name}/{key}"] = s["iqr_ms"] / s["median_ms"] if s["median_ms"] > 0 else 0.0
+    worst = max(spreads, key=spreads.get) if spreads else None
+    if worst is not None and spreads[worst] > settings.max_spread:
+        reasons.append(f"spread {spreads[worst]:.2f} (IQR/median of {worst}) > {settings.max_spread}")
+    twin_ratio = {}
+    if twin is not None and twin in models:
+        for key in ("b1", "bN"):
+            twin_ratio[key], _ = ratio_interval(timed[key][twin], timed[key][twin + TWIN_SUFFIX], 1)
+            if abs(twin_ratio[key] - 1.0) > settings.max_twin_deviation:
+                reasons.append(f"self-check {twin} vs itself at {key}: {twin_ratio[key]:.2f} "
+                               f"(|1 - ratio| > {settings.max_twin_deviation})")
+    other = load.get("other_cpu_fraction")
+    if settings.clock == "wall" and other is not None and other > settings.max_other_cpu:
+        reasons.append(f"other processes used {other:.0%} of the CPUs (wall clock)")
+    if reasons and load.get("loadavg_1m") is not None:
+        reasons.append(f"load {load['loadavg_1m']:.1f}")
+    return {"reliable": not reasons, "reason": "; ".join(reasons) or None, "load": load,
+            "self_check": twin_ratio, "max_spread_seen": spreads.get(worst) if worst else None}
