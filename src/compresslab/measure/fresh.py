@@ -37,12 +37,14 @@ def measure_in_fresh_process(
     settings: LatencySettings | None = None,
     latency: bool = True,
     timeout_s: float = 900.0,
+    backends: Mapping[str, Mapping[str, Path]] | None = None,
 ) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """Profile the artifact files in one child process (:func:`compresslab.measure.core.profile_many`:
     latencies interleaved over rounds, with ``settings``' clock, threads and noise gate).
 
     Returns ``(metrics by name, outputs on example_bn by name)``; raises ``RuntimeError`` with
-    the child's error output when it fails.
+    the child's error output when it fails. ``backends`` (``{backend: {name: .onnx path}}``) are
+    loaded in the child too and timed in the same rounds (:mod:`compresslab.deploy.step`).
     """
     settings = settings or LatencySettings()
     with tempfile.TemporaryDirectory(prefix="compresslab-measure-") as tmp:
@@ -56,6 +58,7 @@ def measure_in_fresh_process(
             "threads": torch.get_num_threads(),
             "settings": asdict(settings),
             "latency": bool(latency),
+            "backends": {b: {n: str(p) for n, p in f.items()} for b, f in (backends or {}).items()},
         }
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         proc = subprocess.run([sys.executable, "-m", "compresslab.measure.fresh", json.dumps(request)],
@@ -72,6 +75,7 @@ def measure_in_fresh_process(
 
 def _child(request: dict) -> dict[str, dict]:
     from compresslab.artifact import load_model_file
+    from compresslab.deploy.step import load_backends
     from compresslab.measure.core import profile_many
 
     torch.set_num_threads(int(request["threads"]))
@@ -81,7 +85,8 @@ def _child(request: dict) -> dict[str, dict]:
     models = {name: load_model_file(Path(path)).to(device).eval() for name, path in request["artifacts"].items()}
     with torch.no_grad():
         torch.save({name: model(exn).detach().cpu() for name, model in models.items()}, request["outputs"])
-    return profile_many(models, ex1, exn, LatencySettings(**request["settings"]), latency=request["latency"])
+    return profile_many(models, ex1, exn, LatencySettings(**request["settings"]), latency=request["latency"],
+                        backends=load_backends(request.get("backends")))
 
 
 def main(argv: list[str] | None = None) -> None:
