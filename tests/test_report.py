@@ -21,7 +21,8 @@ def _record(student, distill, seed, acc, size, lat, status="completed"):
         "status": status,
         "axes": {"student": student, "distill": distill, "seed": seed},
         "config": {"student": {"epochs": 3}},
-        "student": {"acc_top1": acc, "size_bytes": size, "latency_ms_bN": lat, "size_ratio": 1e6 / size},
+        "student": {"acc_top1": acc, "size_bytes": size, "latency_ms_bN": lat, "size_ratio": 1e6 / size,
+                    "speedup": 1.0 / lat, "speedup_ci": [0.9 / lat, 1.1 / lat]},
     }
 
 
@@ -46,7 +47,7 @@ def test_cells_are_mean_std_over_seeds_and_best_is_marked(tmp_path):
     csv = (tmp_path / "report.csv").read_text().splitlines()
     assert csv[0].startswith("metric,student,distill,mean,std,count,best_in_column") and len(csv) == 5
     assert (tmp_path / "acc_vs_size.png").stat().st_size > 1000
-    assert (tmp_path / "acc_vs_latency.png").exists()
+    assert (tmp_path / "acc_vs_speedup.png").exists()  # speed-up with its interval, not raw ms across jobs
 
 
 def test_grouping_by_dotted_config_key():
@@ -100,7 +101,7 @@ def test_two_by_two_by_two_seed_multirun_and_report(tmp_path):
     assert rep.returncode == 0, rep.stderr[-2000:]
     assert "8 completed runs, 0 failed" in rep.stdout
     assert rep.stdout.count("(2)") == 4  # 4 cells, each the mean of 2 seeds
-    assert (tmp_path / "rep" / "acc_vs_size.png").exists() and (tmp_path / "rep" / "acc_vs_latency.png").exists()
+    assert (tmp_path / "rep" / "acc_vs_size.png").exists() and (tmp_path / "rep" / "acc_vs_speedup.png").exists()
 
 
 @pytest.mark.slow

@@ -71,3 +71,6 @@ def test_submitit_local_multirun_completes(tmp_path):
     assert [r["status"] for r in records] == ["completed", "completed"]
     assert sorted(r["axes"]["seed"] for r in records) == [0, 1]
     assert list((sweep / ".submitit").iterdir())  # ran through submitit's executor
+    # concurrent jobs defer their latency (measure.defer=auto); the sweep measures them together at its end
+    assert all(r["student"]["latency_deferred"] for r in records)
+    assert len({r["measured_together"]["session"]["id"] for r in records}) == 1

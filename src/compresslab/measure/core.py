@@ -118,7 +118,8 @@ def profile_many(
         row.update(latency_batch=int(example_bn.shape[0]), latency_rounds=int(settings.rounds),
                    latency_clock=gate["clock"], threads=gate["threads_bN"], threads_b1=gate["threads_b1"],
                    threads_bN=gate["threads_bN"], latency_reliable=gate["reliable"],
-                   latency_unreliable_reason=gate["reason"], latency_load=gate["load"],
+                   latency_unreliable_reason=gate["reason"], latency_unreliable_short=gate["short_reason"],
+                   latency_load=gate["load"],
                    latency_self_check=gate["self_check"])
     return rows
 

@@ -44,8 +44,9 @@ class LatencySettings:
     clock: str = "cpu"              # cpu | wall
     threads_b1: int | None = 1      # None: leave torch's thread count
     threads_bN: int | str | None = "auto"   # auto: physical cores when idle, else 1
-    max_spread: float = 0.25        # IQR / median above this: unreliable
+    max_spread: float = 0.5         # IQR / median of any model's blocks above this: unreliable
     max_twin_deviation: float = 0.10   # |twin ratio - 1| above this: unreliable
+    max_ci_width: float = 0.25      # the twin ratio's 5-95% interval wider than this: unreliable
     max_other_cpu: float = 0.25     # wall clock only: other processes' CPU share above this: unreliable
     bootstrap: int = 1000
 
@@ -64,8 +65,9 @@ class LatencySettings:
             round_ms=float(get("latency_round_ms", 20.0)), clock=str(get("clock", "cpu")),
             threads_b1=int(threads) if threads else _threads(get("threads_b1", 1)),
             threads_bN=int(threads) if threads else _threads(get("threads_bN", "auto")),
-            max_spread=float(gate.get("max_spread", 0.25)),
+            max_spread=float(gate.get("max_spread", 0.5)),
             max_twin_deviation=float(gate.get("max_twin_deviation", 0.10)),
+            max_ci_width=float(gate.get("max_ci_width", 0.25)),
             max_other_cpu=float(gate.get("max_other_cpu", 0.25)),
         )
 
@@ -194,6 +196,68 @@ def ratio_interval(num: Timed, den: Timed, n_boot: int = 1000, seed: int = 0) ->
     return point, [float(lo), float(hi)]
 
 
+@dataclass
+class Session:
+    """One interleaved measurement of several models: their timed blocks at batch 1 and N,
+    the threads and clock used, and the machine's load while it ran."""
+
+    timed: dict[str, dict[str, Timed]]    # "b1" / "bN" -> model name -> Timed
+    threads_b1: int
+    threads_bN: int
+    load: dict
+    idle_probe: dict | None
+    twin: str | None
+    settings: LatencySettings
+
+    def figures(self, name: str) -> dict[str, float]:
+        """latency_ms_b1 / _p90 / _iqr and the same for bN, of one model."""
+        row = {}
+        for tag in ("b1", "bN"):
+            s = summarize(self.timed[tag][name])
+            row[f"latency_ms_{tag}"] = s["median_ms"]
+            row[f"latency_ms_{tag}_p90"] = s["p90_ms"]
+            row[f"latency_ms_{tag}_iqr"] = s["iqr_ms"]
+        return row
+
+    def speedups(self, name: str, reference: str) -> dict[str, Any]:
+        """``speedup`` (batch N) and ``speedup_b1`` of ``name`` over ``reference``, with their 5-95% intervals."""
+        out: dict[str, Any] = {}
+        for key, tag in (("speedup", "bN"), ("speedup_b1", "b1")):
+            out[key], out[key + "_ci"] = ratio_interval(self.timed[tag][reference], self.timed[tag][name],
+                                                        self.settings.bootstrap)
+        return out
+
+    def gate(self, names: list[str] | None = None) -> dict[str, Any]:
+        """The noise gate over ``names`` (default: every model): spread, twin self-check, load."""
+        names = [n for n in (names or self.timed["b1"]) if not n.endswith(TWIN_SUFFIX)]
+        gate = _gate(self.timed, names, self.twin, self.settings, self.load)
+        gate.update(threads_b1=self.threads_b1, threads_bN=self.threads_bN, clock=self.settings.clock,
+                    idle_probe=self.idle_probe, settings=asdict(self.settings))
+        return gate
+
+
+def time_models(models: Mapping[str, Callable], example_b1: Any, example_bn: Any, settings: LatencySettings,
+                twin: str | None = None) -> Session:
+    """Time every model at batch 1 and batch N in interleaved rotating rounds, at the settings'
+    thread counts (``threads_bN="auto"``: physical cores if the machine is idle, else 1), with
+    ``twin`` timed a second time in the same rounds as the self-check."""
+    timed_models = dict(models)
+    if twin is not None and twin in models:
+        timed_models[twin + TWIN_SUFFIX] = models[twin]
+    else:
+        twin = None
+    probe = LoadProbe()
+    threads_bn, idle_load = settings.threads_bN, None
+    if threads_bn == "auto":
+        is_idle, idle_load = idle()
+        threads_bn = physical_cores() if is_idle else 1
+    threads_b1 = settings.threads_b1 or torch.get_num_threads()
+    threads_bn = threads_bn or torch.get_num_threads()
+    timed = {"b1": time_interleaved(timed_models, example_b1, settings, threads_b1),
+             "bN": time_interleaved(timed_models, example_bn, settings, threads_bn)}
+    return Session(timed, int(threads_b1), int(threads_bn), probe.result(), idle_load, twin, settings)
+
+
 def measure_latencies(models: Mapping[str, Callable], example_b1: Any, example_bn: Any,
                       settings: LatencySettings, references: Mapping[str, str] | None = None,
                       twin: str | None = "reference") -> dict[str, Any]:
@@ -207,40 +271,16 @@ def measure_latencies(models: Mapping[str, Callable], example_b1: Any, example_b
     """
     references = dict(references if references is not None else
                       {n: "reference" for n in models if "reference" in models})
-    timed_models = dict(models)
-    if twin is not None and twin in models:
-        timed_models[twin + TWIN_SUFFIX] = models[twin]
-    probe = LoadProbe()
-    threads_bn = settings.threads_bN
-    idle_load = None
-    if threads_bn == "auto":
-        is_idle, idle_load = idle()
-        threads_bn = physical_cores() if is_idle else 1
-    threads_b1 = settings.threads_b1 or torch.get_num_threads()
-    timed = {"b1": time_interleaved(timed_models, example_b1, settings, threads_b1),
-             "bN": time_interleaved(timed_models, example_bn, settings, threads_bn)}
-    load = probe.result()
+    session = time_models(models, example_b1, example_bn, settings, twin)
     out: dict[str, dict] = {}
     for name in models:
-        row: dict[str, Any] = {}
-        for key, tag in (("b1", "b1"), ("bN", "bN")):
-            s = summarize(timed[key][name])
-            row[f"latency_ms_{tag}"] = s["median_ms"]
-            row[f"latency_ms_{tag}_p90"] = s["p90_ms"]
-            row[f"latency_ms_{tag}_iqr"] = s["iqr_ms"]
-        ref = references.get(name)
-        if ref is not None and ref in models:
-            row["speedup"], row["speedup_ci"] = ratio_interval(timed["bN"][ref], timed["bN"][name], settings.bootstrap)
-            row["speedup_b1"], row["speedup_b1_ci"] = ratio_interval(timed["b1"][ref], timed["b1"][name],
-                                                                     settings.bootstrap)
-        out[name] = row
-    gate = _gate(timed, models, twin, settings, load)
-    gate.update(threads_b1=int(threads_b1), threads_bN=int(threads_bn or torch.get_num_threads()),
-                clock=settings.clock, idle_probe=idle_load, settings=asdict(settings))
-    return {"models": out, "gate": gate}
+        out[name] = session.figures(name)
+        if references.get(name) in models:
+            out[name].update(session.speedups(name, references[name]))
+    return {"models": out, "gate": session.gate()}
 
 
-def _gate(timed: Mapping[str, Mapping[str, Timed]], models: Mapping[str, Any], twin: str | None,
+def _gate(timed: Mapping[str, Mapping[str, Timed]], models: list[str], twin: str | None,
           settings: LatencySettings, load: dict) -> dict[str, Any]:
     """The noise gate: spread, twin self-check and (wall clock) other processes' CPU share."""
     reasons = []
@@ -252,17 +292,24 @@ def _gate(timed: Mapping[str, Mapping[str, Timed]], models: Mapping[str, Any], t
     worst = max(spreads, key=spreads.get) if spreads else None
     if worst is not None and spreads[worst] > settings.max_spread:
         reasons.append(f"spread {spreads[worst]:.2f} (IQR/median of {worst}) > {settings.max_spread}")
-    twin_ratio = {}
-    if twin is not None and twin in models:
+    twin_ratio, twin_ci = {}, {}
+    if twin is not None and twin in timed["b1"]:
         for key in ("b1", "bN"):
-            twin_ratio[key], _ = ratio_interval(timed[key][twin], timed[key][twin + TWIN_SUFFIX], 1)
+            twin_ratio[key], twin_ci[key] = ratio_interval(timed[key][twin], timed[key][twin + TWIN_SUFFIX],
+                                                           settings.bootstrap)
+            width = twin_ci[key][1] - twin_ci[key][0]
             if abs(twin_ratio[key] - 1.0) > settings.max_twin_deviation:
-                reasons.append(f"self-check {twin} vs itself at {key}: {twin_ratio[key]:.2f} "
-                               f"(|1 - ratio| > {settings.max_twin_deviation})")
+                reasons.append(f"self-check {twin_ratio[key]:.2f} at {key} ({twin} vs itself, "
+                               f"|1 - ratio| > {settings.max_twin_deviation})")
+            elif width > settings.max_ci_width:
+                reasons.append(f"self-check interval {width:.2f} wide at {key} ({twin} vs itself: 5-95% "
+                               f"[{twin_ci[key][0]:.2f}, {twin_ci[key][1]:.2f}] > {settings.max_ci_width})")
     other = load.get("other_cpu_fraction")
     if settings.clock == "wall" and other is not None and other > settings.max_other_cpu:
-        reasons.append(f"other processes used {other:.0%} of the CPUs (wall clock)")
+        reasons.append(f"other processes {other:.0%} of CPU (wall clock)")
+    short = [r.split(" (")[0] for r in reasons]
     if reasons and load.get("loadavg_1m") is not None:
         reasons.append(f"load {load['loadavg_1m']:.1f}")
-    return {"reliable": not reasons, "reason": "; ".join(reasons) or None, "load": load,
-            "self_check": twin_ratio, "max_spread_seen": spreads.get(worst) if worst else None}
+        short.append(f"load {load['loadavg_1m']:.1f}")
+    return {"reliable": not reasons, "reason": "; ".join(reasons) or None, "short_reason": ", ".join(short) or None,
+            "load": load, "self_check": twin_ratio, "self_check_ci": twin_ci, "max_spread_seen": spreads.get(worst) if worst else None}

@@ -18,7 +18,9 @@ _COLUMNS = [
     ("size_ratio", "size ratio", "{:.2f}x"),
     ("latency_ms_b1", "lat b1 (ms)", "{:.3f}"),
     ("latency_ms_bN", "lat bN (ms)", "{:.3f}"),
-    ("speedup", "speed-up", "{:.2f}x"),
+    ("speedup_b1", "speed-up b1", "{:.2f}x"),
+    ("speedup", "speed-up bN", "{:.2f}x"),
+    ("expected_speedup_macs", "MACs ratio", "{:.2f}x"),
     ("train_time_s", "train (s)", "{:.1f}"),
 ]
 
@@ -32,6 +34,24 @@ def _fmt(value: Any, pattern: str) -> str:
         return str(value)
 
 
+#: Cells whose figure comes from the clock: marked when the noise gate did not trust it.
+_TIMED = {"latency_ms_b1", "latency_ms_bN", "speedup_b1", "speedup"}
+
+
+def cell(row: Mapping[str, Any], key: str, pattern: str) -> str:
+    """One cell of a model's column: a speed-up with its interval, a timed figure the noise
+    gate flagged as ``<value> (unreliable: <why>)``, a deferred one as ``deferred``."""
+    if key in _TIMED and row.get("latency_deferred") and row.get(key) is None:
+        return "deferred"
+    text = _fmt(row.get(key), pattern)
+    ci = row.get(f"{key}_ci")
+    if key.startswith("speedup") and isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
+        text += f" [{ci[0]:.2f}-{ci[1]:.2f}]"
+    if key in _TIMED and row.get(key) is not None and row.get("latency_reliable") is False:
+        text += f" (unreliable: {row.get('latency_unreliable_short') or row.get('latency_unreliable_reason')})"
+    return text
+
+
 def print_summary(record: Mapping[str, Any], console: Console | None = None) -> None:
     """Print the comparison table (one column per model, so it fits a narrow terminal) and the run dir."""
     console = console or Console()
@@ -43,8 +63,8 @@ def print_summary(record: Mapping[str, Any], console: Console | None = None) -> 
         table.add_column(row, justify="right")
     for key, title, pattern in _COLUMNS:
         values = [record[r].get(key) for r in rows]
-        if any(v is not None for v in values):
-            table.add_row(title, *[_fmt(v, pattern) for v in values])
+        if any(v is not None for v in values) or (key in _TIMED and any(record[r].get("latency_deferred") for r in rows)):
+            table.add_row(title, *[cell(record[r], key, pattern) for r in rows])
     if rows:
         console.print(table)
     if record.get("error"):

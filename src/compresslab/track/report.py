@@ -46,18 +46,91 @@ def record_value(record: dict, key: str) -> Any:
     return _dotted(record.get("config") or {}, key)
 
 
+#: Figures that come from the clock (the rest — sizes, MACs, accuracies — are exact).
+LATENCY_METRICS = {"latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "latency_ms_bN_p90", "speedup",
+                   "speedup_b1", "speedup_vs_expected"}
+
+
+def student_figures(record: dict) -> tuple[dict, str | None]:
+    """The student's metrics, with its timed figures taken from the sweep-level measurement
+    (``measured_together``, written by ``compresslab-measure``) when the run has one; and
+    which source the timed figures came from (``measured_together``, ``per_job`` or None)."""
+    student = dict(record.get("student") or {})
+    together = (record.get("measured_together") or {}).get("student")
+    if together:
+        student.update({k: v for k, v in together.items() if k != "model_key"})
+        if student.get("expected_speedup_macs") and student.get("speedup"):
+            student["speedup_vs_expected"] = student["speedup"] / student["expected_speedup_macs"]
+        return student, "measured_together"
+    return student, ("per_job" if student.get("latency_ms_bN") is not None else None)
+
+
 def records_to_frame(records: Iterable[dict], keys: Sequence[str]) -> pd.DataFrame:
-    """One row per completed run: the grouping keys, and the student's (and teacher's) metrics."""
+    """One row per completed run: the grouping keys, and the student's (and teacher's) metrics;
+    ``latency_source`` says where the timed figures came from (:func:`student_figures`)."""
     rows = []
     for r in records:
         if r.get("status") != "completed":
             continue
         row = {k: str(record_value(r, k)) for k in keys}
         row["seed"] = (r.get("axes") or {}).get("seed")
-        row.update({k: v for k, v in (r.get("student") or {}).items() if isinstance(v, (int, float))})
+        student, source = student_figures(r)
+        row.update({k: v for k, v in student.items() if isinstance(v, (int, float))})
+        for key in ("speedup", "speedup_b1"):
+            ci = student.get(f"{key}_ci")
+            if isinstance(ci, list) and len(ci) == 2:
+                row[f"{key}_ci_lo"], row[f"{key}_ci_hi"] = ci
+        row["latency_unreliable_short"] = student.get("latency_unreliable_short") or student.get(
+            "latency_unreliable_reason")
+        row["latency_source"] = source
+        row["latency_session"] = ((r.get("measured_together") or {}).get("session") or {}).get("id")
         row["teacher_acc_top1"] = (r.get("teacher") or {}).get("acc_top1")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def latency_source_line(frame: pd.DataFrame) -> str | None:
+    """Which timed figures a report used, in words (None when no run has any)."""
+    if "latency_source" not in frame or frame["latency_source"].isna().all():
+        return None
+    together = frame[frame["latency_source"] == "measured_together"]
+    per_job = int((frame["latency_source"] == "per_job").sum())
+    parts = []
+    if len(together):
+        sessions = sorted(set(together["latency_session"].dropna()))
+        parts.append(f"{len(together)} runs measured together in one process by compresslab-measure "
+                     f"(session {', '.join(sessions)}): comparable across runs")
+    if per_job:
+        parts.append(f"{per_job} runs measured per job (each in its own process at its own time: their speed-ups "
+                     "compare within a job, their milliseconds not across jobs)")
+    return "latency figures: " + "; ".join(parts)
+
+
+def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, index, columns) -> pd.DataFrame:
+    """Text after a cell's number: the speed-up's 5-95% interval (single-run cells), a flag
+    for figures the noise gate did not trust, and a warning where the measured speed-up is far
+    below what the MACs ratio predicts."""
+    notes = pd.DataFrame("", index=index, columns=columns)
+    if metric not in LATENCY_METRICS:
+        return notes
+    keys = [rows] + ([cols] if cols else [])
+    for group, part in frame.groupby(keys):
+        group = group if isinstance(group, tuple) else (group,)
+        r, c = group[0], (group[1] if cols else metric)
+        text = []
+        lo, hi = f"{metric}_ci_lo", f"{metric}_ci_hi"
+        if len(part) == 1 and lo in part and not pd.isna(part[lo].iloc[0]):
+            text.append(f"[{part[lo].iloc[0]:.2f}-{part[hi].iloc[0]:.2f}]")
+        if "latency_reliable" in part and (part["latency_reliable"] == False).any():  # noqa: E712
+            why = part.loc[part["latency_reliable"] == False, "latency_unreliable_short"].dropna()  # noqa: E712
+            text.append(f"(unreliable: {why.iloc[0] if len(why) else 'see results.json'})")
+        if metric == "speedup" and "expected_speedup_macs" in part:
+            expected, measured = part["expected_speedup_macs"].mean(), part[metric].mean()
+            if expected and expected > 1.5 and measured < 0.5 * expected:
+                text.append(f"(MACs predict {expected:.2f}x)")
+        if r in notes.index and c in notes.columns:
+            notes.at[r, c] = " ".join(text)
+    return notes
 
 
 def aggregate(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
@@ -106,21 +179,22 @@ def _cell(mean: float, std: float, n: float, metric: str) -> str:
     return f"{mean * s:.2f} ± {std * s:.2f} ({int(n)})"
 
 
-def to_markdown(mean, std, count, best, metric: str, rows: str) -> str:
-    """Markdown table, best per column in bold."""
+def to_markdown(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None) -> str:
+    """Markdown table, best per column in bold, each cell followed by its note (:func:`cell_notes`)."""
     header = f"| {rows} | " + " | ".join(str(c) for c in mean.columns) + " |"
     lines = [header, "|" + "---|" * (len(mean.columns) + 1)]
     for idx in mean.index:
         cells = []
         for c in mean.columns:
             text = _cell(mean.at[idx, c], std.at[idx, c], count.at[idx, c] if not pd.isna(count.at[idx, c]) else 0, metric)
-            cells.append(f"**{text}**" if best.at[idx, c] else text)
+            note = notes.at[idx, c] if notes is not None else ""
+            cells.append((f"**{text}**" if best.at[idx, c] else text) + (f" {note}" if note else ""))
         lines.append(f"| {idx} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def to_latex(mean, std, count, best, metric: str, rows: str) -> str:
-    """LaTeX booktabs tabular, best per column in bold."""
+def to_latex(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None) -> str:
+    """LaTeX booktabs tabular, best per column in bold, notes after the number."""
     esc = lambda s: str(s).replace("_", r"\_")  # noqa: E731
     lines = [r"\begin{tabular}{l" + "r" * len(mean.columns) + "}", r"\toprule",
              esc(rows) + " & " + " & ".join(esc(c) for c in mean.columns) + r" \\", r"\midrule"]
@@ -129,7 +203,8 @@ def to_latex(mean, std, count, best, metric: str, rows: str) -> str:
         for c in mean.columns:
             n = count.at[idx, c] if not pd.isna(count.at[idx, c]) else 0
             text = _cell(mean.at[idx, c], std.at[idx, c], n, metric).replace("±", r"$\pm$")
-            cells.append(rf"\textbf{{{text}}}" if best.at[idx, c] else text)
+            note = esc(notes.at[idx, c]) if notes is not None and notes.at[idx, c] else ""
+            cells.append((rf"\textbf{{{text}}}" if best.at[idx, c] else text) + (f" {note}" if note else ""))
         lines.append(esc(idx) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines)
@@ -158,24 +233,44 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path) -> list[Path]:
-    """PNG plots of accuracy vs size and accuracy vs latency (means per group), Pareto front marked."""
+    """PNG plots of accuracy vs size and accuracy vs speed-up (means per group; the speed-up
+    with its 5-95% interval as error bars, since it is what compares across jobs, not raw
+    milliseconds), the Pareto front marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = []
-    means = frame.groupby(list(keys))[["acc_top1", "size_bytes", "latency_ms_bN"]].mean().reset_index()
+    cols = [c for c in ("acc_top1", "size_bytes", "speedup", "speedup_ci_lo", "speedup_ci_hi") if c in frame]
+    grouped = frame.groupby(list(keys))
+    means = grouped[cols].mean().reset_index()
+    if "speedup_ci_lo" in frame:  # widest interval over the group's runs
+        means["speedup_ci_lo"] = grouped["speedup_ci_lo"].min().values
+        means["speedup_ci_hi"] = grouped["speedup_ci_hi"].max().values
     labels = [" ".join(str(v) for v in row) for row in means[list(keys)].itertuples(index=False)]
-    for x_key, x_label, name in (("size_bytes", "artifact size (bytes, log)", "acc_vs_size.png"),
-                                 ("latency_ms_bN", "CPU latency at batch N (ms, log)", "acc_vs_latency.png")):
-        pts = list(zip(means[x_key], means["acc_top1"]))
+    plots = [("size_bytes", "artifact size (bytes, log)", "acc_vs_size.png", True)]
+    if "speedup" in means and means["speedup"].notna().any():
+        source = latency_source_line(frame) or ""
+        label = "speed-up at batch N vs the dense fp32 reference (5-95% interval)"
+        plots.append(("speedup", label + ("\n(measured together)" if "together" in source else ""),
+                      "acc_vs_speedup.png", False))
+    for x_key, x_label, name, minimize in plots:
+        data = means[means[x_key].notna()]
+        pts = list(zip(data[x_key] if minimize else -data[x_key], data["acc_top1"]))
         front = pareto_front(pts)
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        ax.scatter(*zip(*pts), color="tab:blue", label="runs (mean over seeds)")
-        fp = sorted(pts[i] for i in front)
+        xs = list(data[x_key])
+        if x_key == "speedup" and "speedup_ci_lo" in data:
+            err = [list((data["speedup"] - data["speedup_ci_lo"]).clip(lower=0)),
+                   list((data["speedup_ci_hi"] - data["speedup"]).clip(lower=0))]
+            ax.errorbar(xs, data["acc_top1"], xerr=err, fmt="o", color="tab:blue", capsize=3,
+                        label="runs (mean over seeds)")
+        else:
+            ax.scatter(xs, data["acc_top1"], color="tab:blue", label="runs (mean over seeds)")
+        fp = sorted((xs[i], pts[i][1]) for i in front)
         ax.plot(*zip(*fp), color="tab:red", marker="o", fillstyle="none", markersize=12, label="Pareto front")
-        for (x, y), label in zip(pts, labels):
+        for x, y, label in zip(xs, data["acc_top1"], [labels[i] for i in data.index]):
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(x_label)
@@ -241,7 +336,8 @@ def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequ
     """Tables (per metric) and plots for ``records``; returns the texts and written paths."""
     keys = [rows] + ([cols] if cols else [])
     frame = records_to_frame(records, keys)
-    out: dict[str, Any] = {"markdown": [], "latex": [], "paths": [], "frame": frame, "paper": []}
+    out: dict[str, Any] = {"markdown": [], "latex": [], "paths": [], "frame": frame, "paper": [],
+                           "latency_source": None}
     if frame.empty:
         return out
     csv_parts = []
@@ -249,15 +345,19 @@ def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequ
         if metric not in frame:
             raise SystemExit(f"metric '{metric}' not in results; available: {sorted(c for c in frame.columns)}")
         mean, std, count, best = pivot(frame, rows, cols, metric)
-        out["markdown"].append(f"### {metric}\n\n" + to_markdown(mean, std, count, best, metric, rows))
-        out["latex"].append(f"% {metric}\n" + to_latex(mean, std, count, best, metric, rows))
+        notes = cell_notes(frame, rows, cols, metric, mean.index, mean.columns)
+        out["markdown"].append(f"### {metric}\n\n" + to_markdown(mean, std, count, best, metric, rows, notes))
+        out["latex"].append(f"% {metric}\n" + to_latex(mean, std, count, best, metric, rows, notes))
         csv_parts.append(to_csv_frame(frame, rows, cols, metric))
     out["paper"] = paper_rows(records, frame, rows, cols)
+    out["latency_source"] = latency_source_line(frame)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         if "md" in formats:
             p = out_dir / "report.md"
-            p.write_text("\n\n".join(out["markdown"] + (["```", *out["paper"], "```"] if out["paper"] else [])) + "\n")
+            source = [out["latency_source"]] if out["latency_source"] else []
+            p.write_text("\n\n".join(out["markdown"] + source + (["```", *out["paper"], "```"] if out["paper"] else []))
+                         + "\n")
             out["paths"].append(p)
         if "latex" in formats:
             p = out_dir / "report.tex"
@@ -267,7 +367,7 @@ def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequ
             p = out_dir / "report.csv"
             pd.concat(csv_parts).to_csv(p, index=False)
             out["paths"].append(p)
-        if plots and {"size_bytes", "latency_ms_bN"} <= set(frame.columns):
+        if plots and {"size_bytes", "acc_top1"} <= set(frame.columns):
             out["paths"] += plot_tradeoffs(frame, keys, out_dir)
     return out
 
@@ -322,6 +422,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if report["frame"].empty:
         raise SystemExit("no completed runs to tabulate")
     print("\n\n".join(report["markdown"]))
+    if report["latency_source"]:
+        print(report["latency_source"])
     for line in report["paper"]:
         print(line)
     for path in report["paths"]:

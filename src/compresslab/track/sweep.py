@@ -95,8 +95,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        records = collect_job_results(sweep_dir, [*launched_job_dirs(config), *self.job_dirs])
+        job_dirs = [*launched_job_dirs(config), *self.job_dirs]
+        records = collect_job_results(sweep_dir, job_dirs)
         console = Console()
+        if any(r.get("status") == "completed" and (r.get("student") or {}).get("latency_deferred")
+               and "measured_together" not in r for r in records):
+            records = self._measure_together(sweep_dir, job_dirs, console)
         console.print(summary_table(records, sweep_dir))
         best = sweep_dir / "optimization_results.yaml"  # written by the Optuna sweeper
         if best.exists():
@@ -111,6 +115,19 @@ class SweepSummary(Callback):
         if failed and self.fail_on_error:
             raise SystemExit(f"{len(failed)} of {len(records)} sweep jobs failed (see the table above)")
 
+    @staticmethod
+    def _measure_together(sweep_dir: Path, job_dirs: list[Path], console: Console) -> list[dict]:
+        """The jobs deferred their latency (``measure.defer``): time every job's artifacts
+        together in one fresh process (``compresslab-measure``), then re-read the records."""
+        from compresslab.measure.together import measure_in_subprocess
+
+        console.print("jobs deferred their latency: measuring every job's artifacts together in one process "
+                      f"(compresslab-measure {sweep_dir})", soft_wrap=True, highlight=False)
+        code = measure_in_subprocess([sweep_dir])
+        if code != 0:
+            console.print(f"[red]compresslab-measure failed (exit {code}); the table has no latency[/red]")
+        return collect_job_results(sweep_dir, job_dirs)
+
     def _print_report(self, records: list[dict], sweep_dir: Path, console: Console, spec: dict) -> None:
         """The ablation table(s) in the terminal, and report files + Pareto plots in the sweep dir
         (``spec``: rows, cols, metrics; from this callback's config or a paper preset's ``paper.report``)."""
@@ -120,6 +137,8 @@ class SweepSummary(Callback):
         report = build_report(records, spec["rows"], spec.get("cols"), metrics, sweep_dir)
         for table in report["markdown"]:
             console.print(escape(table), soft_wrap=True, highlight=False)
+        if report["latency_source"]:
+            console.print(escape(report["latency_source"]), soft_wrap=True, highlight=False)
         for line in report["paper"]:
             console.print(escape(line), soft_wrap=True, highlight=False)
         for path in report["paths"]:

@@ -1,0 +1,207 @@
+"""``compresslab-measure``: re-measure the saved artifacts of many runs together, in one process.
+
+Each job of a sweep measures its own teacher, reference and student, interleaved — so ratios
+*within* a job are sound, but absolute milliseconds of two jobs come from two processes at two
+moments on a machine whose load changed in between. This command loads every run's artifacts
+into this one (fresh) process and times them all in the same interleaved rotating rounds
+(:func:`compresslab.measure.latency.time_models`), so latencies are comparable *across* jobs.
+
+Per run it writes a ``measured_together`` block into that run's ``results.json`` (the
+training-time figures stay untouched)::
+
+    measured_together:
+      session: {id, measured_at, pid, runs, models, settings, threads_b1, threads_bN, clock,
+                load, self_check, reliable, reason, input}
+      teacher / reference / student: latency_ms_b1/_p90/_iqr, latency_ms_bN/..., speedup,
+                speedup_ci, speedup_b1, speedup_b1_ci (vs the run's own reference),
+                latency_reliable, latency_unreliable_reason
+
+Identical files (same bytes: the cached teacher, the references of jobs with one seed) are
+loaded and timed once. Inputs are seeded standard-normal tensors of each artifact's recorded
+input shape (latency of these models does not depend on the input values); runs whose inputs
+differ in shape are timed in separate groups of rounds, each with its own reference twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from compresslab.measure.latency import LatencySettings, time_models
+
+ROWS = ("teacher", "reference", "student")
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
+    """(results.json path, record) of every completed run under ``paths`` whose artifacts exist."""
+    from compresslab.track.sweep import collect_job_results
+
+    out = []
+    for root in paths:
+        for record in collect_job_results(Path(root)):
+            path = Path(record.pop("_path"))
+            ref, student = record.get("reference") or {}, record.get("student") or {}
+            if record.get("status") == "completed" and ref.get("artifact") and student.get("artifact"):
+                out.append((path, record))
+    return out
+
+
+def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], dict[Path, dict[str, str]], list[str]]:
+    """Which files to time: ``(groups, per_run, skipped)``. ``groups`` maps (input shape, batch)
+    to {model key: file}, one key per distinct file; ``per_run`` maps a results.json to
+    {row: model key}; ``skipped`` says which files couldn't be timed and why."""
+    from compresslab.artifact import read_payload
+
+    groups: dict[tuple, dict[str, Path]] = {}
+    per_run: dict[Path, dict[str, str]] = {}
+    skipped: list[str] = []
+    for results_path, record in runs:
+        rows = {}
+        batch = int((record.get("student") or {}).get("latency_batch") or
+                    ((record.get("config") or {}).get("measure") or {}).get("latency_batch") or 1)
+        for row in ROWS:
+            artifact = (record.get(row) or {}).get("artifact")
+            if not artifact:
+                continue
+            path = Path(artifact)
+            if not path.is_absolute() and not path.exists():
+                path = results_path.parent / path
+            try:
+                shape = tuple(int(v) for v in read_payload(path)["input_shape"])
+            except Exception as exc:  # a Lightning checkpoint as teacher, a file gone: say so, time the rest
+                skipped.append(f"{path}: {type(exc).__name__}: {exc}")
+                continue
+            key = f"{path.stem}@{_digest(path)}"
+            groups.setdefault((shape, batch), {})[key] = path
+            rows[row] = key
+        if "reference" in rows and "student" in rows:
+            per_run[results_path] = rows
+    return groups, per_run, skipped
+
+
+def measure_together(paths: Sequence[Path], settings: LatencySettings | None = None,
+                     seed: int = 0, write: bool = True) -> dict[str, Any]:
+    """Time the artifacts of every completed run under ``paths`` in this process, interleaved,
+    and (``write``) add the ``measured_together`` block to each run's results.json.
+    Returns ``{"session": ..., "runs": {results.json: block}, "skipped": [...]}``."""
+    from compresslab.artifact import load_model_file
+    from compresslab.track.results import write_results
+
+    runs = completed_runs(paths)
+    if not runs:
+        raise SystemExit(f"no completed runs with saved artifacts under {', '.join(map(str, paths))}")
+    if settings is None:
+        settings = LatencySettings.from_config((runs[0][1].get("config") or {}).get("measure") or {})
+    groups, per_run, skipped = plan(runs)
+    session = {
+        "id": uuid.uuid4().hex[:12], "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "pid": os.getpid(), "runs": len(per_run), "models": sum(len(g) for g in groups.values()),
+        "settings": asdict(settings), "input": f"seeded standard normal (seed {seed}) of each artifact's input shape",
+        "groups": [],
+    }
+    sessions = {}
+    gen = torch.Generator().manual_seed(seed)
+    for (shape, batch), files in groups.items():
+        models = {key: load_model_file(path).eval() for key, path in files.items()}
+        refs = [rows["reference"] for rows in per_run.values() if rows["reference"] in files]
+        twin = max(set(refs), key=refs.count) if refs else None
+        ex1, exn = torch.randn((1, *shape), generator=gen), torch.randn((batch, *shape), generator=gen)
+        sessions[(shape, batch)] = measured = time_models(models, ex1, exn, settings, twin)
+        gate = measured.gate()
+        session["groups"].append({"input_shape": list(shape), "batch": batch, "models": len(models), "twin": twin,
+                                  **{k: gate[k] for k in ("threads_b1", "threads_bN", "clock", "load", "self_check",
+                                                          "reliable", "reason")}})
+    session["reliable"] = all(g["reliable"] for g in session["groups"])
+    blocks = {}
+    for results_path, rows in per_run.items():
+        measured = next(s for s in sessions.values() if rows["student"] in s.timed["b1"])
+        gate = measured.gate(list(rows.values()))
+        block: dict[str, Any] = {"session": session}
+        for row, key in rows.items():
+            block[row] = {**measured.figures(key), **measured.speedups(key, rows["reference"]),
+                          "latency_reliable": gate["reliable"], "latency_unreliable_reason": gate["reason"],
+                          "latency_unreliable_short": gate["short_reason"], "threads_b1": gate["threads_b1"],
+                          "threads_bN": gate["threads_bN"], "latency_clock": gate["clock"], "model_key": key}
+        blocks[str(results_path)] = block
+        if write:
+            record = json.loads(results_path.read_text(encoding="utf-8"))
+            record["measured_together"] = block
+            write_results(results_path, record)
+    return {"session": session, "runs": blocks, "skipped": skipped}
+
+
+def measure_in_subprocess(paths: Sequence[Path], extra_args: Sequence[str] = (), timeout_s: float = 1800) -> int:
+    """Run ``compresslab-measure`` on ``paths`` in a fresh Python process (so nothing the caller
+    loaded or trained shares its memory or threads); returns its exit code."""
+    cmd = [sys.executable, "-m", "compresslab.measure.together", *map(str, paths), *extra_args]
+    return subprocess.run(cmd, timeout=timeout_s, env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
+
+
+def _print(result: dict) -> None:
+    s = result["session"]
+    print(f"measured together: {s['runs']} runs, {s['models']} distinct files, one process (pid {s['pid']}, "
+          f"session {s['id']}), {s['settings']['rounds']} rounds x {s['settings']['round_ms']} ms, clock "
+          f"{s['settings']['clock']}")
+    for g in s["groups"]:
+        state = "reliable" if g["reliable"] else f"UNRELIABLE: {g['reason']}"
+        print(f"  input {g['input_shape']} batch {g['batch']}: {g['models']} models, threads b1/bN "
+              f"{g['threads_b1']}/{g['threads_bN']}, self-check {g['self_check']}, {state}")
+    for path, block in result["runs"].items():
+        st = block["student"]
+        lo, hi = st["speedup_ci"]
+        flag = "" if st["latency_reliable"] else f"  (unreliable: {st['latency_unreliable_short']})"
+        print(f"  {path}: student {st['latency_ms_b1']:.3f} ms b1, {st['latency_ms_bN']:.3f} ms bN, "
+              f"speed-up {st['speedup']:.2f}x [{lo:.2f}, {hi:.2f}]{flag}")
+    for line in result["skipped"]:
+        print(f"  not timed: {line}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point ``compresslab-measure``."""
+    parser = argparse.ArgumentParser(prog="compresslab-measure", description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the runs' measure.latency_rounds)")
+    parser.add_argument("--round-ms", type=float, help="timed work per model per round")
+    parser.add_argument("--warmup", type=int, help="untimed calls per model first")
+    parser.add_argument("--clock", choices=["cpu", "wall"])
+    parser.add_argument("--threads-bN", help="threads at batch N: a number or auto")
+    parser.add_argument("--dry-run", action="store_true", help="measure and print, don't write results.json")
+    args = parser.parse_args(argv)
+    missing = [p for p in args.paths if not p.exists()]
+    if missing:
+        parser.error(f"no such directory: {', '.join(map(str, missing))}")
+    runs = completed_runs(args.paths)
+    if not runs:
+        raise SystemExit(f"no completed runs with saved artifacts under {', '.join(map(str, args.paths))}")
+    settings = LatencySettings.from_config((runs[0][1].get("config") or {}).get("measure") or {})
+    for field, value in (("rounds", args.rounds), ("round_ms", args.round_ms), ("warmup", args.warmup),
+                         ("clock", args.clock)):
+        if value is not None:
+            setattr(settings, field, value)
+    if args.threads_bN is not None:
+        settings.threads_bN = args.threads_bN if args.threads_bN == "auto" else int(args.threads_bN)
+    LatencySettings(**asdict(settings))  # re-validate the overridden values
+    _print(measure_together(args.paths, settings, write=not args.dry_run))
+
+
+if __name__ == "__main__":
+    main()
