@@ -1,19 +1,95 @@
-"""SLURM dry run: the sbatch script that ``hydra/launcher=slurm`` would submit for one job.
+"""SLURM: the sweep launcher, what a job records about its SLURM job, and the sbatch dry run.
 
-Maps the composed launcher config to sbatch options with submitit's own SLURM
-tables and renders submitit's submission file without calling ``sbatch``, so the
-resources a sweep asks for can be checked before it is queued.
+- The launcher of ``hydra/launcher=slurm`` (and ``slurm_local``) is
+  ``hydra_plugins.compresslab_slurm_launcher.SlurmLauncher`` (Hydra loads launchers only from the
+  ``hydra_plugins`` package): hydra-submitit-launcher's, waiting for *every* job of a sweep. A job
+  that ends without a result (``scancel``, killed, over its time limit, or an error outside the
+  run) is recorded as failed by :func:`record_scheduler_failure` and the sweep goes on to its summary.
+- :func:`slurm_fields`: ``slurm_job_id`` and ``restarts`` (requeues so far) for results.json.
+- The dry run maps the composed launcher config to sbatch options with submitit's own SLURM
+  tables and renders submitit's submission file without calling ``sbatch``, so the resources
+  a sweep asks for can be checked before it is queued::
 
     python -m compresslab.cluster trainer=ddp trainer.devices=4 trainer.num_nodes=2 hydra.launcher.partition=gpu
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
+
+
+
+def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """This process's SLURM job as squeue/sacct/submitit name it (``ARRAY_TASK`` for a sweep job), or None."""
+    env = os.environ if env is None else env
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return env.get("SLURM_JOB_ID")
+
+
+def slurm_restarts(env: Mapping[str, str] | None = None) -> int:
+    """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 when never, or outside SLURM)."""
+    env = os.environ if env is None else env
+    value = env.get("SLURM_RESTART_COUNT", "")
+    return int(value) if value.isdigit() else 0
+
+
+def slurm_fields(env: Mapping[str, str] | None = None) -> dict:
+    """results.json keys of a run: ``slurm_job_id`` (None outside SLURM), ``restarts`` (requeues after
+    preemption or time-out, ``max_num_timeout``), and ``slurm`` (partition, nodes, tasks) under SLURM."""
+    env = os.environ if env is None else env
+    job = slurm_job_id(env)
+    details = None
+    if job is not None:
+        details = {"partition": env.get("SLURM_JOB_PARTITION"), "nodes": env.get("SLURM_JOB_NODELIST"),
+                   "ntasks": int(env["SLURM_NTASKS"]) if env.get("SLURM_NTASKS", "").isdigit() else None,
+                   "cpus_per_task": env.get("SLURM_CPUS_PER_TASK")}
+    return {"slurm_job_id": job, "restarts": slurm_restarts(env), "slurm": details}
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip() and not set(line.strip()) <= {"-"}]
+    return lines[-1].strip() if lines else text.strip()
+
+
+def record_scheduler_failure(job_dir: Path, error: str, job_id: str, state: str, overrides: list[str],
+                             detail: str) -> Path:
+    """Mark the job's results.json failed with the scheduler's verdict (a short record if it has none).
+
+    A run that had completed keeps its record; one that was running (killed mid-run) or had
+    failed (a SIGTERM stops Lightning) gets ``status: failed``, the verdict as ``error`` (with the
+    run's own error after it) and ``slurm_state``.
+    """
+    from compresslab.track.results import read_results, unresolved_record, write_results
+
+    path = Path(job_dir) / "results.json"
+    record = None
+    if path.exists():
+        try:
+            record = read_results(path)
+        except (OSError, ValueError):
+            record = None
+    if isinstance(record, dict) and record.get("status") == "completed":
+        return path
+    if isinstance(record, dict):
+        previous = record.get("error")
+        record.update(status="failed", error=error + (f" ({previous})" if previous else ""),
+                      finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    else:
+        record = unresolved_record(Path(job_dir), RuntimeError(detail), overrides)
+        record.update(error=error, stage="scheduler", restarts=None)
+    record.update(slurm_job_id=job_id, slurm_state=state)
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    write_results(path, record)
+    return path
 
 
 def sbatch_parameters(launcher: Mapping[str, Any]) -> dict:

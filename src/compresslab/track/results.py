@@ -10,6 +10,7 @@ Schema (later versions extend it, never break it)::
         latency_batch, speedup, threads, device, train_time_s)
     reference: dense fp32 student (same architecture, uncompressed): size and latency
     versions: package versions             git_commit: sha of the code that ran
+    slurm_job_id, restarts, slurm: the SLURM job (``ARRAY_TASK``), its requeues so far, partition/nodes/tasks
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from compresslab.cluster import slurm_fields
 from compresslab.errors import ConfigError
 from compresslab.files import atomic_write_bytes
 
@@ -152,11 +154,12 @@ def unresolved_record(run_dir: Path, exc: BaseException, overrides: list[str] | 
         "reference": None,
         "versions": versions(),
         "git_commit": git_commit(),
+        **slurm_fields(),
     }
 
 
 def base_record(cfg: DictConfig, run_dir: Path) -> dict:
-    """A results record before the run: status running, config, axes, versions, commit."""
+    """A results record before the run: status running, config, axes, versions, commit, SLURM job."""
     return {
         "status": "running",
         "error": None,
@@ -171,4 +174,5 @@ def base_record(cfg: DictConfig, run_dir: Path) -> dict:
         "reference": None,
         "versions": versions(),
         "git_commit": git_commit(),
+        **slurm_fields(),
     }

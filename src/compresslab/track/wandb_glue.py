@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -24,6 +25,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, axes: Mapping[str, Any]):
 
     mode = str(lcfg.mode or "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    run_id = wandb_run_id(run_dir, resume=bool(cfg.get("resume", True)))
     tags = list(lcfg.tags or []) + [f"{k}={v}" for k, v in axes.items() if v not in (None, "none")]
     return WandbLogger(
         project=lcfg.project,
@@ -36,7 +38,30 @@ def make_logger(cfg: DictConfig, run_dir: Path, axes: Mapping[str, Any]):
         job_type=lcfg.job_type,
         tags=tags[:64],
         config=OmegaConf.to_container(cfg, resolve=True),
+        id=run_id,
+        resume="allow",  # a requeued or re-run job continues its W&B run instead of starting a second one
     )
+
+
+def wandb_run_id(run_dir: Path, resume: bool = True) -> str:
+    """The W&B run id of the run in ``run_dir``: the one its first start chose (kept in
+    ``<run dir>/wandb/run_id``) when resuming, else a new one. Global rank 0 writes it."""
+    import secrets
+
+    from compresslab.distributed import is_rank_zero
+
+    path = Path(run_dir) / "wandb" / "run_id"
+    if resume and path.exists():
+        saved = path.read_text(encoding="utf-8").strip()
+        if saved:
+            return saved
+    run_id = secrets.token_hex(4)  # 8 characters of [0-9a-f], like W&B's own ids
+    if is_rank_zero():
+        from compresslab.files import atomic_write_bytes
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, (run_id + "\n").encode())
+    return run_id
 
 
 def flatten_metrics(record: Mapping[str, Any]) -> dict:
@@ -70,10 +95,18 @@ def log_final(logger, record: Mapping[str, Any]) -> None:
 
 
 def finish(logger, failed: bool) -> None:
-    """Close the W&B run (safe to call for no logger); marks failed runs with exit code 1."""
+    """Close the W&B run (safe to call for no logger); marks failed runs with exit code 1.
+
+    It is called in a ``finally``: an error closing the run (W&B's service process already gone,
+    as when SLURM signals a requeued job's processes) is logged, not raised, so that it never
+    replaces the error or exit that is under way (a requeued job must exit, not return).
+    """
     if logger is None:
         return
     import wandb
 
     if wandb.run is not None:
-        wandb.finish(exit_code=1 if failed else 0)
+        try:
+            wandb.finish(exit_code=1 if failed else 0)
+        except Exception as exc:  # noqa: BLE001
+            logging.getLogger(__name__).warning("could not close the W&B run: %s: %s", type(exc).__name__, exc)

@@ -1,0 +1,1 @@
+"""Test helpers that ship with compresslab (the local SLURM cluster the test suite runs against)."""
