@@ -80,6 +80,7 @@ def measure_pair(models: dict, shape, settings: LatencySettings, batch: int) -> 
     result = measure_latencies(models, ex1, exn, settings, references={"other": "reference"})
     row = result["models"]["other"]
     return {"b1": row["speedup_b1"], "bN": row["speedup"], "reliable": result["gate"]["reliable"],
+            "why": (result["gate"]["short_reason"] or "").split(",")[0].split(" at ")[0].rstrip("0123456789. "),
             "threads_bN": result["gate"]["threads_bN"], "other_cpu": result["gate"]["load"]["other_cpu_fraction"]}
 
 
@@ -105,8 +106,8 @@ def main() -> None:
     settings_grid = [(clock, threads) for clock in ("wall", "cpu") for threads in sorted({1, cores})]
     print(f"physical cores {cores}; {args.reps} measurements per cell; cell: speed-up median [min-max]; "
           f"'flagged': how many the noise gate marked unreliable", flush=True)
-    print("| neighbours | pair | clock | threads bN | speed-up b1 | speed-up bN | flagged | other CPU |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| neighbours | pair | clock | threads bN | speed-up b1 | speed-up bN | flagged | why (first reason) | other CPU |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="stability-") as tmp:
         for n in args.neighbours:
             procs = start_neighbours(n, Path(tmp))
@@ -117,8 +118,10 @@ def main() -> None:
                         reps = [measure_pair(models, shape, settings, batch) for _ in range(args.reps)]
                         flagged = sum(not r["reliable"] for r in reps)
                         other = statistics.median(r["other_cpu"] or 0.0 for r in reps)
+                        whys = [r["why"] for r in reps if r["why"]]
+                        why = max(set(whys), key=whys.count) if whys else "-"
                         print(f"| {n} | {pair} | {clock} | {threads} | {summary([r['b1'] for r in reps])} | "
-                              f"{summary([r['bN'] for r in reps])} | {flagged}/{len(reps)} | {other:.0%} |",
+                              f"{summary([r['bN'] for r in reps])} | {flagged}/{len(reps)} | {why} | {other:.0%} |",
                               flush=True)
             finally:
                 stop(procs)
