@@ -1,9 +1,11 @@
 """Knowledge distillation: the teacher → student LightningModule and the catalogue of losses.
 
 ``distill=<method>`` (conf/distill/) instantiates :class:`DistillationModule` with one
-logit loss (KD, DKD, KD with logit standardization) and/or feature losses (FitNets,
-AT, SP, PKT, RKD, CRD) captured at module-path taps; combinations are just configs
-that name several of them. See docs/distillation.md.
+logit loss (KD, DKD, KD with logit standardization, DIST) and/or feature losses (FitNets,
+AT, SP, PKT, RKD, CRD, CC, VID, AB, FT, FSP, NST, OFD, ReviewKD) captured at module-path
+taps; combinations are just configs that name several of them. Methods with a stage before
+the main fit (FitNets, AB, FSP, FT) run it as a Lightning fit of its own
+(:mod:`compresslab.distill.stages`). See docs/distillation.md.
 """
 
 from compresslab.distill.losses import (
@@ -19,6 +21,11 @@ from compresslab.distill.losses import (
     RKDLoss,
     SPLoss,
 )
+from compresslab.distill.losses_factor import FTLoss
+from compresslab.distill.losses_maps import ABLoss, FSPLoss, NSTLoss, VIDLoss
+from compresslab.distill.losses_ofd import OFDLoss
+from compresslab.distill.losses_relational import CCLoss, DISTLoss
+from compresslab.distill.losses_review import ReviewKDLoss
 from compresslab.distill.module import DistillationModule, TeacherOutputCache
 from compresslab.distill.taps import FeatureAdapter, probe
 
@@ -38,4 +45,13 @@ __all__ = [
     "PKTLoss",
     "RKDLoss",
     "CRDLoss",
+    "CCLoss",
+    "DISTLoss",
+    "VIDLoss",
+    "ABLoss",
+    "FTLoss",
+    "FSPLoss",
+    "NSTLoss",
+    "OFDLoss",
+    "ReviewKDLoss",
 ]

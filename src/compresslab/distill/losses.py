@@ -63,11 +63,36 @@ class FeatureLoss(nn.Module, abc.ABC):
     needs_adapter: bool = False
     needs_spatial: bool = False
     max_taps: int | None = None
+    #: the stage before the main fit (``init_epochs``) runs the student up to its taps and trains
+    #: those layers (FitNets, AB, FSP); False: the stage trains only the loss's own modules on the
+    #: teacher's features (FT's paraphraser), described by ``stage_description``
+    stage_uses_student: bool = True
+    stage_description: str = ""
+    #: the module passes the teacher's BatchNorm before each teacher tap to :meth:`bind_teacher_bn` (OFD)
+    needs_teacher_bn: bool = False
 
     @property
     def needs_index(self) -> bool:
         """Whether ``forward`` needs each sample's index in the training set."""
         return False
+
+    def stage_loss(self, student: list[torch.Tensor] | None, teacher: list[torch.Tensor], *,
+                   target: torch.Tensor | None = None, index: torch.Tensor | None = None,
+                   epoch: int = 0) -> torch.Tensor:
+        """The loss of the stage before the main fit (default: this loss itself)."""
+        return self(student, teacher, target=target, index=index, epoch=epoch)
+
+    def stage_parameters(self) -> list[nn.Parameter]:
+        """The loss's parameters its stage trains (default: all)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def main_parameters(self) -> list[nn.Parameter]:
+        """The loss's parameters the main fit trains (default: all)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def bind_teacher_bn(self, bns: Sequence[nn.Module]) -> None:
+        """Receive the teacher's BatchNorm before each teacher tap (``needs_teacher_bn``)."""
+        raise NotImplementedError
 
     def build(self, student_shapes: Sequence[tuple[int, ...]], teacher_shapes: Sequence[tuple[int, ...]],
               num_samples: int | None) -> None:

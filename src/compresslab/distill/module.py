@@ -31,9 +31,12 @@ from torch.utils.data import Dataset
 
 from compresslab.data.regime import UNLABELED, labelled_cross_entropy
 from compresslab.distill.losses import FeatureLoss, LogitLoss
+from compresslab.distill.stages import Stage, run_stage
 from compresslab.distill.taps import (
     ProbeResult,
     capture,
+    check_expanding_taps,
+    expand_layers,
     make_adapter,
     probe,
     run_until_captured,
@@ -69,6 +72,7 @@ class FeatureEntry:
     teacher_layers: list[str]
     adapter: str = "auto"
     init_epochs: int = 0
+    calls: dict[str, int] | None = None  # how often each student tap's module runs per forward
 
 
 class TeacherOutputCache:
@@ -157,7 +161,10 @@ class DistillationModule(ClassifierModule):
             paths (see :mod:`compresslab.distill.taps`), paired element-wise; ``adapter``
             ``auto|always|none`` for losses that compare features element-wise; ``init_epochs``
             a first stage that trains the student up to its taps (and the adapters) on this loss
-            alone before the main fit (FitNets' stage 1; RepDistiller uses 30).
+            alone before the main fit (FitNets' stage 1; RepDistiller uses 30), or what the loss's
+            ``stage_loss`` trains (FT's paraphraser); each such stage is a Lightning fit of its own
+            (:mod:`compresslab.distill.stages`). An entry with ``weight: 0`` only takes part in its
+            stage (AB and FSP, as RepDistiller: their loss is not in the main fit).
         cache_teacher_outputs: compute the teacher's outputs once per training sample and reuse
             them in later epochs (refused when the datamodule's training data is augmented).
         cache_max_mb: refuse the cache when it would need more memory than this.
@@ -242,6 +249,7 @@ class DistillationModule(ClassifierModule):
                 raise ConfigError(
                     f"feature_losses.{name}: {len(s_layers)} student_layers {s_layers} but {len(t_layers)} "
                     f"teacher_layers {t_layers}; they are paired element-wise, so give as many of each")
+            check_expanding_taps(s_layers, t_layers, f"feature_losses.{name}")
             if loss.max_taps is not None and len(s_layers) > loss.max_taps:
                 raise ConfigError(f"feature_losses.{name}: {type(loss).__name__} takes at most "
                                   f"{loss.max_taps} tap pair(s), got {len(s_layers)}")
@@ -250,11 +258,17 @@ class DistillationModule(ClassifierModule):
             adapter = str(item.get("adapter", "auto"))
             if adapter not in ("auto", "always", "none"):
                 raise ConfigError(f"feature_losses.{name}.adapter must be auto, always or none; got {adapter!r}")
-            init_epochs = int(item.get("init_epochs", 0) or 0)
-            if init_epochs < 0:
-                raise ConfigError(f"feature_losses.{name}.init_epochs must be >= 0")
-            entries.append(FeatureEntry(str(name), loss, self._weight(item.get("weight", 1.0),
-                                        f"feature_losses.{name}.weight"), s_layers, t_layers, adapter, init_epochs))
+            init_epochs = item.get("init_epochs", 0) or 0
+            if isinstance(init_epochs, bool) or not isinstance(init_epochs, int) or init_epochs < 0:
+                raise ConfigError(f"feature_losses.{name}.init_epochs must be an integer >= 0, got {init_epochs!r}")
+            weight = self._weight(item.get("weight", 1.0), f"feature_losses.{name}.weight")
+            if weight == 0 and init_epochs == 0:
+                raise ConfigError(f"feature_losses.{name}: weight 0 and init_epochs 0 leave the loss unused; "
+                                  "give it a weight (main fit) or init_epochs (a stage before it)")
+            if not loss.stage_uses_student and init_epochs == 0:
+                raise ConfigError(f"feature_losses.{name}: {type(loss).__name__} needs its stage before the "
+                                  f"main fit ({loss.stage_description}); set init_epochs > 0")
+            entries.append(FeatureEntry(str(name), loss, weight, s_layers, t_layers, adapter, init_epochs))
         return entries
 
     @staticmethod
@@ -322,8 +336,9 @@ class DistillationModule(ClassifierModule):
         self._probe_student = p_s
         s_taps, t_taps = [], []
         for entry in self.entries:
-            entry.student_layers = [p_s.resolve(t) for t in entry.student_layers]
-            entry.teacher_layers = [p_t.resolve(t) for t in entry.teacher_layers]
+            entry.student_layers, entry.teacher_layers = expand_layers(
+                p_s, p_t, entry.student_layers, entry.teacher_layers, entry.name)
+            entry.calls = p_s.calls_of(entry.student_layers)
             s_shapes = [p_s.shape(t) for t in entry.student_layers]
             t_shapes = [p_t.shape(t) for t in entry.teacher_layers]
             if entry.loss.needs_spatial:
@@ -338,9 +353,23 @@ class DistillationModule(ClassifierModule):
             if entry.loss.needs_adapter:
                 for i, (ss, ts) in enumerate(zip(s_shapes, t_shapes)):
                     self.adapters[f"{entry.name}_{i}"] = make_adapter(ss, ts, entry.adapter).to(device)
+            if entry.loss.needs_teacher_bn:  # OFD's margins: the teacher's BatchNorm before each tapped ReLU
+                modules = dict(self._teacher.named_modules())
+                bns = []
+                for tap in entry.teacher_layers:
+                    bn = p_t.module_before(tap, (nn.modules.batchnorm._BatchNorm,))
+                    if bn is None:
+                        raise ConfigError(
+                            f"{entry.name}: {type(entry.loss).__name__} takes its margin from the teacher's "
+                            f"BatchNorm before the tapped pre-ReLU feature, but no BatchNorm runs before teacher tap "
+                            f"{tap!r} ({type(self._teacher).__name__}); use a teacher with BatchNorm (convnet, "
+                            "cnn1d, ResNets, WRN, VGG, MobileNetV2)")
+                    bns.append(modules[bn])
+                entry.loss.bind_teacher_bn(bns)
             entry.loss.build(s_shapes, t_shapes, num_samples)
             entry.loss.to(device)
-            s_taps += entry.student_layers
+            if entry.weight:
+                s_taps += entry.student_layers
             t_taps += entry.teacher_layers
         self.student_taps = list(dict.fromkeys(s_taps))
         self.teacher_taps = list(dict.fromkeys(t_taps))
@@ -361,12 +390,20 @@ class DistillationModule(ClassifierModule):
         return self.adapters[key] if key in self.adapters else nn.Identity()
 
     def trainable_parameters(self):
-        """Student parameters plus adapters' and losses' (e.g. CRD's embedding heads)."""
+        """Student parameters plus the main fit's adapters' and losses' (e.g. CRD's embedding heads;
+        not FT's paraphraser, trained in its stage and fixed afterwards)."""
         params = list(super().trainable_parameters())
-        extra = [self.adapters, self.feature_losses] + ([self.logit_loss] if self.logit_loss is not None else [])
-        for module in extra:
-            params += [p for p in module.parameters() if p.requires_grad]
-        return params
+        for entry in self.entries:
+            if entry.weight:
+                for i in range(len(entry.student_layers) if self.built else 0):
+                    params += [p for p in self.adapter(entry, i).parameters() if p.requires_grad]
+                params += list(entry.loss.main_parameters())
+        if self.logit_loss is not None:
+            params += [p for p in self.logit_loss.parameters() if p.requires_grad]
+        seen: dict[int, nn.Parameter] = {}
+        for p in params:
+            seen.setdefault(id(p), p)
+        return list(seen.values())
 
     # ------------------------------------------------------------------ the loss
     def _take_index(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -396,6 +433,8 @@ class DistillationModule(ClassifierModule):
             terms["kd"] = kd
             total = total + self.kd_weight * kd
         for entry in self.entries:
+            if not entry.weight:  # a stage-only entry (AB, FSP)
+                continue
             value = self._feature_term(entry, s_feats, t_feats, y, index)
             terms[entry.name] = value
             total = total + entry.weight * value
@@ -494,7 +533,7 @@ class DistillationModule(ClassifierModule):
         self._sync_teacher(self.device)
         for k, entry in enumerate(self.entries):
             if entry.init_epochs > 0 and not bool(self.init_done[k]):
-                self._init_stage(k, entry)
+                self.run_stage(k, entry)
 
     def teardown(self, stage: str) -> None:
         if stage != "fit":
@@ -509,56 +548,55 @@ class DistillationModule(ClassifierModule):
             self._teacher.to(self._teacher_home)
             object.__setattr__(self, "_teacher_home", None)
 
-    # ------------------------------------------------------------------ FitNets stage 1
+    # ------------------------------------------------------------------ stages before the main fit
     def stage_parameters(self, entry: FeatureEntry) -> list[nn.Parameter]:
-        """Student parameters used up to ``entry``'s taps, plus its adapters' and loss's."""
-        assert self._probe_student is not None
-        modules = dict(self.model.named_modules())
-        names: dict[str, None] = {}
-        for tap in entry.student_layers:
-            names.update(dict.fromkeys(self._probe_student.modules_run_before(tap)))
+        """What ``entry``'s stage trains: its loss's stage parameters and, when the stage runs the
+        student, the student's parameters used up to the taps and the entry's adapters."""
         params: dict[int, nn.Parameter] = {}
-        for name in names:
-            for p in modules[name].parameters(recurse=False):
-                params[id(p)] = p
-        for i in range(len(entry.student_layers)):
-            for p in self.adapter(entry, i).parameters():
-                params[id(p)] = p
-        for p in entry.loss.parameters():
+        if entry.loss.stage_uses_student:
+            assert self._probe_student is not None
+            modules = dict(self.model.named_modules())
+            names: dict[str, None] = {}
+            for tap in entry.student_layers:
+                names.update(dict.fromkeys(self._probe_student.modules_run_before(tap)))
+            for name in names:
+                for p in modules[name].parameters(recurse=False):
+                    params[id(p)] = p
+            for i in range(len(entry.student_layers)):
+                for p in self.adapter(entry, i).parameters():
+                    params[id(p)] = p
+        for p in entry.loss.stage_parameters():
             params[id(p)] = p
         return [p for p in params.values() if p.requires_grad]
 
-    def _init_stage(self, k: int, entry: FeatureEntry) -> None:
-        """Train the student up to ``entry``'s taps on ``entry``'s loss alone (FitNets stage 1)."""
-        trainer = self.trainer
-        loader = trainer.datamodule.train_dataloader()
-        limit = trainer.limit_train_batches
-        n_batches = len(loader)
-        if isinstance(limit, int):
-            n_batches = min(n_batches, limit)
-        elif isinstance(limit, float):
-            n_batches = max(1, int(n_batches * limit))
-        optimizer = self.optimizer_factory(self.stage_parameters(entry))
+    def stage_loss(self, entry: FeatureEntry, x: torch.Tensor, y: torch.Tensor,
+                   index: torch.Tensor | None = None) -> torch.Tensor:
+        """``entry``'s stage loss of one batch: the student runs only as far as its taps."""
+        _, t_feats = self.teacher_outputs(x, index)
+        t = [t_feats[tap] for tap in entry.teacher_layers]
+        s = None
+        if entry.loss.stage_uses_student:
+            s_feats = run_until_captured(self.model, x, entry.student_layers, entry.calls)
+            s = [self.adapter(entry, i)(s_feats[tap]) for i, tap in enumerate(entry.student_layers)]
+        return entry.loss.stage_loss(s, t, target=y, index=index, epoch=0)
+
+    def make_stage(self, entry: FeatureEntry) -> Stage:
+        """The :class:`~compresslab.distill.stages.Stage` of a feature-loss entry."""
+        return Stage(name=entry.name, epochs=entry.init_epochs,
+                     loss=lambda x, y, index: self.stage_loss(entry, x.to(self.device), y.to(self.device), index),
+                     parameters=self.stage_parameters(entry),
+                     train_modules=[self.model, self.adapters, entry.loss])
+
+    def run_stage(self, k: int, entry: FeatureEntry) -> None:
+        """Fit ``entry``'s stage on the training data (a Lightning fit of its own), once."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            raise ConfigError(f"{entry.name}: init_epochs > 0 needs a datamodule (its training data feeds the stage)")
         was_training = self.training
         self.train()
-        losses = []
-        for epoch in range(entry.init_epochs):
-            total, count = 0.0, 0
-            for b, batch in enumerate(loader):
-                if b >= n_batches:
-                    break
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
-                index = batch[2] if len(batch) > 2 else None
-                _, t_feats = self.teacher_outputs(x, index)
-                s_feats = run_until_captured(self.model, x, entry.student_layers)
-                loss = self._feature_term(entry, s_feats, t_feats, y, index)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total, count = total + float(loss.detach()), count + 1
-            losses.append(total / max(count, 1))
-            rank_zero_info(f"{entry.name} first stage: epoch {epoch + 1}/{entry.init_epochs} loss {losses[-1]:.4g}")
-        optimizer.zero_grad(set_to_none=True)
+        losses = run_stage(self.make_stage(entry), dm.train_dataloader(), self.optimizer_factory, self.device,
+                           outer=self.trainer, sync=[self.model, self.adapters, entry.loss])
+        self.to(self.device)  # (a no-op unless the stage's trainer moved something)
         self.init_stage_losses[entry.name] = losses
         self.init_done[k] = True
         self.train(was_training)

@@ -14,6 +14,21 @@ for every architecture:
 * ``embedding`` — the input of the final classifier layer (the leaf module producing
   the logits; else the last ``nn.Linear`` run): the pooled, flattened representation
   that PKT, RKD and CRD use (RepDistiller's ``feat[-1]``).
+* ``stages`` — expands to every stage output: the last module output at each spatial
+  resolution (the maps right before each downsampling and before global pooling;
+  CIFAR ResNets: ``layer1, layer2, layer3`` = RepDistiller's ``feat[1:-1]``).
+* ``stages_preact`` — the same stages before their last ReLU: the input of the last
+  ``nn.ReLU``/``nn.ReLU6`` that runs inside each stage at the stage's resolution
+  (``layer3.2.relu:in`` on a ResNet: the block's sum before the activation, mdistiller's
+  ``preact_feats``). Stages without such a ReLU are left out.
+
+* ``sections`` — expands to two taps per resolution: the first module output at that
+  resolution and the stage output (the first and the last layer of a section, FSP's pair).
+
+``stages``/``stages_preact``/``sections`` must sit at the same position in a loss entry's
+``student_layers`` and ``teacher_layers``; the two stage lists are paired by spatial size
+(stages of a size the other network lacks are dropped; with no common size, the deepest
+ones are paired, as mdistiller's ``_align_list``).
 """
 
 from __future__ import annotations
@@ -21,7 +36,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +44,9 @@ from torch import nn
 
 from compresslab.errors import ConfigError
 
-SPECIAL_TAPS = ("auto", "embedding")
+SPECIAL_TAPS = ("auto", "embedding", "stages", "stages_preact", "sections")
+EXPANDING_TAPS = ("stages", "stages_preact", "sections")
+RELU_TYPES = (nn.ReLU, nn.ReLU6)
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -78,25 +95,29 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def capture(model: nn.Module, taps: Sequence[str], stop_when_done: bool = False) -> Iterator[dict]:
+def capture(model: nn.Module, taps: Sequence[str], stop_when_done: bool = False,
+            calls: Mapping[str, int] | None = None) -> Iterator[dict]:
     """Within the block, forwards of ``model`` store the tapped tensors in the yielded dict.
 
     Captured tensors are cloned, so later in-place ops (``ReLU(inplace=True)``) cannot
     change them. If a module runs several times in one forward the last call wins. With
-    ``stop_when_done`` the forward raises :class:`_StopForward` once all taps are captured
-    (use :func:`run_until_captured`).
+    ``stop_when_done`` the forward raises :class:`_StopForward` once all taps are captured,
+    each as often as ``calls[tap]`` says (default once; a ReLU module reused inside a block
+    runs twice): use :func:`run_until_captured`.
     """
     feats: dict[str, torch.Tensor] = {}
     if not taps:
         yield feats
         return
     modules = dict(model.named_modules())
-    wanted = set(taps)
+    wanted = {tap: int((calls or {}).get(tap, 1)) for tap in taps}
+    seen: dict[str, int] = {}
     handles = []
 
     def store(tap, tensor):
         feats[tap] = tensor.clone()
-        if stop_when_done and wanted <= feats.keys():
+        seen[tap] = seen.get(tap, 0) + 1
+        if stop_when_done and all(seen.get(t, 0) >= n for t, n in wanted.items()):
             raise _StopForward
 
     for tap in dict.fromkeys(taps):
@@ -113,9 +134,11 @@ def capture(model: nn.Module, taps: Sequence[str], stop_when_done: bool = False)
             h.remove()
 
 
-def run_until_captured(model: nn.Module, x: torch.Tensor, taps: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Run ``model`` on ``x`` only as far as needed to capture ``taps``."""
-    with capture(model, taps, stop_when_done=True) as feats:
+def run_until_captured(model: nn.Module, x: torch.Tensor, taps: Sequence[str],
+                       calls: Mapping[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """Run ``model`` on ``x`` only as far as needed to capture ``taps`` (``calls``: how often
+    each tapped module runs in a full forward, from :meth:`ProbeResult.calls_of`)."""
+    with capture(model, taps, stop_when_done=True, calls=calls) as feats:
         try:
             model(x)
         except _StopForward:
@@ -135,6 +158,72 @@ class ProbeResult:
     events: list[tuple[str, str]] = field(default_factory=list)  # ("pre"|"post", name) in order
     auto: str | None = None
     embedding: str | None = None
+    types: dict[str, type] = field(default_factory=dict)  # module path -> class
+
+    def calls_of(self, taps: Sequence[str]) -> dict[str, int]:
+        """How often each tap's module runs in one forward (a reused ReLU runs several times)."""
+        out = {}
+        for tap in taps:
+            path, kind = split_tap(tap)
+            out[tap] = max(1, sum(1 for e in self.events if e == ("pre" if kind == "in" else "post", path)))
+        return out
+
+    def stage_list(self, preact: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+        """``[(tap, spatial size)]`` of the stage outputs (or their pre-activations), shallow first."""
+        ends: list[tuple[int, str, tuple[int, ...]]] = []  # (event index, module, spatial)
+        current = None
+        for i, (kind, name) in enumerate(self.events):
+            if kind != "post":
+                continue
+            shape = self.out_shapes.get(name)
+            if shape is None or len(shape) < 2 or math.prod(shape[1:]) <= 1:
+                continue
+            if current is not None and tuple(shape[1:]) != current[2]:
+                ends.append(current)
+            current = (i, name, tuple(shape[1:]))
+        if current is not None:
+            ends.append(current)
+        if not preact:
+            return [(name, size) for _, name, size in ends]
+        out, start = [], 0
+        for end, name, size in ends:
+            relus = [j for j in range(start, end + 1)
+                     if self.events[j][0] == "pre" and issubclass(self.types.get(self.events[j][1], object), RELU_TYPES)
+                     and tuple(self.in_shapes.get(self.events[j][1], ())[1:]) == size]
+            if relus:
+                out.append((f"{self.events[relus[-1]][1]}:in", size))
+            start = end + 1
+        return out
+
+    def section_list(self) -> list[tuple[tuple[str, str], tuple[int, ...]]]:
+        """``[((first, last), spatial size)]``: the first and the last module output of each run of
+        equal spatial size (a section of the network), shallow first."""
+        runs: list[list] = []
+        for kind, name in self.events:
+            if kind != "post":
+                continue
+            shape = self.out_shapes.get(name)
+            if shape is None or len(shape) < 2 or math.prod(shape[1:]) <= 1:
+                continue
+            size = tuple(shape[1:])
+            if runs and runs[-1][2] == size:
+                runs[-1][1] = name
+            else:
+                runs.append([name, name, size])
+        return [((first, last), size) for first, last, size in runs]
+
+    def module_before(self, tap: str, kinds: tuple[type, ...]) -> str | None:
+        """The last module of one of ``kinds`` whose forward finished before ``tap`` was captured
+        (its last capture, for a module that runs several times)."""
+        path, kind = split_tap(tap)
+        marker = ("pre", path) if kind == "in" else ("post", path)
+        last = max((i for i, e in enumerate(self.events) if e == marker), default=None)
+        if last is None:
+            return None
+        for kind_, name in reversed(self.events[:last]):
+            if kind_ == "post" and issubclass(self.types.get(name, object), kinds):
+                return name
+        return None
 
     def shape(self, tap: str) -> tuple[int, ...]:
         """Per-sample shape (no batch dim) of a resolved tap."""
@@ -158,15 +247,11 @@ class ProbeResult:
         """Modules whose forward finished before ``tap`` is captured."""
         path, kind = split_tap(tap)
         marker = ("post", path) if kind == "out" else ("pre", path)
-        done = []
-        for event in self.events:
-            if event == marker:
-                if kind == "out":
-                    done.append(path)
-                break
-            if event[0] == "post":
-                done.append(event[1])
-        return done
+        last = max((i for i, e in enumerate(self.events) if e == marker), default=len(self.events))
+        done = [name for k, name in self.events[:last] if k == "post"]
+        if kind == "out" and last < len(self.events):
+            done.append(path)
+        return list(dict.fromkeys(done))
 
 
 @torch.no_grad()
@@ -180,6 +265,7 @@ def probe(model: nn.Module, input_shape: Sequence[int], device: torch.device | s
     for name, module in model.named_modules():
         if not name:
             continue
+        result.types[name] = type(module)
 
         def pre(m, args, name=name):
             result.events.append(("pre", name))
@@ -274,3 +360,53 @@ def make_adapter(student_shape: Sequence[int], teacher_shape: Sequence[int], mod
                 "but adapter=none; set adapter=auto")
         return nn.Identity()
     raise ConfigError(f"adapter must be one of auto, always, none; got {mode!r}")
+
+
+def check_expanding_taps(s_layers: Sequence[str], t_layers: Sequence[str], what: str) -> None:
+    """``stages``/``stages_preact`` expand to several taps: both sides need one at the same position."""
+    for a, b in zip(s_layers, t_layers):
+        if (a in EXPANDING_TAPS) != (b in EXPANDING_TAPS):
+            raise ConfigError(f"{what}: student tap {a!r} is paired with teacher tap {b!r}; 'stages' and "
+                              "'stages_preact' expand to several taps, so both sides need one at the same position")
+
+
+def pair_stages(student: Sequence[tuple[object, tuple[int, ...]]],
+                teacher: Sequence[tuple[object, tuple[int, ...]]]) -> list[tuple[object, object]]:
+    """Pair two stage lists by spatial size; with no common size, the deepest ones (as mdistiller)."""
+    by_size = {size: tap for tap, size in teacher}
+    pairs, used = [], set()
+    for tap, size in student:
+        if size in by_size and size not in used:
+            pairs.append((tap, by_size[size]))
+            used.add(size)
+    if not pairs:
+        n = min(len(student), len(teacher))
+        pairs = [(s[0], t[0]) for s, t in zip(student[len(student) - n:], teacher[len(teacher) - n:])]
+    return pairs
+
+
+def expand_layers(p_s: ProbeResult, p_t: ProbeResult, s_layers: Sequence[str], t_layers: Sequence[str],
+                  what: str) -> tuple[list[str], list[str]]:
+    """Resolve special taps (``auto``, ``embedding``, ``stages``, ``stages_preact``) to module paths."""
+    s_out, t_out = [], []
+    for a, b in zip(s_layers, t_layers):
+        if a == "sections" or b == "sections":
+            if a != b:
+                raise ConfigError(f"{what}: 'sections' pairs with 'sections' only (got {a!r} / {b!r})")
+            pairs = pair_stages(p_s.section_list(), p_t.section_list())
+            if not pairs:
+                raise ConfigError(f"{what}: 'sections' found no feature-map sections to pair")
+            for (s0, s1), (t0, t1) in pairs:
+                s_out += [s0, s1]
+                t_out += [t0, t1]
+        elif a in EXPANDING_TAPS:
+            pairs = pair_stages(p_s.stage_list(a == "stages_preact"), p_t.stage_list(b == "stages_preact"))
+            if not pairs:
+                raise ConfigError(f"{what}: {a!r} / {b!r} found no feature-map stages to pair (the student or "
+                                  "the teacher has no feature maps, or no ReLU module at a stage's resolution)")
+            s_out += [s for s, _ in pairs]
+            t_out += [t for _, t in pairs]
+        else:
+            s_out.append(p_s.resolve(a))
+            t_out.append(p_t.resolve(b))
+    return s_out, t_out
