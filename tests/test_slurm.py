@@ -96,7 +96,7 @@ def _wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | Non
         if proc is not None and proc.poll() is not None:
             out, err = proc.communicate()
             raise AssertionError(f"the sweep ended while waiting for {what}:\n{out[-3000:]}\n{err[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
@@ -224,7 +224,8 @@ def test_two_by_two_sweep_runs_four_slurm_jobs_and_reports(cluster, tmp_path):
         (0, "lenet5"), (0, "mlp"), (1, "lenet5"), (1, "mlp")}
     # each job's own SLURM log exists, and the teacher cache lock held across jobs: 2 teachers, each trained once
     for record in records.values():
-        assert f"Starting with JobEnvironment(job_id={record['slurm_job_id']}" in _slurm_log(sweep, record["slurm_job_id"])
+        job = record["slurm_job_id"]
+        assert f"Starting with JobEnvironment(job_id={job}" in _slurm_log(sweep, job)
     for seed in (0, 1):
         sources = sorted(r["teacher"]["source"] for r in records.values() if r["axes"]["seed"] == seed)
         assert sources == ["cache", "trained"], (seed, sources)
@@ -238,7 +239,7 @@ def test_two_by_two_sweep_runs_four_slurm_jobs_and_reports(cluster, tmp_path):
 @pytest.mark.slurm
 def test_ddp_job_takes_its_two_ranks_from_srun(cluster, tmp_path):
     sweep, out = _sweep(cluster, tmp_path, [
-        "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *FAST,
+        "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *FAST, "teacher=none", "measure.defer=false",
     ], "ddp")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     print(f"DDP job through SLURM: {out.wall_s:.1f} s wall")
@@ -271,11 +272,12 @@ def _slurm_log_err(sweep: Path, job_id: str, task: int) -> str:
 def test_preempted_job_checkpoints_requeues_and_resumes_where_it_was(cluster, tmp_path):
     # two identical jobs on one CPU each; an urgent job then takes one job's CPUs: SLURM preempts it
     per_job = max(1, cluster.cpus // 2)
-    epochs = 8
+    epochs = 10  # full digits epochs: the fit must outlast the ~1 s from the first last.ckpt to the signal
     sweep, proc = _sweep(cluster, tmp_path, [
         "+run=a,b", "teacher=none", "student=mlp", f"student.epochs={epochs}", "logger=wandb",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "measure.fresh_process=false",
-        "measure.latency_round_ms=1", "measure.latency_rounds=2", f"hydra.launcher.cpus_per_task={per_job}",
+        "measure.latency_round_ms=1", "measure.latency_rounds=2", "measure.defer=false",
+        f"hydra.launcher.cpus_per_task={per_job}",
     ], "preempt", background=True)
     try:
         ckpts = [sweep / str(i) / "checkpoints" / "student" / "last.ckpt" for i in (0, 1)]
@@ -296,6 +298,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_where_it_was(cluster, tm
     assert cluster.run("squeue", "-h", "-t", "all", "-j", urgent, "-o", "%T").stdout.strip() == "COMPLETED"
     # checkpointed on the signal, requeued, resumed from last.ckpt at the epoch and step it had reached
     stops = p["student"]["preemptions"]
+    assert stops, "the signal came after the fit: it ended before SLURM preempted the job"
     assert len(stops) == 1 and stops[0]["signal"] == "SIGUSR2"
     stop = stops[0]
     assert 0 <= stop["epoch"] < epochs - 1
@@ -323,9 +326,11 @@ def test_preempted_job_checkpoints_requeues_and_resumes_where_it_was(cluster, tm
 
 @pytest.mark.slurm
 def test_failed_and_cancelled_jobs_are_recorded_and_the_sweep_finishes(cluster, tmp_path):
-    # job 0 will be cancelled while it runs, job 1 has a bad override (0 epochs), job 2 is fine
+    # job 0 will be cancelled while it runs (200 epochs: it can't finish first), job 1 has a bad
+    # override (0 epochs), job 2 is fine
     sweep, proc = _sweep(cluster, tmp_path, [
-        "student.epochs=2,0,1", *[o for o in FAST if not o.startswith("student.epochs")], "teacher=none",
+        "student.epochs=200,0,1", *[o for o in FAST if not o.startswith("student.epochs")], "teacher=none",
+        "measure.defer=false",
     ], "faults", background=True)
     try:
         first = sweep / "0" / "results.json"
