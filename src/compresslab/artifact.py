@@ -34,6 +34,7 @@ ARTIFACT_LOADERS = Allowlist(
         "compresslab.structured/1": ("compresslab.compress.pruning.structured", "load_structured_payload"),
         "compresslab.int8_pt2e/1": ("compresslab.compress.quantization.pt2e", "load_int8_payload"),
         "compresslab.lowbit/1": ("compresslab.compress.lowbit", "load_lowbit_payload"),
+        "compresslab.actquant/1": ("compresslab.compress.act_quant", "load_actquant_payload"),
         "compresslab.lowrank/1": ("compresslab.compress.lowrank", "load_lowrank_payload"),
         "compresslab.shared/1": ("compresslab.compress.weight_sharing", "load_shared_payload"),
     },

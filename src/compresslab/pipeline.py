@@ -91,6 +91,8 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
     if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
         build_student_module(cfg, student, teacher, classes)
     methods = build_methods(cfg)
+    for method in methods:  # checks against the built student (layer names, BN present, ...)
+        method.validate_student(build_model(arch_spec(cfg.student), shape, classes), datamodule)
     instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
 

@@ -33,6 +33,11 @@ class CompressionMethod:
     def __init__(self, name: str) -> None:
         self.name = name
 
+    def validate_student(self, student: nn.Module, datamodule) -> None:
+        """Checks that need the built student (e.g. named layers exist), run by
+        ``pipeline.validate`` on a freshly built student before any fit; raise
+        :class:`~compresslab.errors.ConfigError` (default: nothing to check)."""
+
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
         """Change the student before training (default: unchanged)."""
         return student

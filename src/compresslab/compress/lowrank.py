@@ -37,6 +37,7 @@ from compresslab.errors import CheckpointError, ConfigError
 
 LOWRANK_FORMAT = "compresslab.lowrank/1"
 KINDS = ("linear", "conv_channel", "conv_spatial")
+TENSOR_KINDS = ("tucker2", "cp")  # compresslab.compress.tensor_lowrank
 
 
 # ---- factorized modules ------------------------------------------------------------------
@@ -201,22 +202,34 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def lowrank_plan(model: nn.Module) -> dict[str, dict]:
-    """``{layer name: {"kind", "rank"}}`` of the factorized layers in ``model``."""
-    return {n: {"kind": m.kind, "rank": int(m.rank)} for n, m in model.named_modules()
-            if isinstance(m, LOWRANK_MODULES)}
+    """``{layer name: {"kind", "rank"}}`` of the factorized layers in ``model`` (SVD kinds and the
+    Tucker-2 / CP modules of :mod:`compresslab.compress.tensor_lowrank`; Tucker-2's rank is
+    ``[rank_out, rank_in]``)."""
+    from compresslab.compress.tensor_lowrank import TENSOR_MODULES
+
+    return {n: {"kind": m.kind, "rank": [int(v) for v in m.rank] if isinstance(m.rank, list) else int(m.rank)}
+            for n, m in model.named_modules() if isinstance(m, LOWRANK_MODULES + TENSOR_MODULES)}
 
 
 def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
     """Replace the planned layers of a freshly built ``model`` by factorized modules of the
     planned ranks (their weights are then loaded from a state dict)."""
+    from compresslab.compress.tensor_lowrank import build_factorized
+
     for name, spec in plan.items():
-        kind, rank = spec["kind"], int(spec["rank"])
-        if kind not in KINDS:
+        kind = spec["kind"]
+        if kind not in KINDS + TENSOR_KINDS:
             raise CheckpointError(f"unknown low-rank layer kind {kind!r} for {name}")
         try:
             module = model.get_submodule(name)
         except AttributeError as exc:
             raise CheckpointError(f"low-rank plan names {name}, which the architecture does not have") from exc
+        if kind in TENSOR_KINDS:
+            if type(module) is not nn.Conv2d:
+                raise CheckpointError(f"low-rank plan: {name} is a {type(module).__name__}, not the Conv2d {kind} needs")
+            _set_module(model, name, build_factorized(module, kind, spec["rank"]))
+            continue
+        rank = int(spec["rank"])
         if kind == "linear":
             new = LowRankLinear(module.in_features, module.out_features, rank, module.bias is not None)
         elif kind == "conv_channel":

@@ -1,5 +1,6 @@
 """Structured (filter/channel) pruning that physically removes channels, with Torch-Pruning's
 dependency graph (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023).
+``prune=slimming`` (:mod:`compresslab.compress.pruning.slimming`) builds on this module.
 
 Removing output channels of a conv also removes the matching BN entries, the next
 layer's input channels, and — through the dependency graph — keeps residual additions
@@ -57,7 +58,9 @@ from compresslab.models import build_model
 log = logging.getLogger(__name__)
 
 STRUCTURED_FORMAT = "compresslab.structured/1"
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "random")
+IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "random", "group_norm")
+#: importances scored from gradients of training batches
+GRADIENT_IMPORTANCES = ("taylor", "hessian")
 
 
 # ---- rebuilding a pruned network from its state dict ------------------------------
@@ -143,15 +146,21 @@ def _importance(kind: str):
     import torch_pruning as tp
 
     if kind == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1)
+        return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first")
     if kind == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2)
+        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="first")
     if kind == "bn_scale":
         return tp.importance.BNScaleImportance()
     if kind == "taylor":
         return tp.importance.GroupTaylorImportance()
+    if kind == "hessian":
+        return tp.importance.GroupHessianImportance()
+    if kind == "lamp":
+        return tp.importance.LAMPImportance(p=2)
     if kind == "random":
         return tp.importance.RandomImportance()
+    if kind == "group_norm":
+        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
     raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {kind!r}")
 
 
@@ -174,8 +183,10 @@ def prune_channels(
 ) -> nn.Module:
     """Remove the ``ratio`` fraction of channels of ``model`` (in place) with torch-pruning.
 
-    ``batches`` feed the Taylor importance (gradients of the cross-entropy; BN in eval mode).
-    The model is traced in eval mode, so BN statistics do not change.
+    ``batches`` feed the gradient importances: ``taylor`` (gradient of the summed cross-entropy)
+    and ``hessian`` (per-sample squared gradients, their mean put in ``.grad``: the empirical
+    Fisher diagonal). BN is in eval mode while scoring; the model is traced in eval mode, so BN
+    statistics do not change.
     """
     import torch_pruning as tp
 
@@ -184,12 +195,15 @@ def prune_channels(
     was_training = model.training
     model.eval()
     try:
-        if importance == "taylor":
+        if importance in GRADIENT_IMPORTANCES:
             if not batches:
-                raise ConfigError("prune.importance=taylor needs training batches")
-            model.zero_grad(set_to_none=True)
-            for x, y in batches:
-                F.cross_entropy(model(x), y).backward()
+                raise ConfigError(f"prune.importance={importance} needs training batches")
+            if importance == "taylor":
+                model.zero_grad(set_to_none=True)
+                for x, y in batches:
+                    F.cross_entropy(model(x), y).backward()
+            else:
+                fisher_diagonal(model, batches)
         pruner = tp.pruner.MetaPruner(
             model, example, importance=_importance(importance), global_pruning=scope == "global",
             pruning_ratio=float(ratio), max_pruning_ratio=float(max_layer_ratio),
@@ -201,6 +215,49 @@ def prune_channels(
         for p in model.parameters():
             p.grad = None
     return model
+
+
+def fisher_diagonal(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Put ``mean_n (∂L_n/∂θ)^2`` over the single samples of ``batches`` in every parameter's
+    ``.grad`` (the empirical-Fisher approximation of the Hessian diagonal used by OBD scores);
+    returns the number of samples. (torch-pruning's ``accumulate_grad`` keys its running sums
+    inconsistently in 1.6 and keeps only the last sample, so the sum is taken here.)"""
+    params = [p for p in model.parameters() if p.requires_grad]
+    acc = [torch.zeros_like(p) for p in params]
+    n = 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params, allow_unused=True)
+            for a, g in zip(acc, grads):
+                if g is not None:
+                    a.add_(g.detach() ** 2)
+            n += 1
+    for p, a in zip(params, acc):
+        p.grad = a / max(1, n)
+    return n
+
+
+class GroupNormRegularizer:
+    """DepGraph's group-level sparse training (Fang et al. 2023, Sec. 3.3), through torch-pruning's
+    ``GroupNormPruner.regularize``: after a backward pass, ``grad += reg · γ_k · w`` on every weight of
+    each coupled group, ``γ_k = 2^(alpha (I_max − I_k)/(I_max − I_min))`` with ``I_k`` the square root
+    of the group's (mean-normalized) group norm. Rebuilt after each pruning step (new shapes)."""
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, reg: float, alpha: float,
+                 exclude: Sequence[str] = ()) -> None:
+        import torch_pruning as tp
+
+        self.model, self.alpha = model, float(alpha)
+        was_training = model.training
+        model.eval()
+        try:
+            self.pruner = tp.pruner.GroupNormPruner(model, example, importance=_importance("group_norm"),
+                                                    reg=float(reg), ignored_layers=ignored_modules(model, exclude))
+        finally:
+            model.train(was_training)
+
+    def __call__(self) -> None:
+        self.pruner.regularize(self.model, alpha=2.0 ** self.alpha)
 
 
 def cumulative_ratios(ratio: float, steps: int) -> list[float]:
@@ -238,6 +295,7 @@ class StructuredPruningCallback(ScheduleTicks):
         self.last_state: dict[str, torch.Tensor] | None = None
         self._hooked: set[int] = set()
         self.hook_handles: list = []
+        self._regularizer = None
 
     @property
     def state_key(self) -> str:
@@ -267,12 +325,22 @@ class StructuredPruningCallback(ScheduleTicks):
         if not self.done and self.method.select_after_pruning:
             hide_unfinished_epoch(trainer)
 
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        """The method's sparsity regularizer (group_norm, slimming) until its last pruning step."""
+        if not self.method.regularizes() or not self.method.regularize_now(self.done):
+            return
+        model = pl_module.model
+        if self._regularizer is None or self._regularizer.model is not model:
+            self._regularizer = self.method.make_regularizer(model, self.method.example.to(
+                next(model.parameters()).device))
+        self._regularizer()
+
     def on_train_end(self, trainer, pl_module) -> None:
         self.last_state = state_to_cpu(pl_module.model.state_dict())
         log_table(trainer, "prune/channels", self.method.channel_table(pl_module.model))
 
     def _batches(self, trainer: pl.Trainer, device) -> list:
-        if self.method.importance != "taylor":
+        if self.method.importance not in GRADIENT_IMPORTANCES:
             return []
         dm = getattr(trainer, "datamodule", None)
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
@@ -291,9 +359,9 @@ class StructuredPruningCallback(ScheduleTicks):
             device = next(model.parameters()).device
             before = dict(model.named_parameters())
             n_before = sum(p.numel() for p in before.values())
-            prune_channels(model, self.method.example.to(device), step_ratio(self.method.cumulative, i),
-                           self.method.importance, self.method.scope, self.method.exclude,
-                           self.method.max_layer_ratio, self.method.round_to, self._batches(trainer, device))
+            self.method.prune_step(model, self.method.example.to(device), step_ratio(self.method.cumulative, i),
+                                   self._batches(trainer, device))
+            self._regularizer = None  # shapes changed: a regularizer is rebuilt on the pruned graph
             _swap_optimizer_params(trainer, before, model)
             n_after = sum(p.numel() for p in model.parameters())
             if n_after == n_before:
@@ -333,6 +401,7 @@ class StructuredPruning(CompressionMethod):
         max_layer_ratio: float = 0.9,
         round_to: int | None = None,
         taylor_batches: int = 4,
+        group_norm: Mapping[str, Any] | None = None,
         select_after_pruning: bool = True,
         epochs: int | None = None,
     ) -> None:
@@ -342,6 +411,18 @@ class StructuredPruning(CompressionMethod):
             raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
         self.importance = importance
         self.scope = check_scope(scope)
+        if importance == "lamp" and self.scope != "global":
+            raise ConfigError("prune.importance=lamp ranks channels exactly like l2 within one layer (its score is "
+                              "monotone in the squared norm); it chooses layer-wise ratios only with one global "
+                              "ranking: set prune.scope=global")
+        gn = dict(group_norm or {})
+        unknown = set(gn) - {"reg", "alpha"}
+        if unknown:
+            raise ConfigError(f"prune.group_norm takes reg and alpha, got {sorted(unknown)}")
+        self.gn_reg = float(gn.get("reg", 1e-4))
+        self.gn_alpha = float(gn.get("alpha", 4.0))
+        if self.gn_reg < 0 or self.gn_alpha < 0:
+            raise ConfigError(f"prune.group_norm.reg and alpha must be >= 0, got {gn}")
         self.steps = int(steps)
         if self.steps < 1:
             raise ConfigError(f"prune.steps must be >= 1, got {steps}")
@@ -365,6 +446,24 @@ class StructuredPruning(CompressionMethod):
         self._before: dict[str, list[int]] = {}
         self._report: dict[str, Any] = {}
         self._table: list[dict] = []
+
+    # ---- overridable pieces (prune=slimming) ---------------------------------------
+    def prune_step(self, model: nn.Module, example: torch.Tensor, ratio: float, batches: Sequence) -> None:
+        """Remove ``ratio`` of the current channels of ``model`` in place."""
+        prune_channels(model, example, ratio, self.importance, self.scope, self.exclude, self.max_layer_ratio,
+                       self.round_to, batches)
+
+    def regularizes(self) -> bool:
+        """Whether a sparsity regularizer runs on the gradients before the pruning steps."""
+        return self.importance == "group_norm" and self.gn_reg > 0
+
+    def regularize_now(self, schedule_done: bool) -> bool:
+        """Whether the regularizer runs now (default: until the last pruning step)."""
+        return not schedule_done
+
+    def make_regularizer(self, model: nn.Module, example: torch.Tensor):
+        """A callable adding the regularizer's gradient to ``model``'s parameters."""
+        return GroupNormRegularizer(model, example, self.gn_reg, self.gn_alpha, self.exclude)
 
     def points(self) -> list[int]:
         """Times (in ``unit``) of the pruning steps."""
@@ -454,4 +553,5 @@ class StructuredPruning(CompressionMethod):
 
 
 __all__ = ["StructuredPruning", "StructuredPruningCallback", "prune_channels", "resize_to_state_dict",
+           "fisher_diagonal", "GroupNormRegularizer", "IMPORTANCES",
            "structured_payload", "load_structured_payload", "STRUCTURED_FORMAT"]
