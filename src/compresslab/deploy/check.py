@@ -78,21 +78,26 @@ def verdict(name: str, info: Mapping, min_agreement: float, max_abs_diff_lossles
 
 
 @torch.no_grad()
-def _child(request: dict) -> dict[str, dict]:
+def check_pairs(pairs: Mapping[str, Mapping[str, str]], x: torch.Tensor, y: torch.Tensor,
+                batch_size: int = 256) -> dict[str, dict]:
+    """:func:`compare` of each ``{"pt", "onnx"}`` pair on ``x``/``y`` (in this process)."""
     from compresslab.artifact import load_model_file
     from compresslab.deploy.ort import OrtModel
 
-    torch.set_num_threads(int(request["threads"]))
-    data = torch.load(request["data"], map_location="cpu", weights_only=True)
-    x, y, bs = data["x"], data["y"], int(request["batch_size"])
     out = {}
-    for name, pair in request["pairs"].items():
+    for name, pair in pairs.items():
         model = load_model_file(Path(pair["pt"])).eval()
         runtime = OrtModel(pair["onnx"])
-        t = torch.cat([model(x[i:i + bs]).float() for i in range(0, len(x), bs)])
-        o = torch.cat([runtime(x[i:i + bs]).float() for i in range(0, len(x), bs)])
+        t = torch.cat([model(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
+        o = torch.cat([runtime(x[i:i + batch_size]).float() for i in range(0, len(x), batch_size)])
         out[name] = compare(t, o, y)
     return out
+
+
+def _child(request: dict) -> dict[str, dict]:
+    torch.set_num_threads(int(request["threads"]))
+    data = torch.load(request["data"], map_location="cpu", weights_only=True)
+    return check_pairs(request["pairs"], data["x"], data["y"], int(request["batch_size"]))
 
 
 def main(argv: list[str] | None = None) -> None:

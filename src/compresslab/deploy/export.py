@@ -79,12 +79,25 @@ def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> b
                                     output_names=[OUTPUT_NAME], optimize=True, verbose=False,
                                     external_data=False)
     proto = program.model_proto
+    _strip_debug_info(proto)
     return proto.SerializeToString()
+
+
+def _strip_debug_info(proto) -> None:
+    """Drop the exporter's per-node debug metadata (source stack traces, FX node names): on resnet20's
+    int8 graph it is 40% of the file; the graph and its tensors are unchanged."""
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output):
+        del value.metadata_props[:]
+    for init in proto.graph.initializer:
+        del init.metadata_props[:]
 
 
 def _quiet_exporter() -> None:
     """The dynamo exporter prints progress lines through the ``torch.onnx`` loggers."""
-    for name in ("torch.onnx", "torch.onnx._internal.exporter._core", "onnxscript"):
+    for name in ("torch.onnx", "torch.onnx._internal.exporter._core", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
