@@ -317,7 +317,16 @@ def test_preempted_job_checkpoints_requeues_and_resumes_where_it_was(cluster, tm
     print(f"preempted job {p['slurm_job_id']}: signal at epoch {stop['epoch']} step {stop['step']}, resumed at "
           f"epoch {stop['resumed_at_epoch']} step {stop['resumed_at_step']}; acc {acc_p:.4f} vs uninterrupted "
           f"{acc_ref:.4f}")
-    assert acc_ref > 0.85 and abs(acc_p - acc_ref) <= 0.03
+    # noise: after the resume the data order differs (a fresh shuffle), so the two runs differ like two
+    # samples; 3 standard errors of a difference of two accuracies on the test split is the tolerance
+    from compresslab.data import DigitsDataModule
+
+    dm = DigitsDataModule()
+    dm.setup("test")
+    n_test = len(dm.test_dataloader().dataset)
+    tolerance = 3 * (2 * acc_ref * (1 - acc_ref) / n_test) ** 0.5
+    print(f"|difference| {abs(acc_p - acc_ref):.4f}, tolerance {tolerance:.4f} ({n_test} test images)")
+    assert acc_ref > 0.85 and abs(acc_p - acc_ref) <= tolerance
     # W&B: the requeued job continued its run (same id, two offline segments), not a second run
     runs = sorted((Path(p["run_dir"]) / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1, runs
