@@ -37,6 +37,8 @@ ARTIFACT_LOADERS = Allowlist(
         "compresslab.actquant/1": ("compresslab.compress.act_quant", "load_actquant_payload"),
         "compresslab.lowrank/1": ("compresslab.compress.lowrank", "load_lowrank_payload"),
         "compresslab.shared/1": ("compresslab.compress.weight_sharing", "load_shared_payload"),
+        "compresslab.fused/1": ("compresslab.compress.fuse", "load_fused_payload"),
+        "compresslab.onnx_qdq/1": ("compresslab.compress.quantization.ort_int8", "load_onnx_qdq_payload"),
     },
     f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
     error=CheckpointError,

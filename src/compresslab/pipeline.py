@@ -26,6 +26,7 @@ from compresslab.artifact import atomic_torch_save, load_model_file, model_paylo
 from compresslab.compress import CompressionMethod, build_methods
 from compresslab.config_utils import instantiate_node, recipe_kwargs
 from compresslab.data.regime import check_regime_config, check_student_regime
+from compresslab.deploy import step as deploy
 from compresslab.distill.module import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
@@ -89,10 +90,13 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
             raise ConfigError(f"{role}.epochs must be a positive integer, got {value!r} (an untrained "
                               f"{role} is not a result; for a trained teacher pass teacher.ckpt=<file>)")
     if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
-        build_student_module(cfg, student, teacher, classes)
+        module = build_student_module(cfg, student, teacher, classes)
+        train_set = getattr(datamodule, "train_set", None)  # feature shapes at the taps too (FSP pairs, OFD's BN)
+        module.build(shape, len(train_set) if train_set is not None else None)
     methods = build_methods(cfg)
     for method in methods:  # checks against the built student (layer names, BN present, ...)
         method.validate_student(build_model(arch_spec(cfg.student), shape, classes), datamodule)
+    deploy.validate(cfg)  # export / measure.backends / fuse settings
     instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
 
@@ -139,21 +143,22 @@ def latency_deferred(cfg: DictConfig) -> bool:
 
 
 def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[str, torch.nn.Module],
-                 examples, num_classes: int) -> dict[str, dict]:
+                 examples, num_classes: int, backends: dict | None = None) -> dict[str, dict]:
     """Params, MACs and latency of every model: by default of its file, loaded in a fresh process
     (``measure.fresh_process``) and checked to compute what this process loaded. A model without
-    a compresslab file (a teacher from a Lightning checkpoint) is written to a temporary one."""
+    a compresslab file (a teacher from a Lightning checkpoint) is written to a temporary one.
+    ``backends``: ``{backend: {name: .onnx path}}`` timed in the same rounds (:mod:`compresslab.deploy.step`)."""
     ex1, exn = examples
     settings = LatencySettings.from_config(cfg.measure)
     latency = not latency_deferred(cfg)
     if not cfg.measure.get("fresh_process", True):
-        profiles = profile_many(models, ex1, exn, settings, latency=latency)
+        profiles = profile_many(models, ex1, exn, settings, latency=latency, backends=deploy.load_backends(backends))
         return {name: {**p, "measured_in": "training_process"} for name, p in profiles.items()}
     with tempfile.TemporaryDirectory(prefix="compresslab-teacher-") as tmp:
         files = {name: path if path is not None else save_model_file(
             Path(tmp) / f"{name}.pt", models[name], arch_spec(cfg[name]), ex1.shape[1:], num_classes)
             for name, path in files.items()}
-        metrics, outputs = measure_in_fresh_process(files, ex1, exn, settings, latency=latency)
+        metrics, outputs = measure_in_fresh_process(files, ex1, exn, settings, latency=latency, backends=backends)
     for name, model in models.items():
         with torch.no_grad():
             here = model(exn).detach().cpu()
@@ -266,7 +271,8 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         if teacher is not None:  # a user's checkpoint may be a Lightning one: measured from a model file
             models["teacher"] = teacher
             files["teacher"] = None if tinfo["source"] == "checkpoint" else Path(tinfo["path"])
-        profiles = _profile_all(cfg, files, models, examples, classes)
+        onnx = deploy.export_step(cfg, files, models, dm, methods, artifacts) if deploy.export_enabled(cfg) else None
+        profiles = _profile_all(cfg, files, models, examples, classes, deploy.onnx_files(onnx, cfg))
         rows: dict[str, dict | None] = {"teacher": None}
         if teacher is not None:
             rows["teacher"] = {
@@ -288,10 +294,12 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
             "best_epoch": fit["best_epoch"],
             "epochs_run": fit["epochs_run"],
             "resumed_from": fit["resumed_from"],
+            "preemptions": fit["preemptions"],
             "train_time_s": fit["train_time_s"],
             **{k: v for m in methods for k, v in m.report().items()},
         }
         _add_ratios(rows)
+        deploy.merge(rows, onnx)
         record.update(rows)
         if hasattr(dm, "regime_summary"):
             record["data_regime"] = dm.regime_summary()

@@ -2,7 +2,7 @@
 
 A method is configured in its axis group (``prune``, ``quant``, ``lowrank``) with a
 ``_target_`` naming a :class:`CompressionMethod` subclass; ``<axis>=none`` has no
-target and adds nothing. The pipeline calls, in axis order lowrank → prune → quant:
+target and adds nothing. The pipeline calls, in axis order lowrank → prune → quant → fuse:
 
 1. :meth:`prepare` on the freshly built student (e.g. factorize layers),
 2. :meth:`callbacks` to add Lightning callbacks to the student fit (pruning schedules, QAT),
@@ -22,7 +22,7 @@ from torch import nn
 from compresslab.config_utils import instantiate_node
 from compresslab.errors import ConfigError
 
-AXIS_ORDER = ("lowrank", "prune", "quant")
+AXIS_ORDER = ("lowrank", "prune", "quant", "fuse")
 
 
 class CompressionMethod:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -100,18 +100,26 @@ def profile_many(
     example_bn: torch.Tensor,
     settings: LatencySettings | None = None,
     latency: bool = True,
+    backends: Mapping[str, Mapping[str, Callable]] | None = None,
 ) -> dict[str, dict]:
     """:func:`static_profile` of each model plus, unless ``latency`` is off (``measure.defer``),
     its latency at batch 1 and batch N from :func:`~compresslab.measure.latency.measure_latencies`
     (interleaved; speed-ups with intervals relative to ``"reference"``; the noise gate's verdict
-    as ``latency_reliable`` / ``latency_unreliable_reason`` on every row)."""
+    as ``latency_reliable`` / ``latency_unreliable_reason`` on every row). ``backends``
+    (``{backend: {name: callable}}``, e.g. ONNX Runtime sessions) are timed in the same rounds and
+    nested under each row's ``backends`` (:func:`compresslab.deploy.step.attach`)."""
     settings = settings or LatencySettings()
     rows = {name: static_profile(model, example_b1) for name, model in models.items()}
     if not latency:
         for row in rows.values():
             row["latency_deferred"] = True
         return rows
-    result = measure_latencies(models, example_b1, example_bn, settings)
+    contenders, references = models, None
+    if backends:
+        from compresslab.deploy.step import contenders as with_backends
+
+        contenders, references = with_backends(models, backends)
+    result = measure_latencies(contenders, example_b1, example_bn, settings, references)
     gate = result["gate"]
     for name, row in rows.items():
         row.update(result["models"][name])
@@ -121,6 +129,10 @@ def profile_many(
                    latency_unreliable_reason=gate["reason"], latency_unreliable_short=gate["short_reason"],
                    latency_load=gate["load"],
                    latency_self_check=gate["self_check"])
+    if backends:
+        from compresslab.deploy.step import attach
+
+        attach(rows, result, backends)
     return rows
 
 
