@@ -11,10 +11,12 @@ same recipe and seed, and one table of accuracy, params, MACs, artifact size and
 Accuracy is the test split at the val-selected epoch; size is the saved artifact's bytes and its
 ratio to the dense fp32 reference; latency is CPU batch 1 (median) of the reloaded artifact,
 interleaved with its reference in the same job (so `speedup` compares like with like; absolute
-milliseconds of different rows were measured at different times).
+milliseconds of different rows were measured at different times, and with ``--workers`` > 1 beside
+other jobs). By default the reloaded artifact is measured in the benchmark's own process
+(``measure.fresh_process=false``); ``--fresh-process`` uses the pipeline's fresh-process measurement.
 
-    .venv/bin/python benchmarks/catalogue_compress.py [--epochs 8] [--out outputs/bench_catalogue]
-        [--only slimming,tucker,...]
+    .venv/bin/python benchmarks/catalogue_compress.py [--epochs 8] [--workers 1] [--out outputs/bench_catalogue]
+        [--only slimming,tucker,...] [--fresh-process]
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ import logging
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests"))  # conftest.compose_config: the real config tree
 
 
 def jobs(epochs: int) -> list[tuple[str, list[str]]]:
@@ -80,30 +84,43 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "bench_catalogue"))
     parser.add_argument("--only", default="", help="comma-separated substrings of method names to run")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="jobs run at once (each in its own process)")
+    parser.add_argument("--fresh-process", action="store_true",
+                        help="measure each artifact in a fresh Python process (the pipeline's default; slower)")
     args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    selected = [j for j in jobs(args.epochs) if not args.only or any(s in j[0] for s in args.only.split(","))]
+    common = ["teacher=none", "logger=none", f"seed={args.seed}", f"student.epochs={args.epochs}",
+              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    if not args.fresh_process:
+        common.append("measure.fresh_process=false")
+    done: dict[str, dict] = {}
+    with ProcessPoolExecutor(max_workers=max(1, args.workers), mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, name, common + overrides): name for name, overrides in selected}
+        for future in as_completed(futures):
+            name = futures[future]
+            done[name] = future.result()
+            print(f"{name}: acc {done[name]['acc']:.4f}, size ratio {done[name]['size_ratio']:.2f}x, "
+                  f"{done[name]['job_s']} s", flush=True)
+            rows = [done[n] for n, _ in selected if n in done]  # table in job order
+            (out / "catalogue.json").write_text(json.dumps({"epochs": args.epochs, "seed": args.seed,
+                                                           "workers": args.workers, "rows": rows}, indent=1))
+            (out / "catalogue.md").write_text(markdown(rows))
+    print(markdown([done[n] for n, _ in selected]))
+
+
+def _run_job(name: str, overrides: list[str]) -> dict:
+    """One pipeline run in a worker process; returns its table row."""
     logging.disable(logging.WARNING)
     from conftest import compose_config
 
     from compresslab.pipeline import run_experiment
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    selected = [j for j in jobs(args.epochs) if not args.only or any(s in j[0] for s in args.only.split(","))]
-    common = ["teacher=none", "logger=none", f"seed={args.seed}", f"student.epochs={args.epochs}",
-              "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-    for name, overrides in selected:
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="bench_catalogue_") as tmp:
-            cfg = compose_config(Path(tmp), common + overrides, fast=False)
-            record = run_experiment(cfg)
-        rows.append(row(name, record, time.time() - t0))
-        print(f"{name}: acc {rows[-1]['acc']:.4f}, size ratio {rows[-1]['size_ratio']:.2f}x, "
-              f"{rows[-1]['job_s']} s", flush=True)
-        (out / "catalogue.json").write_text(json.dumps({"epochs": args.epochs, "seed": args.seed, "rows": rows},
-                                                       indent=1))
-        (out / "catalogue.md").write_text(markdown(rows))
-    print(markdown(rows))
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench_catalogue_") as tmp:
+        record = run_experiment(compose_config(Path(tmp), overrides, fast=False))
+    return row(name, record, time.time() - t0)
 
 
 if __name__ == "__main__":
