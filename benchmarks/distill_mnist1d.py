@@ -3,7 +3,11 @@
 A CNN teacher (conf/arch/cnn1d.yaml, trained once and cached under --cache-dir) is
 distilled into a small CNN (cnn1d_small) and an MLP (mlp), each method with its
 ``conf/distill/<method>.yaml`` preset, over several seeds. Prints a table of test
-accuracy (mean ± std over seeds, last epoch) and the training epoch time (CPU time,
+accuracy (mean ± std over seeds, last epoch), the student's size (saved artifact bytes; the
+same for every method: distillation changes the weights, not the network), the parameters
+that exist only during training (adapters, embedding heads, regressors, paraphrasers — not in
+the artifact), the CPU time of the method's stages before the main fit (FitNets' first stage,
+AB/FSP initialisation, FT's paraphraser; seed 0's fit) and the training epoch time (CPU time,
 median epoch, no validation) of each method relative to plain training of the same student:
 
 * ``×plain`` — the method as configured, teacher run every step (a short timing fit
@@ -19,7 +23,8 @@ Usage:
     .venv/bin/python benchmarks/distill_mnist1d.py --epochs 5 --seeds 1 --methods kd,at --students cnn1d_small
     .venv/bin/python benchmarks/distill_mnist1d.py --variant "at_w10=at:distill.feature_losses.at.weight=10"
 
-DKD's warm-up (20 of mdistiller's 240 epochs) is scaled to the same fraction of --epochs.
+DKD's and ReviewKD's warm-ups (20 of mdistiller's 240 epochs) and the stages of AB, FSP and FT
+(RepDistiller's 30 init epochs of 240) are scaled to the same fraction of --epochs (at least 1).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import json
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 from functools import partial
@@ -50,7 +56,9 @@ from compresslab.train import ClassifierModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-ALL_METHODS = ["kd", "fitnet", "at", "sp", "pkt", "rkd", "crd", "dkd", "kd_ls", "kd_at", "kd_fitnet"]
+ALL_METHODS = ["kd", "fitnet", "at", "sp", "pkt", "rkd", "crd", "dkd", "kd_ls", "kd_at", "kd_fitnet",
+               "cc", "vid", "ab", "ft", "fsp", "nst", "ofd", "reviewkd", "dist"]
+STAGED = {"ab": "ab", "fsp": "fsp", "ft": "ft"}  # method -> feature-loss entry with RepDistiller's 30 init epochs
 
 
 class EpochTimer(Callback):
@@ -60,6 +68,13 @@ class EpochTimer(Callback):
 
     def __init__(self) -> None:
         self.times: list[float] = []
+        self.stage_s = 0.0
+
+    def on_fit_start(self, trainer, pl_module):  # callbacks' hook runs before the module's (the stages)
+        self._fit_start = time.process_time()
+
+    def on_train_start(self, trainer, pl_module):
+        self.stage_s = time.process_time() - self._fit_start
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._start = time.process_time()
@@ -78,6 +93,10 @@ def distill_node(method: str, overrides: list[str], epochs: int, cache: bool):
     overrides = [f"distill={method}", *overrides, f"distill.cache_teacher_outputs={str(cache).lower()}"]
     if method == "dkd":
         overrides.append(f"distill.logit_loss.warmup_epochs={max(1, round(epochs * 20 / 240))}")
+    if method == "reviewkd":
+        overrides.append(f"distill.feature_losses.reviewkd.loss.warmup_epochs={max(1, round(epochs * 20 / 240))}")
+    if method in STAGED:
+        overrides.append(f"distill.feature_losses.{STAGED[method]}.init_epochs={max(1, round(epochs * 30 / 240))}")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=[*overrides, "logger=none", "paths.run_dir=."])
@@ -90,14 +109,14 @@ def recipe(epochs: int):
             partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=max(1, epochs)))
 
 
-def fit(module, dm, epochs: int) -> list[float]:
-    """Train without validation/checkpoints/logging; returns the epoch times."""
+def fit(module, dm, epochs: int) -> EpochTimer:
+    """Train without validation/checkpoints/logging; returns the timer (epoch and stage times)."""
     timer = EpochTimer()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                          callbacks=[timer])
     trainer.fit(module, datamodule=dm)
-    return timer.times
+    return timer
 
 
 def get_teacher(dm, epochs: int, cache_dir: Path):
@@ -126,23 +145,38 @@ def run_one(student: str, method: str, overrides: list[str], seed: int, teacher,
         module = instantiate_node(distill_node(method, overrides, epochs, cache), model=model, teacher=teacher,
                                   num_classes=dm.num_classes, optimizer=opt, scheduler=sched, label_smoothing=0.0)
     try:
-        times = fit(module, dm, epochs)
+        timer = fit(module, dm, epochs)
     except ConfigError as exc:
-        return {"acc": None, "epoch_s": None, "note": str(exc).split(" but ")[0]}
-    return {"acc": evaluate_accuracy(model.eval(), dm.test_dataloader()), "epoch_s": statistics.median(times)}
+        return {"acc": None, "epoch_s": None, "note": str(exc).split(" but ")[0].split(" (")[0]}
+    extra = 0
+    if method != "scratch":
+        extra_modules = [module.adapters, module.feature_losses] + ([module.logit_loss] if module.logit_loss else [])
+        extra = sum(p.numel() for m in extra_modules for p in m.parameters())
+    return {"acc": evaluate_accuracy(model.eval(), dm.test_dataloader()), "epoch_s": statistics.median(timer.times),
+            "stage_s": timer.stage_s, "extra_params": extra, "model": model}
+
+
+def artifact_bytes(model, dm, student: str) -> int:
+    """Bytes of the student saved as the pipeline saves it (a model file)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_model_file(Path(tmp) / "student.pt", model, arch(student), dm.input_shape, dm.num_classes)
+        return path.stat().st_size
 
 
 def fmt_table(rows: list[dict]) -> str:
     """Markdown table of the rows."""
-    lines = ["| student | method | test acc % (mean ± std) | Δ vs scratch | epoch (CPU) | ×plain | ×plain cached |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| student | method | test acc % (mean ± std) | Δ vs scratch | artifact | train-only params "
+             "| stages (CPU) | epoch (CPU) | ×plain | ×plain cached |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["mean"] is None:
-            lines.append(f"| {r['student']} | {r['method']} | n/a: {r['note']} | | | | |")
+            lines.append(f"| {r['student']} | {r['method']} | n/a: {r['note']} | | | | | | | |")
             continue
         cached = f"{r['rel_cached']:.2f}×" if r.get("rel_cached") else "–"
+        stage = f"{r['stage_s']:.1f} s" if r.get("stage_s", 0) >= 0.05 else "–"
         lines.append(f"| {r['student']} | {r['method']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} "
-                     f"| {100 * r['delta']:+.2f} | {1000 * r['epoch_s']:.0f} ms | {r['rel']:.2f}× | {cached} |")
+                     f"| {100 * r['delta']:+.2f} | {r['size_bytes'] / 1024:.1f} KiB | {r['extra_params']:,} "
+                     f"| {stage} | {1000 * r['epoch_s']:.0f} ms | {r['rel']:.2f}× | {cached} |")
     return "\n".join(lines)
 
 
@@ -199,7 +233,9 @@ def main() -> None:
             accs = [r["acc"] for r in results]
             median_epoch = statistics.median(r["epoch_s"] for r in results)
             row = {"student": student, "method": label, "accs": accs, "mean": statistics.mean(accs),
-                   "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+                   "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+                   "size_bytes": artifact_bytes(results[0]["model"], dm, student),
+                   "extra_params": results[0]["extra_params"], "stage_s": results[0]["stage_s"]}
             if distill and cached:  # time the uncached method separately
                 row["epoch_s"] = run_one(student, method, overrides, 0, teacher, dm, args.timing_epochs,
                                          False)["epoch_s"]
@@ -224,7 +260,7 @@ def main() -> None:
     print(fmt_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "teacher_acc": teacher_acc, "rows": rows},
-                                              indent=2))
+                                              indent=2, default=str))
 
 
 if __name__ == "__main__":
