@@ -110,13 +110,14 @@ def test_the_report_never_builds_models_from_records(tmp_path, hub_repo):
 
 def test_every_artifact_format_and_zoo_model_is_in_its_allowlist():
     from compresslab.artifact import ARTIFACT_LOADERS
-    from compresslab.compress import act_quant, lowbit, lowrank, sparse_encoding, weight_sharing
+    from compresslab.compress import act_quant, fuse, lowbit, lowrank, sparse_encoding, weight_sharing
     from compresslab.compress.pruning import structured
-    from compresslab.compress.quantization import pt2e
+    from compresslab.compress.quantization import ort_int8, pt2e
     from compresslab.models.common import MODEL_FACTORIES
 
     formats = [lowbit.LOWBIT_FORMAT, lowrank.LOWRANK_FORMAT, sparse_encoding.SPARSE_FORMAT,
-               weight_sharing.SHARED_FORMAT, structured.STRUCTURED_FORMAT, pt2e.INT8_FORMAT, act_quant.ACTQUANT_FORMAT]
+               weight_sharing.SHARED_FORMAT, structured.STRUCTURED_FORMAT, pt2e.INT8_FORMAT, act_quant.ACTQUANT_FORMAT,
+               fuse.FUSED_FORMAT, ort_int8.ONNX_QDQ_FORMAT]
     assert sorted(formats) == ARTIFACT_LOADERS.names()
     assert all(callable(ARTIFACT_LOADERS.resolve(f)) for f in formats)
     import compresslab.models as zoo
