@@ -398,14 +398,7 @@ class SVDLowRank(CompressionMethod):
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
-        return {
-            "format": LOWRANK_FORMAT,
-            "arch": dict(context["arch"]),
-            "input_shape": [int(v) for v in context["input_shape"]],
-            "num_classes": int(context["num_classes"]),
-            "plan": lowrank_plan(student),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-        }
+        return lowrank_payload(student, context)
 
     def report(self) -> dict[str, Any]:
         factorized = {n: i for n, i in self.layer_info.items() if i.get("rank") is not None}
@@ -457,3 +450,16 @@ __all__ = [
     "LOWRANK_FORMAT", "LowRankLinear", "LowRankConv", "LowRankSpatialConv2d", "SVDLowRank", "factorize",
     "apply_plan", "lowrank_plan", "choose_rank",
 ]
+
+
+def lowrank_payload(student: nn.Module, context: dict[str, Any]) -> dict:
+    """The artifact of a factorised student: its architecture, the plan of factorised layers
+    (:func:`lowrank_plan`, SVD/Tucker/CP) and its weights; rebuilt by the lowrank loader."""
+    return {
+        "format": LOWRANK_FORMAT,
+        "arch": dict(context["arch"]),
+        "input_shape": [int(v) for v in context["input_shape"]],
+        "num_classes": int(context["num_classes"]),
+        "plan": lowrank_plan(student),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
+    }

@@ -396,16 +396,9 @@ class TensorLowRank(CompressionMethod):
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
-        from compresslab.compress.lowrank import LOWRANK_FORMAT, lowrank_plan
+        from compresslab.compress.lowrank import lowrank_payload
 
-        return {
-            "format": LOWRANK_FORMAT,
-            "arch": dict(context["arch"]),
-            "input_shape": [int(v) for v in context["input_shape"]],
-            "num_classes": int(context["num_classes"]),
-            "plan": lowrank_plan(student),
-            "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-        }
+        return lowrank_payload(student, context)
 
     finetuned = True
 

@@ -91,8 +91,9 @@ class FeatureLoss(nn.Module, abc.ABC):
         return [p for p in self.parameters() if p.requires_grad]
 
     def bind_teacher_bn(self, bns: Sequence[nn.Module]) -> None:
-        """Receive the teacher's BatchNorm before each teacher tap (``needs_teacher_bn``)."""
-        raise NotImplementedError
+        """Receive the teacher's BatchNorm before each teacher tap; called only for losses that
+        set ``needs_teacher_bn``, which must override it (OFD)."""
+        raise TypeError(f"{type(self).__name__} sets needs_teacher_bn but does not override bind_teacher_bn")
 
     def build(self, student_shapes: Sequence[tuple[int, ...]], teacher_shapes: Sequence[tuple[int, ...]],
               num_samples: int | None) -> None:
