@@ -151,3 +151,126 @@ def test_report_marks_unreliable_cells_and_speedups_far_below_the_macs_ratio(tmp
     assert "(MACs predict 4.00x)" in table.split("| structured |")[1].split("\n")[0]
     assert "unreliable" not in table.split("| none |")[1].split("\n")[0]
     assert report["latency_source"].startswith("latency figures: 3 runs measured per job")
+
+
+# ---- compresslab-measure times the ONNX Runtime backend too ---------------------------------
+_REF_ARCH = {"_target_": "compresslab.models.MLP", "hidden": [256, 256]}
+
+
+@pytest.fixture(scope="module")
+def ort_runs(tmp_path_factory):
+    """Four run dirs of real artifacts and their ONNX exports (MLPs on 8x8 inputs), sharing one
+    reference (the same bytes copied into each run, .pt and .onnx alike):
+    a/ and b/ ask for onnxruntime (different students), c/ only for torch (a's student),
+    d/ for onnxruntime but its student's .onnx is gone (b's student)."""
+    import shutil
+
+    import torch
+
+    from compresslab.artifact import read_payload, save_model_file
+    from compresslab.deploy.export import export_payload
+    from compresslab.models import build_model
+
+    root = tmp_path_factory.mktemp("ort_runs")
+    src = root / "src"
+    src.mkdir()
+    files = {}
+    for name, hidden in (("reference", [256, 256]), ("small", [16]), ("tiny", [8])):
+        torch.manual_seed(0)
+        arch = {**_REF_ARCH, "hidden": hidden}
+        pt = save_model_file(src / f"{name}.pt", build_model(arch, [1, 8, 8], 10).eval(), arch, [1, 8, 8], 10)
+        info = export_payload(read_payload(pt), src / f"{name}.onnx")
+        files[name] = (pt, src / f"{name}.onnx", info["size_bytes"])
+    sweep = root / "sweep"
+    plan = {"a": ("small", ["torch", "onnxruntime"]), "b": ("tiny", ["torch", "onnxruntime"]),
+            "c": ("small", ["torch"]), "d": ("tiny", ["torch", "onnxruntime"])}
+    for seed, (run, (student, backends)) in enumerate(plan.items()):
+        art = sweep / run / "artifacts"
+        art.mkdir(parents=True)
+        record = {"status": "completed", "axes": {"seed": seed, "student": student},
+                  "config": {"measure": {"latency_batch": 8, "backends": backends}, "export": {"onnx": True}}}
+        for row, name in (("reference", "reference"), ("student", student)):
+            pt, onnx, onnx_size = files[name]
+            shutil.copy(pt, art / f"{row}.pt")
+            shutil.copy(onnx, art / f"{row}.onnx")
+            record[row] = {"artifact": f"artifacts/{row}.pt", "acc_top1": 0.5, "size_bytes": pt.stat().st_size,
+                           "onnx": {"path": str(art / f"{row}.onnx"), "size_bytes": onnx_size},
+                           "latency_deferred": True}
+            if "onnxruntime" in backends:
+                record[row]["backends"] = {"torch": {"acc_top1": 0.5, "size_bytes": pt.stat().st_size},
+                                           "onnxruntime": {"acc_top1": 0.25, "size_bytes": onnx_size}}
+        (sweep / run / "results.json").write_text(json.dumps(record))
+    (sweep / "d" / "artifacts" / "student.onnx").unlink()
+    return sweep
+
+
+def test_measure_together_times_onnx_files_beside_the_artifacts_in_one_session(ort_runs, capsys):
+    from compresslab.measure.together import _print, measure_together
+
+    settings = LatencySettings(warmup=1, rounds=3, round_ms=1.0, threads_bN=1)
+    result = measure_together([ort_runs], settings, write=True)
+    session = result["session"]
+    # distinct files: reference .pt/.onnx (identical in all four runs), small .pt/.onnx, tiny .pt/.onnx
+    # (d's tiny.onnx is gone, c's small.onnx is not wanted): each timed once, in one group
+    assert session["models"] == 6 and session["runs"] == 4 and len(session["groups"]) == 1
+    assert session["backends"] == ["torch", "onnxruntime"]
+    assert any("student.onnx" in line and "no such ONNX file" in line for line in result["skipped"])
+    blocks = {Path(p).parent.name: b for p, b in result["runs"].items()}
+
+    for run in ("a", "b"):
+        st, ref = blocks[run]["student"], blocks[run]["reference"]
+        ort, ort_ref = st["backends"]["onnxruntime"], ref["backends"]["onnxruntime"]
+        assert ort["model_key"].startswith("student.onnx@") and ort["latency_ms_b1"] > 0 and ort["latency_ms_bN"] > 0
+        for key in ("speedup", "speedup_b1"):  # vs the run's reference in ONNX Runtime, with its interval
+            lo, hi = ort[f"{key}_ci"]
+            assert lo <= ort[key] <= hi
+            assert ort[key] == pytest.approx(ort_ref[f"latency_ms_{'bN' if key == 'speedup' else 'b1'}"] /
+                                             ort[f"latency_ms_{'bN' if key == 'speedup' else 'b1'}"])
+        assert ort_ref["speedup"] == pytest.approx(1.0) and ort["intra_op_num_threads_bN"] == 1
+        assert ort["settings"]["intra_op_allow_spinning"] is False and "onnxruntime" in ort["versions"]
+        assert st["backends"]["torch"]["speedup"] == st["speedup"]
+        # deployed: the faster of torch's student and ORT's student, both vs the torch fp32 reference
+        ort_vs_torch = ref["latency_ms_bN"] / ort["latency_ms_bN"]
+        assert st["deployed_speedup"] == pytest.approx(max(st["speedup"], ort_vs_torch))
+        assert st["deployed_backend"] == ("onnxruntime" if ort_vs_torch > st["speedup"] else "torch")
+        assert st["deployed_backend_b1"] in ("torch", "onnxruntime") and len(st["deployed_speedup_b1_ci"]) == 2
+        assert isinstance(st["latency_reliable"], bool)
+    # the shared reference .onnx is one model: the same figures in both runs
+    assert blocks["a"]["reference"]["backends"]["onnxruntime"] == blocks["b"]["reference"]["backends"]["onnxruntime"]
+    assert blocks["a"]["student"]["backends"]["onnxruntime"]["model_key"] != \
+        blocks["b"]["student"]["backends"]["onnxruntime"]["model_key"]
+    # c asked for torch only; d's student has no .onnx: torch figures, no ORT ones, no deployed speed-up
+    assert "backends" not in blocks["c"]["student"] and "deployed_speedup" not in blocks["c"]["student"]
+    assert "backends" not in blocks["d"]["student"] and "onnxruntime" in blocks["d"]["reference"]["backends"]
+    assert blocks["c"]["student"]["model_key"] == blocks["a"]["student"]["model_key"]  # same .pt, timed once
+    _print(result)
+    printed = capsys.readouterr().out
+    assert printed.count("    onnxruntime: ") == 2 and "vs the torch fp32 reference" in printed
+    written = json.loads((ort_runs / "a" / "results.json").read_text())
+    assert written["measured_together"]["student"]["backends"]["onnxruntime"]["latency_ms_bN"] == \
+        blocks["a"]["student"]["backends"]["onnxruntime"]["latency_ms_bN"]
+
+    # the report takes these figures with --backend onnxruntime (timed together; ORT accuracy and size per job)
+    from compresslab.track.report import build_report
+    from compresslab.track.sweep import collect_job_results
+
+    records = collect_job_results(ort_runs)
+    report = build_report(records, "seed", None, ["speedup", "acc_top1", "deployed_speedup"], None, plots=False,
+                          backend="onnxruntime")
+    frame = report["frame"].set_index("seed")
+    a_ort = blocks["a"]["student"]["backends"]["onnxruntime"]
+    assert frame.at[0, "speedup"] == pytest.approx(a_ort["speedup"])
+    assert frame.at[0, "speedup_ci_lo"] == pytest.approx(a_ort["speedup_ci"][0])
+    assert frame.at[0, "acc_top1"] == 0.25 and frame.at[0, "latency_source"] == "measured_together"
+    assert frame.at[0, "deployed_speedup"] == pytest.approx(blocks["a"]["student"]["deployed_speedup"])
+    assert pd_isna(frame.at[2, "speedup"]) and pd_isna(frame.at[3, "speedup"])  # c: no ORT; d: ORT not timed
+    assert "| seed (backend onnxruntime) |" in report["markdown"][0]
+    assert "latency figures (backend onnxruntime): 2 runs measured together" in report["latency_source"]
+    assert any("1 of 4 runs have no onnxruntime figures" in n for n in report["notes"])
+    assert any("1 runs have onnxruntime files but no onnxruntime latency" in n for n in report["notes"])
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))

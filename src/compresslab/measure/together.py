@@ -16,8 +16,20 @@ training-time figures stay untouched)::
                 speedup_ci, speedup_b1, speedup_b1_ci (vs the run's own reference),
                 latency_reliable, latency_unreliable_reason
 
-Identical files (same bytes: the cached teacher, the references of jobs with one seed) are
-loaded and timed once. Inputs are seeded standard-normal tensors of each artifact's recorded
+Runs whose config has ``measure.backends`` with ``onnxruntime`` and whose rows record their
+exported ``<row>.onnx.path`` have those ``.onnx`` files loaded in ONNX Runtime
+(:class:`compresslab.deploy.ort.OrtModel`, the per-job session settings) and timed in the same
+rounds as the ``.pt`` files, which adds per row::
+
+      <row>.backends.onnxruntime: latency_ms_b1/..., speedup, speedup_ci, speedup_b1, speedup_b1_ci
+                (vs the run's reference *in ONNX Runtime*), threads_b1, threads_bN,
+                intra_op_num_threads_b1/_bN, settings, versions, model_key
+      <row>.backends.torch: the row's torch figures above
+      student.deployed_speedup/_ci, deployed_backend, deployed_speedup_b1/_ci, deployed_backend_b1:
+                the fastest backend's student vs the run's torch fp32 reference
+
+Identical files (same bytes: the cached teacher, the references of jobs with one seed; ``.pt``
+and ``.onnx`` alike) are loaded and timed once. Inputs are seeded standard-normal tensors of each artifact's recorded
 input shape (latency of these models does not depend on the input values); runs whose inputs
 differ in shape are timed in separate groups of rounds, each with its own reference twin.
 """
@@ -41,6 +53,10 @@ import torch
 from compresslab.measure.latency import LatencySettings, time_models
 
 ROWS = ("teacher", "reference", "student")
+#: Backends besides torch that compresslab-measure times (their files: ``<row>.onnx.path``).
+ORT = "onnxruntime"
+_TORCH_TIMED = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
+                "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
 
 
 def _digest(path: Path) -> str:
@@ -65,10 +81,24 @@ def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     return out
 
 
+def _resolve(results_path: Path, value: str) -> Path:
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = results_path.parent / path
+    return path
+
+
+def wants_ort(record: dict) -> bool:
+    """Whether the run asked for ONNX Runtime as a measured backend (``measure.backends``)."""
+    return ORT in list((((record.get("config") or {}).get("measure") or {}).get("backends")) or [])
+
+
 def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], dict[Path, dict[str, str]], list[str]]:
     """Which files to time: ``(groups, per_run, skipped)``. ``groups`` maps (input shape, batch)
-    to {model key: file}, one key per distinct file; ``per_run`` maps a results.json to
-    {row: model key}; ``skipped`` says which files couldn't be timed and why."""
+    to {model key: file}, one key per distinct file (``.pt`` artifacts and, for runs with
+    ``onnxruntime`` in ``measure.backends``, the rows' ``.onnx`` files); ``per_run`` maps a
+    results.json to {row: model key} with the ONNX files under ``<row>@onnxruntime``;
+    ``skipped`` says which files couldn't be timed and why."""
     from compresslab.artifact import read_payload
 
     groups: dict[tuple, dict[str, Path]] = {}
@@ -82,9 +112,7 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
             artifact = (record.get(row) or {}).get("artifact")
             if not artifact:
                 continue
-            path = Path(artifact)
-            if not path.is_absolute() and not path.exists():
-                path = results_path.parent / path
+            path = _resolve(results_path, artifact)
             try:
                 shape = tuple(int(v) for v in read_payload(path)["input_shape"])
             except Exception as exc:  # a Lightning checkpoint as teacher, a file gone: say so, time the rest
@@ -93,9 +121,70 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
             key = f"{path.stem}@{_digest(path)}"
             groups.setdefault((shape, batch), {})[key] = path
             rows[row] = key
+            onnx = ((record.get(row) or {}).get("onnx") or {}).get("path")
+            if not wants_ort(record):
+                continue
+            if not onnx:
+                skipped.append(f"{results_path}: {row} has no onnx.path (measure.backends has {ORT}; was it "
+                               "exported with export.onnx=true?)")
+                continue
+            onnx_path = _resolve(results_path, onnx)
+            if not onnx_path.is_file():
+                skipped.append(f"{onnx_path}: no such ONNX file ({row} of {results_path}); not timed in {ORT}")
+                continue
+            onnx_key = f"{onnx_path.name}@{_digest(onnx_path)}"
+            groups[(shape, batch)][onnx_key] = onnx_path
+            rows[f"{row}@{ORT}"] = onnx_key
         if "reference" in rows and "student" in rows:
             per_run[results_path] = rows
     return groups, per_run, skipped
+
+
+def _load(path: Path):
+    """A callable for one file: an ONNX Runtime session wrapper for ``.onnx``, the module otherwise."""
+    if path.suffix == ".onnx":
+        from compresslab.deploy.ort import OrtModel
+
+        return OrtModel(path)
+    from compresslab.artifact import load_model_file
+
+    return load_model_file(path).eval()
+
+
+def run_block(measured, rows: dict[str, str], session: dict) -> dict[str, Any]:
+    """One run's ``measured_together`` block from the session that timed its files (module doc)."""
+    gate = measured.gate(list(rows.values()))
+    common = {"latency_reliable": gate["reliable"], "latency_unreliable_reason": gate["reason"],
+              "latency_unreliable_short": gate["short_reason"], "threads_b1": gate["threads_b1"],
+              "threads_bN": gate["threads_bN"], "latency_clock": gate["clock"]}
+    block: dict[str, Any] = {"session": session}
+    ref, ort_ref = rows["reference"], rows.get(f"reference@{ORT}")
+    for row in ROWS:
+        key = rows.get(row)
+        if key is None:
+            continue
+        block[row] = {**measured.figures(key), **measured.speedups(key, ref), **common, "model_key": key}
+        ort_key = rows.get(f"{row}@{ORT}")
+        if ort_key is None:
+            continue
+        from compresslab.deploy.ort import SETTINGS, versions
+
+        ort = {**measured.figures(ort_key), **(measured.speedups(ort_key, ort_ref) if ort_ref else {}),
+               "threads_b1": gate["threads_b1"], "threads_bN": gate["threads_bN"],
+               "intra_op_num_threads_b1": gate["threads_b1"], "intra_op_num_threads_bN": gate["threads_bN"],
+               "settings": dict(SETTINGS), "versions": versions(), "model_key": ort_key}
+        torch_figures = {k: block[row][k] for k in _TORCH_TIMED if k in block[row]}
+        block[row]["backends"] = {"torch": {**torch_figures, "threads_b1": gate["threads_b1"],
+                                            "threads_bN": gate["threads_bN"], "model_key": key}, ORT: ort}
+    student, ort_student = block["student"], rows.get(f"student@{ORT}")
+    if ort_student is not None:
+        vs_torch = measured.speedups(ort_student, ref)  # ORT's student vs the torch fp32 reference
+        for tag, key in (("", "speedup"), ("_b1", "speedup_b1")):
+            options = {"torch": (student[key], student[f"{key}_ci"]), ORT: (vs_torch[key], vs_torch[f"{key}_ci"])}
+            best = max(options, key=lambda b: options[b][0])
+            student[f"deployed_speedup{tag}"], student[f"deployed_speedup{tag}_ci"] = options[best]
+            student[f"deployed_backend{tag}"] = best
+    return block
 
 
 def measure_together(paths: Sequence[Path], settings: LatencySettings | None = None,
@@ -103,7 +192,6 @@ def measure_together(paths: Sequence[Path], settings: LatencySettings | None = N
     """Time the artifacts of every completed run under ``paths`` in this process, interleaved,
     and (``write``) add the ``measured_together`` block to each run's results.json.
     Returns ``{"session": ..., "runs": {results.json: block}, "skipped": [...]}``."""
-    from compresslab.artifact import load_model_file
     from compresslab.track.results import write_results
 
     runs = completed_runs(paths)
@@ -116,12 +204,13 @@ def measure_together(paths: Sequence[Path], settings: LatencySettings | None = N
         "id": uuid.uuid4().hex[:12], "measured_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "pid": os.getpid(), "runs": len(per_run), "models": sum(len(g) for g in groups.values()),
         "settings": asdict(settings), "input": f"seeded standard normal (seed {seed}) of each artifact's input shape",
+        "backends": ["torch"] + ([ORT] if any(k.endswith(f"@{ORT}") for rows in per_run.values() for k in rows) else []),
         "groups": [],
     }
     sessions = {}
     gen = torch.Generator().manual_seed(seed)
     for (shape, batch), files in groups.items():
-        models = {key: load_model_file(path).eval() for key, path in files.items()}
+        models = {key: _load(path) for key, path in files.items()}
         refs = [rows["reference"] for rows in per_run.values() if rows["reference"] in files]
         twin = max(set(refs), key=refs.count) if refs else None
         ex1, exn = torch.randn((1, *shape), generator=gen), torch.randn((batch, *shape), generator=gen)
@@ -134,13 +223,7 @@ def measure_together(paths: Sequence[Path], settings: LatencySettings | None = N
     blocks = {}
     for results_path, rows in per_run.items():
         measured = next(s for s in sessions.values() if rows["student"] in s.timed["b1"])
-        gate = measured.gate(list(rows.values()))
-        block: dict[str, Any] = {"session": session}
-        for row, key in rows.items():
-            block[row] = {**measured.figures(key), **measured.speedups(key, rows["reference"]),
-                          "latency_reliable": gate["reliable"], "latency_unreliable_reason": gate["reason"],
-                          "latency_unreliable_short": gate["short_reason"], "threads_b1": gate["threads_b1"],
-                          "threads_bN": gate["threads_bN"], "latency_clock": gate["clock"], "model_key": key}
+        block = run_block(measured, rows, session)
         blocks[str(results_path)] = block
         if write:
             record = json.loads(results_path.read_text(encoding="utf-8"))
@@ -171,6 +254,12 @@ def _print(result: dict) -> None:
         flag = "" if st["latency_reliable"] else f"  (unreliable: {st['latency_unreliable_short']})"
         print(f"  {path}: student {st['latency_ms_b1']:.3f} ms b1, {st['latency_ms_bN']:.3f} ms bN, "
               f"speed-up {st['speedup']:.2f}x [{lo:.2f}, {hi:.2f}]{flag}")
+        ort = (st.get("backends") or {}).get(ORT)
+        if ort:
+            within = (f", speed-up {ort['speedup']:.2f}x [{ort['speedup_ci'][0]:.2f}, {ort['speedup_ci'][1]:.2f}] "
+                      f"vs the reference in {ORT}" if "speedup" in ort else "")
+            print(f"    {ORT}: {ort['latency_ms_b1']:.3f} ms b1, {ort['latency_ms_bN']:.3f} ms bN{within}; deployed "
+                  f"{st['deployed_speedup']:.2f}x ({st['deployed_backend']}) vs the torch fp32 reference")
     for line in result["skipped"]:
         print(f"  not timed: {line}")
 

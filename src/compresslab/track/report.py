@@ -7,6 +7,14 @@ mean ± std over seeds with the run count, the best cell per column marked. Writ
 Markdown, LaTeX (booktabs) and CSV, and PNG plots of accuracy vs size and vs latency
 with the Pareto front marked. Runs from a paper preset carry the paper's numbers in
 their config (``paper:``); the report prints them beside ours.
+
+Backends (runs with ``measure.backends=[torch,onnxruntime]``): ``--backend onnxruntime`` takes
+the student's figures *in that backend* (``student.backends.onnxruntime``: latency, speed-up vs
+the reference in the same backend with its interval, accuracy, size; ``size_ratio`` and
+``speedup_vs_expected`` recomputed from them) as its ``latency_ms_*`` / ``speedup*`` /
+``acc_top1`` / ``size_bytes`` for the tables and plots, and says so in each table's header.
+Any backend figure is also a metric by its dotted path (``--metric backends.onnxruntime.speedup``),
+as is ``deployed_speedup`` (the fastest backend vs the torch fp32 reference).
 """
 
 from __future__ import annotations
@@ -22,9 +30,20 @@ import pandas as pd
 
 from compresslab.track.sweep import collect_job_results
 
-#: Metrics where smaller is better (everything else: larger is better).
+#: Metrics where smaller is better (everything else: larger is better). A dotted metric
+#: (``backends.onnxruntime.latency_ms_bN``) is judged by its last part (:func:`base_metric`).
 LOWER_IS_BETTER = {"size_bytes", "params", "params_nonzero", "macs", "latency_ms_b1", "latency_ms_bN",
-                   "latency_ms_b1_p90", "train_time_s"}
+                   "latency_ms_b1_p90", "latency_ms_bN_p90", "latency_ms_b1_iqr", "latency_ms_bN_iqr",
+                   "train_time_s"}
+
+
+def base_metric(metric: str) -> str:
+    """What a metric measures: its last dotted part (``backends.onnxruntime.speedup`` -> ``speedup``)."""
+    return str(metric).rsplit(".", 1)[-1]
+
+
+def lower_is_better(metric: str) -> bool:
+    return base_metric(metric) in LOWER_IS_BETTER
 
 
 def _dotted(data: Any, key: str) -> Any:
@@ -46,40 +65,116 @@ def record_value(record: dict, key: str) -> Any:
     return _dotted(record.get("config") or {}, key)
 
 
-#: Figures that come from the clock (the rest — sizes, MACs, accuracies — are exact).
-LATENCY_METRICS = {"latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "latency_ms_bN_p90", "speedup",
-                   "speedup_b1", "speedup_vs_expected"}
+#: Figures that come from the clock (the rest — sizes, MACs, accuracies — are exact); a dotted
+#: metric (``backends.onnxruntime.speedup``) by its last part.
+LATENCY_METRICS = {"latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "latency_ms_bN_p90", "latency_ms_b1_iqr",
+                   "latency_ms_bN_iqr", "speedup", "speedup_b1", "speedup_vs_expected", "deployed_speedup",
+                   "deployed_speedup_b1"}
+
+#: The student's timed figures that each backend has its own of (``student.backends.<backend>``).
+BACKEND_TIMED = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
+                 "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
+#: ... and its exact ones (the ONNX file's accuracy in ONNX Runtime and its size on disk).
+BACKEND_EXACT = ("acc_top1", "size_bytes")
+#: Speed-ups with a 5-95% interval (``<key>_ci``), tabulated as ``<key>_ci_lo`` / ``<key>_ci_hi``.
+CI_KEYS = ("speedup", "speedup_b1", "deployed_speedup", "deployed_speedup_b1")
 
 
-def student_figures(record: dict) -> tuple[dict, str | None]:
+def is_timed(metric: str) -> bool:
+    return base_metric(metric) in LATENCY_METRICS
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
+
+
+def _ci_columns(row: dict, prefix: str, figures: dict) -> None:
+    for key in CI_KEYS:
+        ci = figures.get(f"{key}_ci")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2:
+            row[f"{prefix}{key}_ci_lo"], row[f"{prefix}{key}_ci_hi"] = ci
+
+
+def student_figures(record: dict, backend: str | None = None) -> tuple[dict, str | None]:
     """The student's metrics, with its timed figures taken from the sweep-level measurement
     (``measured_together``, written by ``compresslab-measure``) when the run has one; and
-    which source the timed figures came from (``measured_together``, ``per_job`` or None)."""
-    student = dict(record.get("student") or {})
-    together = (record.get("measured_together") or {}).get("student")
+    which source the timed figures came from (``measured_together``, ``per_job`` or None).
+
+    ``student["backends"]`` holds every backend's figures (``measured_together``'s timed ones
+    over the per-job ones; ``backends.torch`` mirrors the top-level torch figures). With
+    ``backend`` (other than torch), that backend's figures replace the student's timed figures,
+    ``acc_top1`` and ``size_bytes`` (``size_ratio`` against the reference's file in the same
+    backend, ``speedup_vs_expected`` recomputed); a run without them gets ``backend_missing: True``
+    and those figures None, never the torch ones under the backend's name."""
+    per_job = dict(record.get("student") or {})
+    student = dict(per_job)
+    backends = {b: dict(v) for b, v in (student.get("backends") or {}).items() if isinstance(v, dict)}
+    together = dict((record.get("measured_together") or {}).get("student") or {})
+    together_backends = {b: dict(v) for b, v in (together.pop("backends", None) or {}).items() if isinstance(v, dict)}
     if together:
         student.update({k: v for k, v in together.items() if k != "model_key"})
-        if student.get("expected_speedup_macs") and student.get("speedup"):
-            student["speedup_vs_expected"] = student["speedup"] / student["expected_speedup_macs"]
-        return student, "measured_together"
-    return student, ("per_job" if student.get("latency_ms_bN") is not None else None)
+        source = "measured_together"
+    else:
+        source = "per_job" if student.get("latency_ms_bN") is not None else None
+    for b, figures in together_backends.items():
+        backends[b] = {**backends.get(b, {}), **{k: v for k, v in figures.items() if k != "model_key"}}
+    if together and "torch" in backends:
+        backends["torch"].update({k: together[k] for k in BACKEND_TIMED if k in together})
+    if backends:
+        student["backends"] = backends
+    if backend is not None:
+        student["backend"] = backend
+    if backend not in (None, "torch"):
+        figures = backends.get(backend) or {}
+        timed = figures.get("latency_ms_bN") is not None or figures.get("latency_ms_b1") is not None
+        if together_backends.get(backend, {}).get("latency_ms_bN") is not None:
+            source = "measured_together"
+        elif timed:
+            source = "per_job"
+            for k in ("latency_reliable", "latency_unreliable_reason", "latency_unreliable_short"):
+                student[k] = per_job.get(k)  # the gate of the session that timed these figures
+        else:
+            source = None
+        student["backend_missing"] = not figures
+        for k in BACKEND_TIMED + BACKEND_EXACT:
+            student[k] = figures.get(k)
+        ref_size = ((((record.get("reference") or {}).get("backends") or {}).get(backend) or {}).get("size_bytes"))
+        student["size_ratio"] = ref_size / student["size_bytes"] if ref_size and student["size_bytes"] else None
+        student.pop("speedup_vs_expected", None)
+    if student.get("expected_speedup_macs") and student.get("speedup") and (together or backend not in (None, "torch")):
+        student["speedup_vs_expected"] = student["speedup"] / student["expected_speedup_macs"]
+    return student, source
 
 
-def records_to_frame(records: Iterable[dict], keys: Sequence[str]) -> pd.DataFrame:
+def records_to_frame(records: Iterable[dict], keys: Sequence[str], backend: str | None = None,
+                     metrics: Sequence[str] = ()) -> pd.DataFrame:
     """One row per completed run: the grouping keys, and the student's (and teacher's) metrics;
-    ``latency_source`` says where the timed figures came from (:func:`student_figures`)."""
+    ``latency_source`` says where the timed figures came from (:func:`student_figures`).
+    Every backend's numeric figures are columns ``backends.<backend>.<key>`` (speed-up
+    intervals as ``..._ci_lo`` / ``..._ci_hi``), and any other dotted ``metrics`` path into the
+    student's record that ends at a number (``onnx.max_abs_diff``) a column of that name."""
     rows = []
     for r in records:
         if r.get("status") != "completed":
             continue
         row = {k: str(record_value(r, k)) for k in keys}
         row["seed"] = (r.get("axes") or {}).get("seed")
-        student, source = student_figures(r)
+        student, source = student_figures(r, backend)
         row.update({k: v for k, v in student.items() if isinstance(v, (int, float))})
-        for key in ("speedup", "speedup_b1"):
-            ci = student.get(f"{key}_ci")
-            if isinstance(ci, list) and len(ci) == 2:
-                row[f"{key}_ci_lo"], row[f"{key}_ci_hi"] = ci
+        _ci_columns(row, "", student)
+        for name, figures in (student.get("backends") or {}).items():
+            row.update({f"backends.{name}.{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
+            _ci_columns(row, f"backends.{name}.", figures)
+        for metric in metrics:
+            value = _dotted(student, metric) if "." in metric and metric not in row else None
+            if isinstance(value, (int, float)):
+                row[metric] = value
+        for key in ("deployed_backend", "deployed_backend_b1"):
+            row[key] = student.get(key)
+        row["backend"] = backend
+        torch_timed = source if backend in (None, "torch") else student_figures(r)[1]
+        row["backends_present"] = ",".join(sorted(student.get("backends") or ({"torch": 1} if torch_timed else {})))
+        row["run"] = str(r.get("_path") or r.get("run_dir") or "")
         row["latency_unreliable_short"] = student.get("latency_unreliable_short") or student.get(
             "latency_unreliable_reason")
         row["latency_source"] = source
@@ -93,6 +188,7 @@ def latency_source_line(frame: pd.DataFrame) -> str | None:
     """Which timed figures a report used, in words (None when no run has any)."""
     if "latency_source" not in frame or frame["latency_source"].isna().all():
         return None
+    backend = frame["backend"].dropna().iloc[0] if "backend" in frame and frame["backend"].notna().any() else None
     together = frame[frame["latency_source"] == "measured_together"]
     per_job = int((frame["latency_source"] == "per_job").sum())
     parts = []
@@ -103,7 +199,7 @@ def latency_source_line(frame: pd.DataFrame) -> str | None:
     if per_job:
         parts.append(f"{per_job} runs measured per job (each in its own process at its own time: their speed-ups "
                      "compare within a job, their milliseconds not across jobs)")
-    return "latency figures: " + "; ".join(parts)
+    return f"latency figures{f' (backend {backend})' if backend else ''}: " + "; ".join(parts)
 
 
 def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, index, columns) -> pd.DataFrame:
@@ -111,7 +207,7 @@ def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, in
     for figures the noise gate did not trust, and a warning where the measured speed-up is far
     below what the MACs ratio predicts."""
     notes = pd.DataFrame("", index=index, columns=columns)
-    if metric not in LATENCY_METRICS:
+    if not is_timed(metric):
         return notes
     keys = [rows] + ([cols] if cols else [])
     for group, part in frame.groupby(keys):
@@ -124,10 +220,15 @@ def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, in
         if "latency_reliable" in part and (part["latency_reliable"] == False).any():  # noqa: E712
             why = part.loc[part["latency_reliable"] == False, "latency_unreliable_short"].dropna()  # noqa: E712
             text.append(f"(unreliable: {why.iloc[0] if len(why) else 'see results.json'})")
-        if metric == "speedup" and "expected_speedup_macs" in part:
+        if base_metric(metric) == "speedup" and "expected_speedup_macs" in part:
             expected, measured = part["expected_speedup_macs"].mean(), part[metric].mean()
             if expected and expected > 1.5 and measured < 0.5 * expected:
                 text.append(f"(MACs predict {expected:.2f}x)")
+        if base_metric(metric) in ("deployed_speedup", "deployed_speedup_b1"):
+            tag = "deployed_backend" + ("_b1" if metric.endswith("_b1") else "")
+            used = sorted(set(part[tag].dropna())) if tag in part else []
+            if used:
+                text.append(f"({', '.join(used)})")
         if r in notes.index and c in notes.columns:
             notes.at[r, c] = " ".join(text)
     return notes
@@ -136,13 +237,14 @@ def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, in
 def aggregate(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
     """mean, std (ddof=1; 0 for one run) and n per (row, col) cell."""
     keys = [rows] + ([cols] if cols else [])
-    grouped = frame.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
+    values = frame[keys].assign(**{metric: pd.to_numeric(frame[metric], errors="coerce")})
+    grouped = values.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
     grouped["std"] = grouped["std"].fillna(0.0)
     return grouped
 
 
 def _best_mask(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    lower = metric in LOWER_IS_BETTER
+    lower = lower_is_better(metric)
     best = table.min() if lower else table.max()
     return table.eq(best, axis=1)
 
@@ -169,7 +271,7 @@ def baseline_first(labels: Sequence[str]) -> list[str]:
 
 
 def _scale(metric: str) -> float:
-    return 100.0 if metric.startswith("acc") else 1.0
+    return 100.0 if base_metric(metric).startswith("acc") else 1.0
 
 
 def _cell(mean: float, std: float, n: float, metric: str) -> str:
@@ -179,9 +281,15 @@ def _cell(mean: float, std: float, n: float, metric: str) -> str:
     return f"{mean * s:.2f} ± {std * s:.2f} ({int(n)})"
 
 
-def to_markdown(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None) -> str:
-    """Markdown table, best per column in bold, each cell followed by its note (:func:`cell_notes`)."""
-    header = f"| {rows} | " + " | ".join(str(c) for c in mean.columns) + " |"
+def _rows_label(rows: str, backend: str | None) -> str:
+    return f"{rows} (backend {backend})" if backend else rows
+
+
+def to_markdown(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None,
+                backend: str | None = None) -> str:
+    """Markdown table, best per column in bold, each cell followed by its note (:func:`cell_notes`);
+    with ``backend`` the header says whose figures these are."""
+    header = f"| {_rows_label(rows, backend)} | " + " | ".join(str(c) for c in mean.columns) + " |"
     lines = [header, "|" + "---|" * (len(mean.columns) + 1)]
     for idx in mean.index:
         cells = []
@@ -193,11 +301,12 @@ def to_markdown(mean, std, count, best, metric: str, rows: str, notes: pd.DataFr
     return "\n".join(lines)
 
 
-def to_latex(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None) -> str:
+def to_latex(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None,
+             backend: str | None = None) -> str:
     """LaTeX booktabs tabular, best per column in bold, notes after the number."""
     esc = lambda s: str(s).replace("_", r"\_")  # noqa: E731
     lines = [r"\begin{tabular}{l" + "r" * len(mean.columns) + "}", r"\toprule",
-             esc(rows) + " & " + " & ".join(esc(c) for c in mean.columns) + r" \\", r"\midrule"]
+             esc(_rows_label(rows, backend)) + " & " + " & ".join(esc(c) for c in mean.columns) + r" \\", r"\midrule"]
     for idx in mean.index:
         cells = []
         for c in mean.columns:
@@ -210,13 +319,17 @@ def to_latex(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame
     return "\n".join(lines)
 
 
-def to_csv_frame(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
-    """Long-form CSV: one line per cell with mean, std, n and whether it is best in its column."""
+def to_csv_frame(frame: pd.DataFrame, rows: str, cols: str | None, metric: str,
+                 backend: str | None = None) -> pd.DataFrame:
+    """Long-form CSV: one line per cell with mean, std, n and whether it is best in its column
+    (and, with ``backend``, a ``backend`` column after ``metric``)."""
     agg = aggregate(frame, rows, cols, metric)
-    lower = metric in LOWER_IS_BETTER
+    lower = lower_is_better(metric)
     group = agg.groupby(cols)["mean"] if cols else agg["mean"]
     best = group.transform("min" if lower else "max") if cols else (agg["mean"].min() if lower else agg["mean"].max())
     agg["best_in_column"] = agg["mean"] == best
+    if backend:
+        agg.insert(0, "backend", backend)
     agg.insert(0, "metric", metric)
     return agg
 
@@ -232,10 +345,12 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path) -> list[Path]:
+def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path, backend: str | None = None) -> list[Path]:
     """PNG plots of accuracy vs size and accuracy vs speed-up (means per group; the speed-up
     with its 5-95% interval as error bars, since it is what compares across jobs, not raw
-    milliseconds), the Pareto front marked."""
+    milliseconds), the Pareto front marked. With ``backend`` the figures are that backend's
+    (the frame's, see :func:`student_figures`), the axes say so and the files are
+    ``acc_vs_size_<backend>.png`` / ``acc_vs_speedup_<backend>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -243,20 +358,29 @@ def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path) -> l
 
     written = []
     cols = [c for c in ("acc_top1", "size_bytes", "speedup", "speedup_ci_lo", "speedup_ci_hi") if c in frame]
-    grouped = frame.groupby(list(keys))
+    numeric = frame[list(keys)].join(frame[cols].apply(pd.to_numeric, errors="coerce"))
+    grouped = numeric.groupby(list(keys))
     means = grouped[cols].mean().reset_index()
     if "speedup_ci_lo" in frame:  # widest interval over the group's runs
         means["speedup_ci_lo"] = grouped["speedup_ci_lo"].min().values
         means["speedup_ci_hi"] = grouped["speedup_ci_hi"].max().values
     labels = [" ".join(str(v) for v in row) for row in means[list(keys)].itertuples(index=False)]
-    plots = [("size_bytes", "artifact size (bytes, log)", "acc_vs_size.png", True)]
+    suffix = f"_{backend}" if backend else ""
+    size_label = f"{backend} file size (bytes, log)" if backend else "artifact size (bytes, log)"
+    plots = [("size_bytes", size_label, f"acc_vs_size{suffix}.png", True)]
     if "speedup" in means and means["speedup"].notna().any():
         source = latency_source_line(frame) or ""
         label = "speed-up at batch N vs the dense fp32 reference (5-95% interval)"
+        if backend:
+            label = f"speed-up at batch N in {backend} vs the fp32 reference in {backend} (5-95% interval)"
         plots.append(("speedup", label + ("\n(measured together)" if "together" in source else ""),
-                      "acc_vs_speedup.png", False))
+                      f"acc_vs_speedup{suffix}.png", False))
     for x_key, x_label, name, minimize in plots:
-        data = means[means[x_key].notna()]
+        if x_key not in means or "acc_top1" not in means:
+            continue
+        data = means[means[x_key].notna() & means["acc_top1"].notna()]
+        if data.empty:
+            continue
         pts = list(zip(data[x_key] if minimize else -data[x_key], data["acc_top1"]))
         front = pareto_front(pts)
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -274,7 +398,7 @@ def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path) -> l
             ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(x_label)
-        ax.set_ylabel("test top-1 accuracy")
+        ax.set_ylabel(f"test top-1 accuracy in {backend}" if backend else "test top-1 accuracy")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -313,17 +437,61 @@ def paper_rows(records: Sequence[dict], frame: pd.DataFrame, rows: str, cols: st
     return lines
 
 
+def _plain(value: Any) -> Any:
+    """W&B summary values as plain Python: nested summary dicts as dicts, lists as lists."""
+    if isinstance(value, (str, bytes)):
+        return value
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        return {str(k): _plain(value[k]) for k in value.keys()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """``{"backends/onnxruntime/speedup": 2.0, "acc_top1": 0.9}`` -> ``{"backends": {"onnxruntime":
+    {"speedup": 2.0}}, "acc_top1": 0.9}`` (a key's value that is itself a dict merges in)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split("/")
+        node = out
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[leaf] = _merge(node[leaf], value) if isinstance(value, dict) and isinstance(node.get(leaf), dict) else value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    """``base`` with ``extra`` merged in, nested dicts merged key by key (``extra`` wins on leaves)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+#: The record's blocks that a W&B summary carries as ``<block>/<key>`` (``<key>`` may go on with
+#: ``/``: ``student/backends/onnxruntime/speedup``, or be a nested dict: ``student/backends``).
+WANDB_BLOCKS = ("teacher", "reference", "student", "measured_together")
+
+
 def load_wandb_records(project: str) -> list[dict]:
-    """Records rebuilt from a W&B project (``entity/project``) through the public API (needs network)."""
+    """Records rebuilt from a W&B project (``entity/project``) through the public API (needs network):
+    the same nested blocks as results.json (``student.backends.<backend>...``,
+    ``measured_together``) from the summary's ``<block>/...`` keys, so ``--backend`` and dotted
+    metrics read them as they read results.json."""
     import wandb
 
     records = []
     for run in wandb.Api().runs(project):
-        summary = dict(run.summary)
+        summary = {str(k): _plain(v) for k, v in dict(run.summary).items()}
         rec: dict[str, Any] = {"status": summary.get("status", "completed" if run.state == "finished" else run.state),
-                               "config": dict(run.config), "axes": {}}
-        for row in ("teacher", "reference", "student"):
-            rec[row] = {k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{row}/")}
+                               "config": dict(run.config), "axes": {}, "run_dir": getattr(run, "name", None)}
+        for row in WANDB_BLOCKS:
+            block = _nest({k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{row}/")})
+            if block or row != "measured_together":
+                rec[row] = block
         for axis in ("dataset", "teacher", "student", "distill", "prune", "quant", "lowrank"):
             rec["axes"][axis] = _dotted(rec["config"], f"{axis}.name")
         rec["axes"]["seed"] = rec["config"].get("seed")
@@ -331,44 +499,94 @@ def load_wandb_records(project: str) -> list[dict]:
     return records
 
 
+def _backends_in(frame: pd.DataFrame) -> str:
+    present = sorted({b for v in frame.get("backends_present", pd.Series(dtype=object)).dropna() for b in v.split(",")
+                      if b})
+    return ", ".join(present) or "none (no timed figures)"
+
+
+_HOW = "(a run has them with export.onnx=true measure.backends=[torch,onnxruntime])"
+
+
+def check_backend(frame: pd.DataFrame, backend: str | None) -> list[str]:
+    """``--backend``: a clear error when no run has the backend's figures, and a note naming the
+    runs that lack them (their cells stay empty rather than showing torch figures)."""
+    if backend in (None, "torch") or frame.empty:
+        return []
+    missing = frame["backend_missing"].fillna(True).astype(bool)
+    if missing.all():
+        raise SystemExit(f"--backend {backend}: none of the {len(frame)} completed runs has {backend} figures "
+                         f"(student.backends.{backend}); backends in these runs: {_backends_in(frame)} {_HOW}")
+    notes = []
+    if missing.any():
+        runs = ", ".join(frame.loc[missing, "run"].astype(str).tolist()[:5]) + (" ..." if missing.sum() > 5 else "")
+        notes.append(f"backend {backend}: {int(missing.sum())} of {len(frame)} runs have no {backend} figures, "
+                     f"their cells are empty: {runs}")
+    timed = frame.loc[~missing, "latency_ms_bN"] if "latency_ms_bN" in frame else pd.Series(dtype=float)
+    untimed = int(pd.to_numeric(timed, errors="coerce").isna().sum())
+    if untimed:
+        notes.append(f"backend {backend}: {untimed} runs have {backend} files but no {backend} latency (deferred: "
+                     f"compresslab-measure <dir> times them)")
+    return notes
+
+
+def _missing_metric(frame: pd.DataFrame, metric: str) -> str:
+    parts = metric.split(".")
+    if parts[0] == "backends" and len(parts) >= 3:
+        prefix = f"backends.{parts[1]}."
+        have = sorted(c[len(prefix):] for c in frame.columns if c.startswith(prefix))
+        if not have:
+            return (f"metric '{metric}': no completed run has {parts[1]} figures (student.backends.{parts[1]}); "
+                    f"backends in these runs: {_backends_in(frame)} {_HOW}")
+        return f"metric '{metric}' not in the {parts[1]} figures; available: {have}"
+    return f"metric '{metric}' not in results; available: {sorted(c for c in frame.columns)}"
+
+
 def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequence[str], out_dir: Path | None,
-                 formats: Sequence[str] = ("md", "latex", "csv"), plots: bool = True) -> dict[str, Any]:
-    """Tables (per metric) and plots for ``records``; returns the texts and written paths."""
+                 formats: Sequence[str] = ("md", "latex", "csv"), plots: bool = True,
+                 backend: str | None = None) -> dict[str, Any]:
+    """Tables (per metric) and plots for ``records``; returns the texts and written paths.
+    ``backend``: tabulate and plot the student's figures in that backend (:func:`student_figures`);
+    the headers say so and the files are ``report_<backend>.*``, ``acc_vs_*_<backend>.png``."""
     keys = [rows] + ([cols] if cols else [])
-    frame = records_to_frame(records, keys)
+    frame = records_to_frame(records, keys, backend, metrics)
     out: dict[str, Any] = {"markdown": [], "latex": [], "paths": [], "frame": frame, "paper": [],
-                           "latency_source": None}
+                           "latency_source": None, "notes": [], "backend": backend}
     if frame.empty:
         return out
+    out["notes"] = check_backend(frame, backend)
+    title = f" (backend {backend})" if backend else ""
     csv_parts = []
     for metric in metrics:
         if metric not in frame:
-            raise SystemExit(f"metric '{metric}' not in results; available: {sorted(c for c in frame.columns)}")
+            raise SystemExit(_missing_metric(frame, metric))
         mean, std, count, best = pivot(frame, rows, cols, metric)
         notes = cell_notes(frame, rows, cols, metric, mean.index, mean.columns)
-        out["markdown"].append(f"### {metric}\n\n" + to_markdown(mean, std, count, best, metric, rows, notes))
-        out["latex"].append(f"% {metric}\n" + to_latex(mean, std, count, best, metric, rows, notes))
-        csv_parts.append(to_csv_frame(frame, rows, cols, metric))
+        out["markdown"].append(f"### {metric}{title}\n\n" +
+                               to_markdown(mean, std, count, best, metric, rows, notes, backend))
+        out["latex"].append(f"% {metric}{title}\n" + to_latex(mean, std, count, best, metric, rows, notes, backend))
+        csv_parts.append(to_csv_frame(frame, rows, cols, metric, backend))
     out["paper"] = paper_rows(records, frame, rows, cols)
     out["latency_source"] = latency_source_line(frame)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"report_{backend}" if backend else "report"
         if "md" in formats:
-            p = out_dir / "report.md"
+            p = out_dir / f"{stem}.md"
             source = [out["latency_source"]] if out["latency_source"] else []
-            p.write_text("\n\n".join(out["markdown"] + source + (["```", *out["paper"], "```"] if out["paper"] else []))
-                         + "\n")
+            p.write_text("\n\n".join(out["markdown"] + source + out["notes"]
+                                      + (["```", *out["paper"], "```"] if out["paper"] else [])) + "\n")
             out["paths"].append(p)
         if "latex" in formats:
-            p = out_dir / "report.tex"
+            p = out_dir / f"{stem}.tex"
             p.write_text("\n\n".join(out["latex"]) + "\n")
             out["paths"].append(p)
         if "csv" in formats:
-            p = out_dir / "report.csv"
+            p = out_dir / f"{stem}.csv"
             pd.concat(csv_parts).to_csv(p, index=False)
             out["paths"].append(p)
         if plots and {"size_bytes", "acc_top1"} <= set(frame.columns):
-            out["paths"] += plot_tradeoffs(frame, keys, out_dir)
+            out["paths"] += plot_tradeoffs(frame, keys, out_dir, backend)
     return out
 
 
@@ -394,7 +612,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rows", default="student", help="axis or dotted config key for table rows")
     parser.add_argument("--cols", default="distill", help="axis or config key for columns ('' for none)")
     parser.add_argument("--metric", action="append", dest="metrics",
-                        help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup")
+                        help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup, "
+                             "deployed_speedup, or a dotted path such as backends.onnxruntime.speedup")
+    parser.add_argument("--backend", help="tabulate and plot the student's figures in this backend "
+                                          "(student.backends.<backend>: latency, speed-up, accuracy, size), "
+                                          "e.g. onnxruntime; default: the torch figures")
     parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
     parser.add_argument("--format", action="append", dest="formats", choices=["md", "latex", "csv"])
     parser.add_argument("--no-plots", action="store_true")
@@ -415,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     failed = [r for r in records if r.get("status") != "completed"]
     out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
     report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
-                          args.formats or ("md", "latex", "csv"), plots=not args.no_plots)
+                          args.formats or ("md", "latex", "csv"), plots=not args.no_plots, backend=args.backend)
     print(f"{len(records) - len(failed)} completed runs, {len(failed)} failed")
     for r in failed:
         print(f"  failed: {r.get('_path', r.get('run_dir'))}: {str(r.get('error'))[:160]}")
@@ -424,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\n\n".join(report["markdown"]))
     if report["latency_source"]:
         print(report["latency_source"])
+    for line in report["notes"]:
+        print(line)
     for line in report["paper"]:
         print(line)
     for path in report["paths"]:
