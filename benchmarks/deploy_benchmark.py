@@ -42,6 +42,7 @@ from hydra.core.global_hydra import GlobalHydra  # noqa: E402
 from compresslab.artifact import load_model_file, read_payload  # noqa: E402
 from compresslab.compress.fuse import fold_bn  # noqa: E402
 from compresslab.compress.quantization import pt2e  # noqa: E402
+from compresslab.compress.quantization.layers import structure_of  # noqa: E402
 from compresslab.compress.quantization.ort_int8 import quantize_with_ort  # noqa: E402
 from compresslab.deploy.export import complete_qdq, onnx_bytes  # noqa: E402
 from compresslab.deploy.ort import OrtModel, optimized_ops  # noqa: E402
@@ -106,8 +107,9 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
     calibration = [b[0] for b in itertools.islice(dm.train_dataloader(), 16)]
     fused, pairs = fold_bn(fp32, dm.example_batch(8))
     converted, _ = pt2e.quantize_pt2e(fp32, example, calibration)
-    payload = pt2e.make_payload(converted, {"arch": read_payload(student_pt)["arch"], "input_shape": shape,
-                                            "num_classes": dm.num_classes}, {}, "static", lower=True)
+    context = {"arch": read_payload(student_pt)["arch"], "input_shape": shape, "num_classes": dm.num_classes}
+    # the structure (pruned shapes, low-rank plan) as ptq_int8 records it, or the pruned model won't rebuild
+    payload = pt2e.make_payload(converted, context, structure_of(fp32, context), "static", lower=True)
     int8_pt = work / "int8.pt"
     torch.save(payload, int8_pt)
     int8 = load_model_file(int8_pt)
@@ -125,6 +127,9 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
 
         inductor_config.freezing = True
         reference_graph = pt2e.rebuild_converted(payload)
+        from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+        allow_exported_model_train_eval(reference_graph)  # the accuracy loop and the engine call .eval()
         compiled = torch.compile(reference_graph, dynamic=False)
         start = time.perf_counter()
         try:
