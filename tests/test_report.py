@@ -179,10 +179,13 @@ def test_backend_flag_tabulates_that_backends_figures_and_says_so(tmp_path):
     assert "| qat_int8 | 0.53 ± 0.00 (1)" in vs_expected  # 1.6 / the MACs ratio 3.0
     # lower is better for latency: ptq's mean of 3/1.7, 3/1.9 (1.67 ms) beats qat's 3.0/1.6 = 1.875 ms
     assert "| ptq_int8 | **1.67 ± 0.13 (2)** |" in latency and "| qat_int8 | 1.88 ± 0.00 (1) (unreliable" in latency
+    b1 = build_report(records, "quant", None, ["latency_ms_b1"], None, plots=False, backend="onnxruntime")["markdown"][0]
+    assert f"| ptq_int8 | **{np.mean([0.3 / 1.7, 0.3 / 1.9]):.3f} ± " in b1  # sub-millisecond: three decimals
     assert ort_report["latency_source"].startswith("latency figures (backend onnxruntime): 3 runs measured per job")
     assert r"quant (backend onnxruntime)" in (tmp_path / "report_onnxruntime.tex").read_text().replace("\\_", "_")
     csv = (tmp_path / "report_onnxruntime.csv").read_text().splitlines()
-    assert csv[0].startswith("metric,backend,quant,mean") and csv[1].startswith("speedup,onnxruntime,ptq_int8,1.8")
+    assert csv[0].startswith("metric,backend,quant,mean") and csv[1].startswith("speedup,onnxruntime,ptq_int8,")
+    assert float(csv[1].split(",")[3]) == pytest.approx(1.8)
     assert (tmp_path / "acc_vs_speedup_onnxruntime.png").stat().st_size > 1000
     assert (tmp_path / "acc_vs_size_onnxruntime.png").exists() and not (tmp_path / "report.md").exists()
     # --backend torch: the torch figures, labelled

@@ -278,7 +278,9 @@ def _cell(mean: float, std: float, n: float, metric: str) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
     s = _scale(metric)
-    return f"{mean * s:.2f} ± {std * s:.2f} ({int(n)})"
+    # sub-millisecond latencies (ONNX Runtime at batch 1: 0.05 ms) need a third decimal to tell runs apart
+    d = 3 if base_metric(metric).startswith("latency_ms") and abs(mean) < 1 else 2
+    return f"{mean * s:.{d}f} ± {std * s:.{d}f} ({int(n)})"
 
 
 def _rows_label(rows: str, backend: str | None) -> str:
