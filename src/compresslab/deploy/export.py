@@ -58,6 +58,9 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "compresslab.structured/1": ("structured", "fp32, pruned (smaller) shapes", True),
     "compresslab.lowrank/1": ("lowrank", "fp32, factorised layers", True),
     "compresslab.lowbit/1": ("lowbit", "dequantized fp32 (no packed low-bit form in ONNX Runtime)", True),
+    "compresslab.actquant/1": ("actquant", "dequantized fp32 weights (no packed low-bit form in ONNX Runtime); "
+                                           "activations fake-quantized with the learned LSQ/PACT steps as "
+                                           "round/clamp ops", False),
     "compresslab.shared/1": ("weight_shared", "dequantized fp32 (codebooks/Huffman have no ONNX Runtime form)", True),
     "compresslab.int8_pt2e/1": ("int8", "int8 QDQ (PT2E scales and zero points)", False),
     "compresslab.onnx_qdq/1": ("ort_int8", "int8 QDQ (ONNX Runtime quantize_static)", False),
