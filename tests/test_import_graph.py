@@ -1,0 +1,138 @@
+"""The import graph of ``src/`` (function-level imports included), built from the source with ``ast``.
+
+Issue #14 (house keeping) is to remove every import cycle. Until then this test is a ratchet: the
+modules caught in cycles today are listed in ``KNOWN_CYCLIC``, and a cycle through any other module
+fails the test. Once #14 lands, ``KNOWN_CYCLIC`` becomes empty and the test asserts no cycle at all.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+#: modules on an import cycle on 2026-12-04 (two strongly connected components); shrink, never grow
+KNOWN_CYCLIC = {
+    # cli -> pipeline -> train/track.results -> cluster -> cli (CONFIG_DIR), measure -> deploy.step -> teacher
+    "compresslab.cli", "compresslab.cluster", "compresslab.pipeline", "compresslab.train", "compresslab.teacher",
+    "compresslab.track", "compresslab.track.results", "compresslab.measure", "compresslab.measure.core",
+    "compresslab.measure.fresh", "compresslab.deploy.step", "compresslab.deploy.export", "compresslab.distill.module",
+    # quantization.layers <-> lowrank <-> tensor_lowrank, layers -> pruning.structured -> measure
+    "compresslab.compress.lowrank", "compresslab.compress.tensor_lowrank", "compresslab.compress.quantization.layers",
+    "compresslab.compress.quantization.pt2e", "compresslab.compress.pruning.common",
+    "compresslab.compress.pruning.structured",
+    # track.report -> track.sweep -> measure.together -> track.sweep
+    "compresslab.track.report", "compresslab.track.sweep", "compresslab.measure.together",
+}
+
+
+def module_names(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every ``.py`` under ``root`` (packages by their ``__init__``)."""
+    out = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        out[".".join(parts)] = path
+    return out
+
+
+def import_graph(root: Path, prefix: str) -> dict[str, set[str]]:
+    """Module -> the modules under ``prefix`` it imports anywhere in its body (functions included).
+    ``from a.b import c`` points at ``a.b.c`` when that is a module, else at ``a.b``."""
+    modules = module_names(root)
+
+    def known(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        package = mod.split(".") if path.name == "__init__.py" else mod.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+            else:
+                continue
+            for target in targets:
+                hit = known(target)
+                if hit and hit != mod and hit.startswith(prefix):
+                    graph[mod].add(hit)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components with more than one module (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[set[str]] = []
+    counter = 0
+    for start in graph:
+        if start in index:
+            continue
+        work = [(start, iter(sorted(graph[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on_stack.add(start)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = set()
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.add(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(component)
+    return found
+
+
+def test_the_graph_builder_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from pkg.sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from .. import c\n")  # function-level, relative
+    (pkg / "c.py").write_text("import pkg.a\nimport os\n")
+    (pkg / "d.py").write_text("from pkg import a\n")  # imports into the cycle, not part of it
+    graph = import_graph(tmp_path, "pkg")
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
+    assert cycles(graph) == [{"pkg.a", "pkg.sub.b", "pkg.c"}]
+    (pkg / "c.py").write_text("import os\n")
+    assert cycles(import_graph(tmp_path, "pkg")) == []
+
+
+def test_no_new_import_cycle_in_src():
+    on_cycles = set().union(*cycles(import_graph(SRC, "compresslab")))
+    new = sorted(on_cycles - KNOWN_CYCLIC)
+    assert not new, (f"modules newly on an import cycle: {new}; break the cycle (issue #14: no import circles) "
+                     "instead of adding them to KNOWN_CYCLIC")
+    gone = sorted(KNOWN_CYCLIC - on_cycles)
+    assert not gone, f"no longer on a cycle, remove from KNOWN_CYCLIC so it can't come back: {gone}"
