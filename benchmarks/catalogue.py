@@ -291,7 +291,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds of the timing session")
     parser.add_argument("--round-ms", type=float, default=None, help="timed work per model per round (default 20)")
     parser.add_argument("--threads-bN", dest="threads_bN", default="auto",
-                        help="threads at batch N in the timing session: a number or auto (physical cores when idle); "
+                        help="threads at batch N in the timing session: a number or auto (physical cores - 1 when idle); "
                              "1 on a shared 2-core machine, where 2 threads time bimodally")
     parser.add_argument("--only", default="", help="comma-separated substrings of method names (baselines always run)")
     parser.add_argument("--out", type=Path, default=None,

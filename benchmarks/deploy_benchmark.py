@@ -11,7 +11,7 @@ For resnet20, convnet and a structured-pruned resnet20 on digits, one trained fp
 - ORT int8 by ORT's own ``quantize_static``: its default (QDQ S8S8 per-tensor) and U8S8 per-channel.
 
 All contenders are timed in **one** :func:`compresslab.measure.latency.measure_latencies` call
-(interleaved rotating rounds, CPU clock, 1 thread at batch 1, physical cores at batch N when idle),
+(interleaved rotating rounds, CPU clock, 1 thread at batch 1, physical cores - 1 at batch N when idle),
 first on the machine as it is ("idle"), then with one busy-loop process per core ("loaded").
 Accuracy is the test split; bytes are the files (``.pt`` for torch, ``.onnx`` for ORT).
 

@@ -114,3 +114,17 @@ def test_latency_of_several_models_is_measured_interleaved_in_rotating_order():
     assert calls[:3] == ["a"] * 3  # each model's warm-up (at least 3 calls) comes first
     assert runs == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rounds in rotating order
     assert set(result) == {"a", "b", "c"} and all(0 <= r["median_ms"] <= r["p90_ms"] for r in result.values())
+
+
+def test_auto_threads_at_batch_n_leave_one_core_to_the_machine(monkeypatch):
+    from compresslab.measure import latency
+    from compresslab.measure.latency import LatencySettings, auto_threads_bN, time_models
+
+    assert [auto_threads_bN(True, c) for c in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert auto_threads_bN(False, 16) == 1  # a busy machine: one thread, whatever its size
+    monkeypatch.setattr(latency, "idle", lambda: (True, {"other_cpu_fraction": 0.0}))
+    monkeypatch.setattr(latency, "physical_cores", lambda: 3)
+    model = nn.Linear(4, 2).eval()
+    session = time_models({"m": model}, torch.randn(1, 4), torch.randn(8, 4),
+                          LatencySettings(warmup=1, rounds=2, round_ms=1.0, threads_bN="auto"))
+    assert session.threads_bN == 2 and session.idle_probe == {"other_cpu_fraction": 0.0}

@@ -10,8 +10,8 @@ What makes a figure trustworthy on a shared machine (see docs/measurement.md for
 - ``clock="cpu"`` (the default) times each call with the CPU time of the measuring thread
   (one thread) or process (several), so the time slices other processes take are not
   counted; ``clock="wall"`` is plain ``perf_counter``.
-- Threads are fixed and recorded: 1 at batch 1; at batch N the machine's physical cores when
-  it is otherwise idle, 1 when other processes are using the CPU (multi-threaded kernels
+- Threads are fixed and recorded: 1 at batch 1; at batch N the machine's physical cores but one
+  when it is otherwise idle, 1 when other processes are using the CPU (multi-threaded kernels
   stall when one of their threads is descheduled).
 - Every latency carries its IQR, every ratio a bootstrap interval over rounds.
 - The reference is timed twice in the same rounds (a *twin*): their ratio must be ~1.
@@ -43,7 +43,7 @@ class LatencySettings:
     round_ms: float = 20.0          # timed work per model per round (Timer.blocked_autorange's min_run_time)
     clock: str = "cpu"              # cpu | wall
     threads_b1: int | None = 1      # None: leave torch's thread count
-    threads_bN: int | str | None = "auto"   # auto: physical cores when idle, else 1
+    threads_bN: int | str | None = "auto"   # auto: physical cores - 1 when idle, else 1 (auto_threads_bN)
     max_spread: float = 0.5         # IQR / median of any model's blocks above this: unreliable
     max_twin_deviation: float = 0.10   # |twin ratio - 1| above this: unreliable
     max_ci_width: float = 0.25      # the twin ratio's 5-95% interval wider than this: unreliable
@@ -120,6 +120,15 @@ class LoadProbe:
             other = min(1.0, other_s / (wall * cpus))
         return {"loadavg_1m": self.load_start, "other_cpu_fraction": other, "cpus": cpus,
                 "seconds": round(wall, 3)}
+
+
+def auto_threads_bN(is_idle: bool, cores: int | None = None) -> int:  # noqa: N802 - the config's name
+    """``measure.threads_bN: auto``: on an idle machine every physical core but one (the one left
+    to the OS and whatever else wakes up: with all cores busy, an OpenMP barrier waits for the
+    thread the scheduler took away), else 1. On a 2-core machine that is 1 thread either way:
+    there, 2 threads at batch N timed bimodally in every session of 2026-12-04 (docs/measurement.md)."""
+    cores = physical_cores() if cores is None else int(cores)
+    return max(1, cores - 1) if is_idle else 1
 
 
 def idle(probe_s: float = 0.3, max_other: float = 0.10) -> tuple[bool, dict]:
@@ -239,7 +248,7 @@ class Session:
 def time_models(models: Mapping[str, Callable], example_b1: Any, example_bn: Any, settings: LatencySettings,
                 twin: str | None = None) -> Session:
     """Time every model at batch 1 and batch N in interleaved rotating rounds, at the settings'
-    thread counts (``threads_bN="auto"``: physical cores if the machine is idle, else 1), with
+    thread counts (``threads_bN="auto"``: :func:`auto_threads_bN`), with
     ``twin`` timed a second time in the same rounds as the self-check."""
     timed_models = dict(models)
     if twin is not None and twin in models:
@@ -250,7 +259,7 @@ def time_models(models: Mapping[str, Callable], example_b1: Any, example_bn: Any
     threads_bn, idle_load = settings.threads_bN, None
     if threads_bn == "auto":
         is_idle, idle_load = idle()
-        threads_bn = physical_cores() if is_idle else 1
+        threads_bn = auto_threads_bN(is_idle)
     threads_b1 = settings.threads_b1 or torch.get_num_threads()
     threads_bn = threads_bn or torch.get_num_threads()
     timed = {"b1": time_interleaved(timed_models, example_b1, settings, threads_b1),
