@@ -18,7 +18,7 @@ from compresslab.pipeline import run_experiment
 #: one run per artifact format: (overrides, the payload format, the kind the export records).
 #: dense: every case's reference.onnx (asserted below); fused (fuse=bn): tests/test_deploy.py's pipeline run.
 CASES = {
-    "sparse": (["prune=magnitude", "prune.at=0"], "compresslab.sparse/1", "sparse"),
+    "sparse": (["teacher=convnet", "prune=magnitude", "prune.at=0"], "compresslab.sparse/1", "sparse"),  # + a teacher
     "structured": (["student=convnet", "prune=structured", "prune.start=0"], "compresslab.structured/1",
                    "structured"),
     "lowrank_svd": (["lowrank=svd"], "compresslab.lowrank/1", "lowrank"),
@@ -38,7 +38,8 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_artifact_kind_exports_checks_and_times_in_onnxruntime(case, make_cfg):
     overrides, fmt, kind = CASES[case]
-    cfg = make_cfg(["teacher=none", "export.onnx=true", "measure.backends=[torch,onnxruntime]", *overrides])
+    teacher = [] if any(o.startswith("teacher=") for o in overrides) else ["teacher=none"]
+    cfg = make_cfg([*teacher, "export.onnx=true", "measure.backends=[torch,onnxruntime]", *overrides])
     run_experiment(cfg)
     run_dir = Path(cfg.paths.run_dir)
     record = json.loads((run_dir / "results.json").read_text())  # what a researcher reads, not the return value
@@ -64,6 +65,10 @@ def test_every_artifact_kind_exports_checks_and_times_in_onnxruntime(case, make_
     assert ort["acc_top1"] == pytest.approx(info["acc_top1"]) and ort["size_bytes"] == info["size_bytes"]
     assert record["reference"]["onnx"]["kind"] == "dense" and record["reference"]["onnx"]["top1_agreement"] == 1.0
     assert student["deployed_backend"] in ("torch", "onnxruntime")
+    if not teacher:  # the teacher is exported, checked and timed in both backends too
+        t = record["teacher"]
+        assert t["onnx"]["kind"] == "dense" and t["onnx"]["top1_agreement"] == 1.0 and t["onnx"]["check_passed"]
+        assert t["backends"]["onnxruntime"]["latency_ms_bN"] > 0 and t["backends"]["torch"]["latency_ms_bN"] > 0
     if kind == "structured":
         assert student["params"] < record["reference"]["params"]  # the smaller shapes are what was exported
     if case == "lsq_w4a4":  # fake-quantized activations: one rounding step may differ between runtimes
