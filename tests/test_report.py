@@ -304,3 +304,19 @@ def test_report_cli_backend_flag(tmp_path, capsys):
     assert (tmp_path / "rep" / "report_onnxruntime.md").exists() and (tmp_path / "rep" / "acc_vs_speedup_onnxruntime.png").exists()
     with pytest.raises(SystemExit, match="none of the 2 completed runs has openvino figures"):
         main([str(tmp_path / "sweep"), "--rows", "quant", "--backend", "openvino", "--no-plots"])
+
+
+def test_runs_from_two_measurement_sessions_are_not_called_comparable_in_milliseconds():
+    from compresslab.track.report import latency_source_line
+
+    records = []
+    for seed, session in ((0, "s1"), (1, "s1"), (2, "s2")):
+        rec = _deployed_record("ptq_int8", seed, 1.8, 1.7)
+        rec["measured_together"] = {"session": {"id": session}, "student": {"latency_ms_bN": 5.0, "speedup": 2.0,
+                                                                            "speedup_ci": [1.9, 2.1]}}
+        records.append(rec)
+    line = latency_source_line(records_to_frame(records, ["quant"]))
+    assert "3 runs measured by compresslab-measure in 2 separate sessions (s1: 2 runs, s2: 1 runs)" in line
+    assert "milliseconds only within a session" in line and "comparable across runs" not in line
+    one = latency_source_line(records_to_frame(records[:2], ["quant"]))
+    assert "2 runs measured together in one process by compresslab-measure (session s1): comparable" in one

@@ -194,8 +194,15 @@ def latency_source_line(frame: pd.DataFrame) -> str | None:
     parts = []
     if len(together):
         sessions = sorted(set(together["latency_session"].dropna()))
-        parts.append(f"{len(together)} runs measured together in one process by compresslab-measure "
-                     f"(session {', '.join(sessions)}): comparable across runs")
+        if len(sessions) <= 1:
+            parts.append(f"{len(together)} runs measured together in one process by compresslab-measure "
+                         f"(session {', '.join(sessions)}): comparable across runs")
+        else:  # several compresslab-measure sessions: milliseconds compare only within one
+            counts = together["latency_session"].value_counts()
+            parts.append(f"{len(together)} runs measured by compresslab-measure in {len(sessions)} separate sessions ("
+                         + ", ".join(f"{sid}: {int(counts[sid])} runs" for sid in sessions)
+                         + "): speed-ups compare across runs, milliseconds only within a session "
+                         "(compresslab-measure <all dirs> times them in one)")
     if per_job:
         parts.append(f"{per_job} runs measured per job (each in its own process at its own time: their speed-ups "
                      "compare within a job, their milliseconds not across jobs)")
