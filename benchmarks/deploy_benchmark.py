@@ -36,8 +36,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_config import compose_run  # noqa: E402
 
 from compresslab.artifact import load_model_file, read_payload  # noqa: E402
 from compresslab.compress.fuse import fold_bn  # noqa: E402
@@ -61,13 +62,8 @@ REFERENCE = "torch fp32"
 def train(out: Path, tag: str, overrides: list[str], epochs: int):
     """The trained fp32 student of one pipeline run (reused when the run exists) and its datamodule."""
     run_dir = out / tag
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"paths.run_dir={run_dir}", f"paths.teacher_cache={out / 'teachers'}", "logger=none", "teacher=none",
-            f"student.epochs={epochs}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "measure.latency_round_ms=2", "measure.latency_rounds=2", "measure.fresh_process=false", "resume=false",
-            *overrides])
+    cfg = compose_run(run_dir, out / "teachers", epochs, [
+        "measure.latency_round_ms=2", "measure.latency_rounds=2", "measure.fresh_process=false", *overrides])
     done = run_dir / "results.json"
     if not (done.exists() and json.loads(done.read_text()).get("status") == "completed"):
         run_experiment(cfg)

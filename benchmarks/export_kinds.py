@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 #: case -> overrides (the resnet20 / convnet rows need BatchNorm or residual structure)
 CASES = {
@@ -45,8 +46,7 @@ CASES = {
 
 
 def run_case(name: str, overrides: list[str], out: Path, epochs: int) -> dict:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from bench_config import compose_run
 
     from compresslab.pipeline import run_experiment
 
@@ -54,13 +54,8 @@ def run_case(name: str, overrides: list[str], out: Path, epochs: int) -> dict:
     done = run_dir / "results.json"
     if done.exists() and json.loads(done.read_text()).get("status") == "completed":
         return json.loads(done.read_text())
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            f"paths.run_dir={run_dir}", f"paths.teacher_cache={out / 'teachers'}", "logger=none", "teacher=none",
-            f"student.epochs={epochs}", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "resume=false", "export.onnx=true", "measure.backends=[torch,onnxruntime]", "measure.threads_bN=1",
-            *overrides])
+    cfg = compose_run(run_dir, out / "teachers", epochs, [
+        "export.onnx=true", "measure.backends=[torch,onnxruntime]", "measure.threads_bN=1", *overrides])
     try:
         run_experiment(cfg)
     except Exception as exc:  # noqa: BLE001 - a failed kind is a row of the table
