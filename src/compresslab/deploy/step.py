@@ -34,13 +34,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from compresslab.errors import ConfigError
+from compresslab.measure.latency import TIMED_FIGURES
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnxruntime")
 VS_TORCH = "#vs-torch-reference"
-_LATENCY_KEYS = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
-                 "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
 
 
 def export_enabled(cfg: DictConfig) -> bool:
@@ -182,36 +181,44 @@ def contenders(models: Mapping[str, Any], backends: Mapping[str, Mapping[str, An
     return timed, refs
 
 
-def attach(rows: dict[str, dict], result: Mapping[str, Any], backends: Mapping[str, Mapping[str, Any]]) -> None:
-    """Nest the per-backend figures of ``result`` under ``rows[name]["backends"]`` and add the
-    student's ``deployed_speedup`` (see the module doc)."""
-    from compresslab.deploy.ort import SETTINGS, versions
+def backend_figures(backend: str, figures: Mapping[str, Any], gate: Mapping[str, Any]) -> dict[str, Any]:
+    """One model's ``backends.<backend>`` block: its timed figures (:data:`TIMED_FIGURES`) and the
+    session's threads; for onnxruntime also its intra-op threads, session settings and versions."""
+    out = {k: figures[k] for k in TIMED_FIGURES if k in figures}
+    out.update(threads_b1=gate["threads_b1"], threads_bN=gate["threads_bN"])
+    if backend == "onnxruntime":
+        from compresslab.deploy.ort import SETTINGS, versions
 
-    figures, gate = result["models"], result["gate"]
-    for name, row in rows.items():
-        per = {"torch": {k: row[k] for k in _LATENCY_KEYS if k in row}}
-        per["torch"].update(threads_b1=gate["threads_b1"], threads_bN=gate["threads_bN"])
-        for backend, runners in backends.items():
-            if name in runners:
-                per[backend] = dict(figures[f"{name}@{backend}"])
-                per[backend].update(threads_b1=gate["threads_b1"], threads_bN=gate["threads_bN"],
-                                    intra_op_num_threads_b1=gate["threads_b1"],
-                                    intra_op_num_threads_bN=gate["threads_bN"],
-                                    settings=dict(SETTINGS), versions=versions())
-        row["backends"] = per
-    student = rows.get("student")
-    if student is None or "speedup" not in student:
-        return
+        out.update(intra_op_num_threads_b1=gate["threads_b1"], intra_op_num_threads_bN=gate["threads_bN"],
+                   settings=dict(SETTINGS), versions=versions())
+    return out
+
+
+def set_deployed(student: dict, vs_torch_reference: Mapping[str, Mapping[str, Any]]) -> None:
+    """``deployed_speedup`` / ``_ci`` / ``deployed_backend`` (and ``_b1``): the fastest of the torch
+    student and each backend's student (``vs_torch_reference[backend]``: its speed-ups against the
+    *torch* fp32 reference, timed in the same rounds)."""
     for tag, key in (("", "speedup"), ("_b1", "speedup_b1")):
         options = {"torch": (student[key], student.get(f"{key}_ci"))}
-        for backend in backends:
-            vs = figures.get(f"student@{backend}{VS_TORCH}")
+        for backend, vs in vs_torch_reference.items():
             if vs and key in vs:
                 options[backend] = (vs[key], vs.get(f"{key}_ci"))
         best = max(options, key=lambda b: options[b][0])
-        student[f"deployed_speedup{tag}"] = options[best][0]
-        student[f"deployed_speedup{tag}_ci"] = options[best][1]
+        student[f"deployed_speedup{tag}"], student[f"deployed_speedup{tag}_ci"] = options[best]
         student[f"deployed_backend{tag}"] = best
+
+
+def attach(rows: dict[str, dict], result: Mapping[str, Any], backends: Mapping[str, Mapping[str, Any]]) -> None:
+    """Nest the per-backend figures of ``result`` under ``rows[name]["backends"]`` and add the
+    student's ``deployed_speedup`` (see the module doc)."""
+    figures, gate = result["models"], result["gate"]
+    for name, row in rows.items():
+        row["backends"] = {"torch": backend_figures("torch", row, gate)}
+        row["backends"].update({backend: backend_figures(backend, figures[f"{name}@{backend}"], gate)
+                                for backend, runners in backends.items() if name in runners})
+    student = rows.get("student")
+    if student is not None and "speedup" in student:
+        set_deployed(student, {b: figures.get(f"student@{b}{VS_TORCH}") for b in backends})
 
 
 def merge(record_rows: dict[str, dict | None], infos: Mapping[str, dict] | None) -> None:

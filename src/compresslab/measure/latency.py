@@ -122,6 +122,12 @@ class LoadProbe:
                 "seconds": round(wall, 3)}
 
 
+#: The timed figures of one model (:meth:`Session.figures` and :meth:`Session.speedups`), which each
+#: backend has its own of under ``<row>.backends.<backend>``.
+TIMED_FIGURES = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
+                 "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
+
+
 def auto_threads_bN(is_idle: bool, cores: int | None = None) -> int:  # noqa: N802 - the config's name
     """``measure.threads_bN: auto``: on an idle machine every physical core but one (the one left
     to the OS and whatever else wakes up: with all cores busy, an OpenMP barrier waits for the

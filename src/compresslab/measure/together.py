@@ -55,8 +55,6 @@ from compresslab.measure.latency import LatencySettings, time_models
 ROWS = ("teacher", "reference", "student")
 #: Backends besides torch that compresslab-measure times (their files: ``<row>.onnx.path``).
 ORT = "onnxruntime"
-_TORCH_TIMED = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
-                "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
 
 
 def _digest(path: Path) -> str:
@@ -152,7 +150,11 @@ def _load(path: Path):
 
 
 def run_block(measured, rows: dict[str, str], session: dict) -> dict[str, Any]:
-    """One run's ``measured_together`` block from the session that timed its files (module doc)."""
+    """One run's ``measured_together`` block from the session that timed its files (module doc);
+    the backend blocks and the deployed speed-up as the per-job measurement writes them
+    (:func:`compresslab.deploy.step.backend_figures`, :func:`~compresslab.deploy.step.set_deployed`)."""
+    from compresslab.deploy.step import backend_figures, set_deployed
+
     gate = measured.gate(list(rows.values()))
     common = {"latency_reliable": gate["reliable"], "latency_unreliable_reason": gate["reason"],
               "latency_unreliable_short": gate["short_reason"], "threads_b1": gate["threads_b1"],
@@ -167,23 +169,12 @@ def run_block(measured, rows: dict[str, str], session: dict) -> dict[str, Any]:
         ort_key = rows.get(f"{row}@{ORT}")
         if ort_key is None:
             continue
-        from compresslab.deploy.ort import SETTINGS, versions
-
-        ort = {**measured.figures(ort_key), **(measured.speedups(ort_key, ort_ref) if ort_ref else {}),
-               "threads_b1": gate["threads_b1"], "threads_bN": gate["threads_bN"],
-               "intra_op_num_threads_b1": gate["threads_b1"], "intra_op_num_threads_bN": gate["threads_bN"],
-               "settings": dict(SETTINGS), "versions": versions(), "model_key": ort_key}
-        torch_figures = {k: block[row][k] for k in _TORCH_TIMED if k in block[row]}
-        block[row]["backends"] = {"torch": {**torch_figures, "threads_b1": gate["threads_b1"],
-                                            "threads_bN": gate["threads_bN"], "model_key": key}, ORT: ort}
-    student, ort_student = block["student"], rows.get(f"student@{ORT}")
-    if ort_student is not None:
-        vs_torch = measured.speedups(ort_student, ref)  # ORT's student vs the torch fp32 reference
-        for tag, key in (("", "speedup"), ("_b1", "speedup_b1")):
-            options = {"torch": (student[key], student[f"{key}_ci"]), ORT: (vs_torch[key], vs_torch[f"{key}_ci"])}
-            best = max(options, key=lambda b: options[b][0])
-            student[f"deployed_speedup{tag}"], student[f"deployed_speedup{tag}_ci"] = options[best]
-            student[f"deployed_backend{tag}"] = best
+        ort = {**measured.figures(ort_key), **(measured.speedups(ort_key, ort_ref) if ort_ref else {})}
+        block[row]["backends"] = {"torch": {**backend_figures("torch", block[row], gate), "model_key": key},
+                                  ORT: {**backend_figures(ORT, ort, gate), "model_key": ort_key}}
+    ort_student = rows.get(f"student@{ORT}")
+    if ort_student is not None:  # ORT's student vs the torch fp32 reference, from the same rounds
+        set_deployed(block["student"], {ORT: measured.speedups(ort_student, ref)})
     return block
 
 

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from compresslab.measure.latency import TIMED_FIGURES
 from compresslab.track.sweep import collect_job_results
 
 #: Metrics where smaller is better (everything else: larger is better). A dotted metric
@@ -71,10 +72,8 @@ LATENCY_METRICS = {"latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "laten
                    "latency_ms_bN_iqr", "speedup", "speedup_b1", "speedup_vs_expected", "deployed_speedup",
                    "deployed_speedup_b1"}
 
-#: The student's timed figures that each backend has its own of (``student.backends.<backend>``).
-BACKEND_TIMED = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
-                 "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
-#: ... and its exact ones (the ONNX file's accuracy in ONNX Runtime and its size on disk).
+#: The student's exact figures that each backend has its own of besides the timed ones
+#: (:data:`~compresslab.measure.latency.TIMED_FIGURES`): the file's accuracy in that backend and its size.
 BACKEND_EXACT = ("acc_top1", "size_bytes")
 #: Speed-ups with a 5-95% interval (``<key>_ci``), tabulated as ``<key>_ci_lo`` / ``<key>_ci_hi``.
 CI_KEYS = ("speedup", "speedup_b1", "deployed_speedup", "deployed_speedup_b1")
@@ -119,7 +118,7 @@ def student_figures(record: dict, backend: str | None = None) -> tuple[dict, str
     for b, figures in together_backends.items():
         backends[b] = {**backends.get(b, {}), **{k: v for k, v in figures.items() if k != "model_key"}}
     if together and "torch" in backends:
-        backends["torch"].update({k: together[k] for k in BACKEND_TIMED if k in together})
+        backends["torch"].update({k: together[k] for k in TIMED_FIGURES if k in together})
     if backends:
         student["backends"] = backends
     if backend is not None:
@@ -136,7 +135,7 @@ def student_figures(record: dict, backend: str | None = None) -> tuple[dict, str
         else:
             source = None
         student["backend_missing"] = not figures
-        for k in BACKEND_TIMED + BACKEND_EXACT:
+        for k in TIMED_FIGURES + BACKEND_EXACT:
             student[k] = figures.get(k)
         ref_size = ((((record.get("reference") or {}).get("backends") or {}).get(backend) or {}).get("size_bytes"))
         student["size_ratio"] = ref_size / student["size_bytes"] if ref_size and student["size_bytes"] else None
