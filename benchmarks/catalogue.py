@@ -48,6 +48,8 @@ from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
+from bench_config import ratio_cell  # benchmarks/ is on sys.path when this file runs as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 DISTILL = ("cc", "vid", "ab", "ft", "fsp", "nst", "ofd", "reviewkd", "dist")
@@ -177,12 +179,6 @@ def measure(args) -> int:
     return measure_in_subprocess([args.out / "runs"], extra, timeout_s=3600)
 
 
-def _ci(value, ci) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}×"
-
-
 def rows_from_runs(args, selected: list[Job], done: dict[str, dict]) -> list[dict]:
     """One row per job (and the distillation teacher), from each run's results.json."""
     rows, records = [], {}
@@ -249,8 +245,8 @@ def markdown(rows: list[dict], batch: int) -> str:
         rel = "–" if r.get("reliable") is None else ("yes" if r["reliable"] else f"no ({r.get('unreliable')})")
         lines.append(f"| {r['method']} | {r['axis']} | {cfg} | {r['acc']:.4f} | {delta} | {r['size_bytes']:,} "
                      f"| {r['size_ratio']:.2f}× | {r['params']:,} | {r['macs']:,} | {b1} | {bn} "
-                     f"| {_ci(r.get('speedup_b1'), r.get('speedup_b1_ci'))} "
-                     f"| {_ci(r.get('speedup_bN'), r.get('speedup_bN_ci'))} | {rel} |")
+                     f"| {ratio_cell(r.get('speedup_b1'), r.get('speedup_b1_ci'))} "
+                     f"| {ratio_cell(r.get('speedup_bN'), r.get('speedup_bN_ci'))} | {rel} |")
     return "\n".join(lines) + "\n"
 
 

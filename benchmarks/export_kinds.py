@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from bench_config import ratio_cell  # noqa: E402
+
 #: case -> overrides (the resnet20 / convnet rows need BatchNorm or residual structure)
 CASES = {
     "dense": ["student=convnet"],
@@ -63,12 +65,6 @@ def run_case(name: str, overrides: list[str], out: Path, epochs: int) -> dict:
     return json.loads(done.read_text()) if done.exists() else {"status": "failed"}
 
 
-def _x(value, ci=None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.2f}× [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else f"{value:.2f}×"
-
-
 def row(name: str, record: dict) -> str:
     if record.get("status") != "completed":
         return f"| {name} | **{record.get('status')}**: {str(record.get('error'))[:160]} |" + " |" * 10
@@ -79,8 +75,8 @@ def row(name: str, record: dict) -> str:
             f"| {onnx['acc_top1']:.4f} / {onnx['acc_top1_torch']:.4f} | {st['size_bytes']:,} / {onnx['size_bytes']:,} "
             f"| {torch_['latency_ms_b1']:.3f} / {torch_['latency_ms_bN']:.2f} "
             f"| {ort['latency_ms_b1']:.3f} / {ort['latency_ms_bN']:.2f} "
-            f"| {_x(torch_['speedup'], torch_['speedup_ci'])} | {_x(ort['speedup'], ort['speedup_ci'])} "
-            f"| {_x(st['deployed_speedup_b1'])} ({st['deployed_backend_b1']}) / {_x(st['deployed_speedup'])} "
+            f"| {ratio_cell(torch_['speedup'], torch_['speedup_ci'])} | {ratio_cell(ort['speedup'], ort['speedup_ci'])} "
+            f"| {ratio_cell(st['deployed_speedup_b1'])} ({st['deployed_backend_b1']}) / {ratio_cell(st['deployed_speedup'])} "
             f"({st['deployed_backend']}) | {reliable} |")
 
 

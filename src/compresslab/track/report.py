@@ -83,10 +83,6 @@ def is_timed(metric: str) -> bool:
     return base_metric(metric) in LATENCY_METRICS
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))
-
-
 def _ci_columns(row: dict, prefix: str, figures: dict) -> None:
     for key in CI_KEYS:
         ci = figures.get(f"{key}_ci")
@@ -121,6 +117,7 @@ def student_figures(record: dict, backend: str | None = None) -> tuple[dict, str
         backends["torch"].update({k: together[k] for k in TIMED_FIGURES if k in together})
     if backends:
         student["backends"] = backends
+    student["torch_latency_source"] = source  # the torch figures' source, whatever ``backend`` picks below
     if backend is not None:
         student["backend"] = backend
     if backend not in (None, "torch"):
@@ -171,8 +168,8 @@ def records_to_frame(records: Iterable[dict], keys: Sequence[str], backend: str 
         for key in ("deployed_backend", "deployed_backend_b1"):
             row[key] = student.get(key)
         row["backend"] = backend
-        torch_timed = source if backend in (None, "torch") else student_figures(r)[1]
-        row["backends_present"] = ",".join(sorted(student.get("backends") or ({"torch": 1} if torch_timed else {})))
+        row["backends_present"] = ",".join(sorted(student.get("backends") or
+                                                  ({"torch": 1} if student["torch_latency_source"] else {})))
         row["run"] = str(r.get("_path") or r.get("run_dir") or "")
         row["latency_unreliable_short"] = student.get("latency_unreliable_short") or student.get(
             "latency_unreliable_reason")
