@@ -22,7 +22,6 @@ Accuracy is the test split; bytes are the files (``.pt`` for torch, ``.onnx`` fo
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -41,11 +40,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_config import compose_run  # noqa: E402
 
 from compresslab.artifact import load_model_file, read_payload  # noqa: E402
+from compresslab.files import atomic_torch_save  # noqa: E402
 from compresslab.compress.fuse import fold_bn  # noqa: E402
 from compresslab.compress.quantization import pt2e  # noqa: E402
-from compresslab.compress.quantization.layers import structure_of  # noqa: E402
+from compresslab.compress.quantization import PTQInt8  # noqa: E402
 from compresslab.compress.quantization.ort_int8 import quantize_with_ort  # noqa: E402
-from compresslab.deploy.export import complete_qdq, onnx_bytes  # noqa: E402
+from compresslab.deploy.export import export_payload, onnx_bytes  # noqa: E402
 from compresslab.deploy.ort import OrtModel, optimized_ops  # noqa: E402
 from compresslab.measure.core import evaluate_accuracy  # noqa: E402
 from compresslab.measure.latency import LatencySettings, measure_latencies, physical_cores  # noqa: E402
@@ -100,19 +100,21 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
     fp32 = load_model_file(student_pt).eval()
     shape = list(dm.input_shape)
     example = torch.zeros(2, *shape)
-    calibration = [b[0] for b in itertools.islice(dm.train_dataloader(), 16)]
     fused, pairs = fold_bn(fp32, dm.example_batch(8))
-    converted, _ = pt2e.quantize_pt2e(fp32, example, calibration)
+    # our int8 is the project's quant=ptq_int8 (its defaults: 16 training batches), applied to this
+    # student and saved as the pipeline saves it; both ORT forms are exported from that saved file
+    method = PTQInt8("ptq_int8")
+    method.quantize(fp32, dm)
     context = {"arch": read_payload(student_pt)["arch"], "input_shape": shape, "num_classes": dm.num_classes}
-    # the structure (pruned shapes, low-rank plan) as ptq_int8 records it, or the pruned model won't rebuild
-    payload = pt2e.make_payload(converted, context, structure_of(fp32, context), "static", lower=True)
     int8_pt = work / "int8.pt"
-    torch.save(payload, int8_pt)
+    atomic_torch_save(method.export(fp32, context), int8_pt)
     int8 = load_model_file(int8_pt)
+    calibration = method.calibration
     files = {"ort fp32": onnx_bytes(fp32, example), "ort fp32 fuse=bn": onnx_bytes(fused, example)}
-    exact = onnx_bytes(converted, example)
-    files["ort int8 ours (exact PT2E QDQ)"] = exact
-    files["ort int8 ours (QDQ completed)"] = complete_qdq(exact, calibration)[0]
+    for name, complete in (("ort int8 ours (exact PT2E QDQ)", False), ("ort int8 ours (QDQ completed)", True)):
+        out = work / f"int8_{'completed' if complete else 'exact'}.onnx"
+        export_payload(read_payload(int8_pt), out, calibration, complete_int8=complete)
+        files[name] = out.read_bytes()
     files["ort int8 ort_int8 S8S8 default"] = quantize_with_ort(fp32, shape, calibration, "int8", "int8", False)
     files["ort int8 ort_int8 U8S8 per-channel"] = quantize_with_ort(fp32, shape, calibration)
     models = {REFERENCE: fp32, "torch fp32 fuse=bn": fused, "torch int8 (PT2E, oneDNN)": int8}
@@ -122,7 +124,7 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
-        reference_graph = pt2e.rebuild_converted(payload)
+        reference_graph = pt2e.rebuild_converted(read_payload(int8_pt))
         from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         allow_exported_model_train_eval(reference_graph)  # the accuracy loop and the engine call .eval()
@@ -147,17 +149,8 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
                                                                         "FusedConv", "QGemm", "Gemm")}}
     for name, model in models.items():
         with torch.no_grad():
-            facts[name]["acc"] = evaluate_accuracy(model, dm.test_dataloader()) if not isinstance(model, OrtModel) \
-                else _ort_accuracy(model, dm)
+            facts[name]["acc"] = evaluate_accuracy(model, dm.test_dataloader())  # OrtModel too: a callable
     return models, facts
-
-
-def _ort_accuracy(model: OrtModel, dm) -> float:
-    correct = total = 0
-    for x, y in dm.test_dataloader():
-        correct += int((model(x).argmax(1) == y).sum())
-        total += int(y.numel())
-    return correct / total
 
 
 def measure(models: dict, dm, batch: int, rounds: int, round_ms: float) -> dict:

@@ -52,7 +52,8 @@ def test_every_artifact_kind_exports_checks_and_times_in_onnxruntime(case, make_
     assert info["kind"] == kind and info["checked_in"] == "fresh_process" and info["check_passed"] is True
     assert info["checked_inputs"] > 300  # the whole digits test split
     if info["lossless"]:
-        assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-3 * 100
+        # fp32 in both runtimes: only summation order differs (benchmarks/export_kinds.py measured <= 1.7e-5)
+        assert info["top1_agreement"] == 1.0 and info["max_abs_diff"] < 1e-4
     else:
         assert info["top1_agreement"] >= 0.995
     # the batch dimension is dynamic: one graph serves batch 1 and batch N
