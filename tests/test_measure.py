@@ -128,3 +128,9 @@ def test_auto_threads_at_batch_n_leave_one_core_to_the_machine(monkeypatch):
     session = time_models({"m": model}, torch.randn(1, 4), torch.randn(8, 4),
                           LatencySettings(warmup=1, rounds=2, round_ms=1.0, threads_bN="auto"))
     assert session.threads_bN == 2 and session.idle_probe == {"other_cpu_fraction": 0.0}
+    # 2 cores: 1 thread whether idle or not, so the idle probe is not run at all
+    monkeypatch.setattr(latency, "physical_cores", lambda: 2)
+    monkeypatch.setattr(latency, "idle", lambda: pytest.fail("probed the load for a foregone answer"))
+    session = time_models({"m": model}, torch.randn(1, 4), torch.randn(8, 4),
+                          LatencySettings(warmup=1, rounds=2, round_ms=1.0, threads_bN="auto"))
+    assert session.threads_bN == 1 and session.idle_probe is None

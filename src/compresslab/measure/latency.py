@@ -264,8 +264,12 @@ def time_models(models: Mapping[str, Callable], example_b1: Any, example_bn: Any
     probe = LoadProbe()
     threads_bn, idle_load = settings.threads_bN, None
     if threads_bn == "auto":
-        is_idle, idle_load = idle()
-        threads_bn = auto_threads_bN(is_idle)
+        cores = physical_cores()
+        if auto_threads_bN(True, cores) == 1:  # 1 thread whatever the load: no need for the 0.3 s probe
+            threads_bn = 1
+        else:
+            is_idle, idle_load = idle()
+            threads_bn = auto_threads_bN(is_idle, cores)
     threads_b1 = settings.threads_b1 or torch.get_num_threads()
     threads_bn = threads_bn or torch.get_num_threads()
     timed = {"b1": time_interleaved(timed_models, example_b1, settings, threads_b1),
