@@ -83,7 +83,7 @@ def unstructured(sparsities, methods, epochs: int, seed: int) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from compresslab.cli import CONFIG_DIR
+    from compresslab.config_utils import CONFIG_DIR
     from compresslab.pipeline import run_experiment
 
     tmp = Path(tempfile.mkdtemp(prefix="prune_bench_"))

@@ -94,7 +94,7 @@ def test_crafted_files_are_refused_in_the_fresh_measuring_process(tmp_path, hub_
 
 
 def test_the_report_never_builds_models_from_records(tmp_path, hub_repo):
-    from compresslab.track import report
+    from compresslab.cli import report_main
 
     repo, marker = hub_repo
     spec = crafted_specs(repo)["hub_load_through_common"]
@@ -104,7 +104,7 @@ def test_the_report_never_builds_models_from_records(tmp_path, hub_repo):
     (run / "results.json").write_text(json.dumps({
         "status": "completed", "axes": {"student": "x", "seed": 0},
         "config": {"student": {"arch": spec}}, "student": {"acc_top1": 0.5, "artifact": str(artifact)}}))
-    report.main([str(tmp_path / "sweep"), "--rows", "student", "--cols", "", "--out", str(tmp_path / "report")])
+    report_main([str(tmp_path / "sweep"), "--rows", "student", "--cols", "", "--out", str(tmp_path / "report")])
     assert not marker.exists()
 
 
@@ -154,7 +154,8 @@ def test_a_sweep_job_whose_config_cannot_be_read_is_counted_and_recorded(tmp_pat
 def test_the_sweep_summary_counts_a_launched_job_that_left_no_record(tmp_path):
     from omegaconf import OmegaConf
 
-    from compresslab.track.sweep import collect_job_results, launched_job_dirs
+    from compresslab.track.results import collect_job_results
+    from compresslab.track.sweep import launched_job_dirs
 
     (tmp_path / "0").mkdir()
     (tmp_path / "0" / "results.json").write_text(json.dumps({"status": "completed", "student": {"acc_top1": 1}}))
@@ -379,13 +380,13 @@ def test_files_are_created_with_the_umask_mode(make_cfg):
 
 
 def test_the_report_skips_a_record_that_is_not_utf8(tmp_path, capsys):
-    from compresslab.track import report
+    from compresslab.cli import report_main
 
     for job, body in [("0", json.dumps({"status": "completed", "axes": {"student": "a"},
                                         "student": {"acc_top1": 0.9}}).encode()), ("1", b"\xff\xfe{not utf-8")]:
         (tmp_path / job).mkdir()
         (tmp_path / job / "results.json").write_bytes(body)
-    report.main([str(tmp_path), "--rows", "student", "--cols", "", "--no-plots"])
+    report_main([str(tmp_path), "--rows", "student", "--cols", "", "--no-plots"])
     captured = capsys.readouterr()
     assert "warning: skipped" in captured.err and str(tmp_path / "1" / "results.json") in captured.err
     assert "1 completed runs, 0 failed" in captured.out

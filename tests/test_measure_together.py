@@ -88,8 +88,11 @@ def test_settings_reject_an_unknown_clock():
         LatencySettings(clock="tsc")
 
 
-def _cli(args, cwd, module="compresslab.cli"):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True,
+def _cli(args, cwd, entry="main"):
+    """Run the console command ``compresslab.cli.<entry>`` (``main`` is ``compresslab``) in a fresh process."""
+    command = [sys.executable, "-m", "compresslab.cli"] if entry == "main" else \
+        [sys.executable, "-c", f"import sys; from compresslab.cli import {entry}; {entry}(sys.argv[1:])"]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, timeout=600, env={**os.environ, "WANDB_MODE": "offline"})
 
 
@@ -120,7 +123,7 @@ def test_deferred_sweep_is_measured_together_in_one_process_and_the_report_says_
 
     # re-measuring replaces the block with a new session's figures and leaves the training figures alone
     before = {p: json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))}
-    again = _cli([sweep, "--rounds", "2", "--round-ms", "1"], tmp_path, module="compresslab.measure.together")
+    again = _cli([sweep, "--rounds", "2", "--round-ms", "1"], tmp_path, entry="measure_main")
     assert again.returncode == 0, again.stderr[-3000:]
     for path, old in before.items():
         new = json.loads(path.read_text())
@@ -129,7 +132,7 @@ def test_deferred_sweep_is_measured_together_in_one_process_and_the_report_says_
         assert {k: v for k, v in new.items() if k != "measured_together"} == \
                {k: v for k, v in old.items() if k != "measured_together"}
     report = _cli([sweep, "--rows", "seed", "--cols", "", "--metric", "speedup", "--no-plots"], tmp_path,
-                  module="compresslab.track.report")
+                  entry="report_main")
     assert report.returncode == 0, report.stderr[-2000:]
     assert "latency figures: 2 runs measured together" in report.stdout
 
@@ -252,7 +255,7 @@ def test_measure_together_times_onnx_files_beside_the_artifacts_in_one_session(o
 
     # the report takes these figures with --backend onnxruntime (timed together; ORT accuracy and size per job)
     from compresslab.track.report import build_report
-    from compresslab.track.sweep import collect_job_results
+    from compresslab.track.results import collect_job_results
 
     records = collect_job_results(ort_runs)
     report = build_report(records, "seed", None, ["speedup", "acc_top1", "deployed_speedup"], None, plots=False,

@@ -95,7 +95,7 @@ def test_two_by_two_by_two_seed_multirun_and_report(tmp_path):
     # the teacher is trained once per seed and reused by the other jobs
     assert len(list((tmp_path / "teachers").glob("*.pt"))) == 2
 
-    rep = subprocess.run([sys.executable, "-m", "compresslab.track.report", str(sweep), "--rows", "student",
+    rep = subprocess.run([sys.executable, "-c", "import sys; from compresslab.cli import report_main; report_main(sys.argv[1:])", str(sweep), "--rows", "student",
                           "--cols", "student.label_smoothing", "--out", str(tmp_path / "rep")],
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
@@ -124,7 +124,7 @@ def test_composite_keys_join_axis_values():
 
 def test_tables_put_the_uncompressed_baseline_first_then_keep_the_sweep_order(tmp_path):
     from compresslab.track.report import baseline_first
-    from compresslab.track.sweep import collect_job_results
+    from compresslab.track.results import collect_job_results
 
     assert baseline_first(["kd/agp", "kd/none", "none/agp", "none/none", "at/none"]) == [
         "none/none", "kd/none", "none/agp", "at/none", "kd/agp"]
@@ -290,7 +290,7 @@ def test_wandb_records_rebuild_the_nested_backend_blocks(monkeypatch):
 
 
 def test_report_cli_backend_flag(tmp_path, capsys):
-    from compresslab.track.report import main
+    from compresslab.cli import report_main as main
 
     for seed in range(2):
         run = tmp_path / "sweep" / str(seed)

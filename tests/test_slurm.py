@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from compresslab.cluster import record_scheduler_failure, slurm_fields
+from compresslab.cluster import record_scheduler_failure
+from compresslab.slurm_env import slurm_fields
 from compresslab.testing.sacct import squeue_command
 from compresslab.testing.slurm import HIGH, LocalSlurmCluster, unavailable_reason
 from compresslab.track.results import read_results, write_results

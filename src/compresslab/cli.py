@@ -1,15 +1,28 @@
-"""The ``compresslab`` command: a Hydra app over ``conf/`` that runs one experiment per job."""
+"""Every console command of compresslab, in one place (``[project.scripts]`` in pyproject.toml).
+
+- ``compresslab``: the Hydra app over ``conf/`` that runs one experiment per job (:func:`main`);
+- ``compresslab-report``: ablation tables and plots from many runs (:func:`report_main`);
+- ``compresslab-measure``: re-time the saved artifacts of many runs in one process (:func:`measure_main`);
+- ``compresslab-reproduce``: the paper-claim reproduction suite (:func:`reproduce_main`);
+- ``compresslab-sensitivity``: per-layer pruning sensitivity of a saved model file (:func:`sensitivity_main`);
+- ``compresslab-sbatch``: the sbatch script a SLURM sweep would submit, not submitted (:func:`sbatch_main`).
+
+Each parses its arguments and calls the library; nothing below imports this module.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import Sequence
 
 import hydra
 from omegaconf import DictConfig
 
-CONFIG_DIR = os.environ.get("COMPRESSLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+from compresslab.config_utils import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
@@ -42,6 +55,191 @@ def objective_value(record: dict, objective: DictConfig) -> float | None:
         return float(objective.penalty)
     value = student.get(objective.metric)
     return None if value is None else float(value)
+
+
+def report_main(argv: Sequence[str] | None = None) -> None:
+    """``compresslab-report``: ablation tables and accuracy/size/latency plots from many runs
+    (:mod:`compresslab.track.report`)."""
+    from compresslab.track.report import build_report, load_wandb_records, log_report_to_wandb
+    from compresslab.track.results import collect_job_results
+
+    parser = argparse.ArgumentParser(prog="compresslab-report",
+                                     description="Ablation tables and accuracy/size/latency plots from many runs.")
+    parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--wandb-project", help="read runs from this W&B project (entity/project) instead")
+    parser.add_argument("--rows", default="student", help="axis or dotted config key for table rows")
+    parser.add_argument("--cols", default="distill", help="axis or config key for columns ('' for none)")
+    parser.add_argument("--metric", action="append", dest="metrics",
+                        help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup, "
+                             "deployed_speedup, or a dotted path such as backends.onnxruntime.speedup")
+    parser.add_argument("--backend", help="tabulate and plot the student's figures in this backend "
+                                          "(student.backends.<backend>: latency, speed-up, accuracy, size), "
+                                          "e.g. onnxruntime; default: the torch figures")
+    parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
+    parser.add_argument("--format", action="append", dest="formats", choices=["md", "latex", "csv"])
+    parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--log-wandb", metavar="PROJECT", help="also log the table and plots to this W&B project")
+    args = parser.parse_args(argv)
+    if args.wandb_project:
+        records = load_wandb_records(args.wandb_project)
+    else:
+        if not args.paths:
+            parser.error("give run/sweep directories, or --wandb-project")
+        _require_dirs(parser, args.paths)
+        records = [r for p in args.paths for r in collect_job_results(p)]
+        for r in [r for r in records if r.get("status") == "unreadable"]:
+            print(f"warning: skipped {r['_path']}: {r.get('error')}", file=sys.stderr)
+        records = [r for r in records if r.get("status") != "unreadable"]
+    failed = [r for r in records if r.get("status") != "completed"]
+    out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
+    report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
+                          args.formats or ("md", "latex", "csv"), plots=not args.no_plots, backend=args.backend)
+    print(f"{len(records) - len(failed)} completed runs, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed: {r.get('_path', r.get('run_dir'))}: {str(r.get('error'))[:160]}")
+    if report["frame"].empty:
+        raise SystemExit("no completed runs to tabulate")
+    print("\n\n".join(report["markdown"]))
+    for line in ([report["latency_source"]] if report["latency_source"] else []) + report["notes"] + report["paper"]:
+        print(line)
+    for path in report["paths"]:
+        print(f"wrote {path}")
+    if args.log_wandb:
+        log_report_to_wandb(report, args.log_wandb)
+
+
+def _require_dirs(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> None:
+    """A usage error naming the paths that don't exist."""
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        parser.error(f"no such directory: {', '.join(map(str, missing))}")
+
+
+def measure_main(argv: Sequence[str] | None = None) -> None:
+    """``compresslab-measure``: time the saved artifacts of many runs together, in this one process
+    (:mod:`compresslab.measure.together`), and write each run's ``measured_together`` block."""
+    from dataclasses import asdict
+
+    from compresslab.measure.latency import LatencySettings
+    from compresslab.measure.together import completed_runs, measure_together, print_measured
+
+    parser = argparse.ArgumentParser(prog="compresslab-measure",
+                                     description="Re-measure the saved artifacts of many runs together, in one process.")
+    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories (searched for results.json)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the runs' measure.latency_rounds)")
+    parser.add_argument("--round-ms", type=float, help="timed work per model per round")
+    parser.add_argument("--warmup", type=int, help="untimed calls per model first")
+    parser.add_argument("--clock", choices=["cpu", "wall"])
+    parser.add_argument("--threads-bN", help="threads at batch N: a number or auto")
+    parser.add_argument("--dry-run", action="store_true", help="measure and print, don't write results.json")
+    args = parser.parse_args(argv)
+    _require_dirs(parser, args.paths)
+    runs = completed_runs(args.paths)
+    if not runs:
+        raise SystemExit(f"no completed runs with saved artifacts under {', '.join(map(str, args.paths))}")
+    settings = LatencySettings.from_config((runs[0][1].get("config") or {}).get("measure") or {})
+    for field, value in (("rounds", args.rounds), ("round_ms", args.round_ms), ("warmup", args.warmup),
+                         ("clock", args.clock)):
+        if value is not None:
+            setattr(settings, field, value)
+    if args.threads_bN is not None:
+        settings.threads_bN = args.threads_bN if args.threads_bN == "auto" else int(args.threads_bN)
+    LatencySettings(**asdict(settings))  # re-validate the overridden values
+    print_measured(measure_together(args.paths, settings, write=not args.dry_run))
+
+
+def reproduce_main(argv: list[str] | None = None) -> int:
+    """``compresslab-reproduce``: run the paper-claim suite (:mod:`compresslab.reproduce`) and print
+    one table (paper | claim | paper number | ours | verdict); writes ``reproduce.json``/``.md`` and a
+    figure per claim into ``--out``."""
+    import datetime as dt
+    import shlex
+    import time
+
+    from compresslab.reproduce.output import print_table, write_outputs
+    from compresslab.reproduce.suite import Suite, available_claims
+
+    parser = argparse.ArgumentParser(prog="compresslab-reproduce",
+                                     description="The paper-claim reproduction suite (conf/experiment/repro/).")
+    parser.add_argument("--only", default="", help="comma-separated claim ids (default: all)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per claim (default 3)")
+    parser.add_argument("--out", type=Path, default=None, help="output dir (default outputs/reproduce/<date>_<time>)")
+    parser.add_argument("--teacher-cache", type=Path, default=None, help="teacher cache (default <out>/teachers)")
+    parser.add_argument("--quick", action="store_true", help="one seed per claim on a shortened schedule")
+    parser.add_argument("--list", action="store_true", help="list the claims and exit")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+
+    claims = available_claims()
+    if args.list:
+        for c in claims.values():
+            print(f"{c.claim:24s} {c.paper}: {c.statement}")
+        return 0
+    wanted = [c.strip() for c in args.only.split(",") if c.strip()] or list(claims)
+    unknown = [c for c in wanted if c not in claims]
+    if unknown:
+        parser.error(f"unknown claim(s) {unknown}; the suite has {list(claims)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    out = args.out or Path("outputs/reproduce") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    suite = Suite(out=out, teacher_cache=args.teacher_cache, quick=args.quick, n_seeds=args.seeds,
+                  log=lambda msg: print(msg, flush=True))
+    start = time.perf_counter()
+    rows = suite.run(claims[c] for c in wanted)
+    wall = time.perf_counter() - start
+    command = "compresslab-reproduce " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    paths = write_outputs(out, rows, claims, wall, command.strip())
+    print_table(rows, wall)
+    print(f"wall time {wall:.0f} s; {paths['json']}, {paths['md']}, figures in {out}")
+    return 1 if any(r["errors"] for r in rows) else 0
+
+
+def sensitivity_main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """``compresslab-sensitivity MODEL [overrides] --out DIR``: prune each layer of a saved model file
+    alone to a range of sparsities and tabulate the accuracy (:mod:`compresslab.compress.pruning.sensitivity`)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from compresslab.artifact import load_model_file
+    from compresslab.compress.pruning import sensitivity
+    from compresslab.pipeline import build_datamodule
+
+    parser = argparse.ArgumentParser(prog="compresslab-sensitivity",
+                                     description="Per-layer pruning sensitivity (Han et al. 2015, Fig. 6).")
+    parser.add_argument("model", help="a compresslab model file (artifacts/student.pt, a cached teacher .pt, ...)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides picking the data, e.g. dataset=digits")
+    parser.add_argument("--out", default="sensitivity", help="output directory (default: ./sensitivity)")
+    parser.add_argument("--sparsities", default=",".join(str(s) for s in sensitivity.DEFAULT_SPARSITIES))
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--max-batches", type=int, default=None)
+    parser.add_argument("--no-classifier", action="store_true", help="leave the classifier out")
+    args = parser.parse_args(argv)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(args.overrides))
+    dm = build_datamodule(cfg)
+    dm.setup("fit")
+    model = load_model_file(Path(args.model))
+    loader_fn = dm.val_dataloader if args.split == "val" else dm.test_dataloader
+    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    baseline, rows = sensitivity.layer_sensitivity(model, sensitivity.batch_evaluator(loader_fn, args.max_batches),
+                                                   sparsities, include_classifier=not args.no_classifier)
+    paths = sensitivity.write_sensitivity(rows, baseline, Path(args.out),
+                                          title=f"{Path(args.model).name} on {cfg.dataset.name}")
+    print(f"unpruned {args.split} accuracy: {baseline:.4f}")
+    print(Path(paths["md"]).read_text())
+    print("safe sparsity per layer (drop <= 1 point):", sensitivity.summarize(rows))
+    print("wrote", paths["csv"], paths["md"], paths["png"])
+    return paths
+
+
+def sbatch_main(argv: Sequence[str] | None = None) -> None:
+    """``compresslab-sbatch <overrides>``: print the sbatch script ``hydra/launcher=slurm`` would
+    submit for these overrides, without submitting it (:func:`compresslab.cluster.sbatch_preview`)."""
+    from compresslab.cluster import compose_launcher, sbatch_preview
+
+    print(sbatch_preview(compose_launcher(list(argv if argv is not None else sys.argv[1:]))))
 
 
 if __name__ == "__main__":

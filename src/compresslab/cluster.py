@@ -5,19 +5,18 @@
   ``hydra_plugins`` package): hydra-submitit-launcher's, waiting for *every* job of a sweep. A job
   that ends without a result (``scancel``, killed, over its time limit, or an error outside the
   run) is recorded as failed by :func:`record_scheduler_failure` and the sweep goes on to its summary.
-- :func:`slurm_fields`: ``slurm_job_id`` and ``restarts`` (requeues so far) for results.json.
+- what a job records about its SLURM job (``slurm_job_id``, ``restarts``) is read from the
+  environment by :mod:`compresslab.slurm_env`.
 - The dry run maps the composed launcher config to sbatch options with submitit's own SLURM
   tables and renders submitit's submission file without calling ``sbatch``, so the resources
   a sweep asks for can be checked before it is queued::
 
-    python -m compresslab.cluster trainer=ddp trainer.devices=4 trainer.num_nodes=2 hydra.launcher.partition=gpu
+    compresslab-sbatch trainer=ddp trainer.devices=4 trainer.num_nodes=2 hydra.launcher.partition=gpu
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,36 +25,8 @@ from omegaconf import OmegaConf
 
 
 
-def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
-    """This process's SLURM job as squeue/sacct/submitit name it (``ARRAY_TASK`` for a sweep job), or None."""
-    env = os.environ if env is None else env
-    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
-    if array and task:
-        return f"{array}_{task}"
-    return env.get("SLURM_JOB_ID")
-
-
-def slurm_restarts(env: Mapping[str, str] | None = None) -> int:
-    """How many times SLURM has requeued this job (``SLURM_RESTART_COUNT``; 0 when never, or outside SLURM)."""
-    env = os.environ if env is None else env
-    value = env.get("SLURM_RESTART_COUNT", "")
-    return int(value) if value.isdigit() else 0
-
-
-def slurm_fields(env: Mapping[str, str] | None = None) -> dict:
-    """results.json keys of a run: ``slurm_job_id`` (None outside SLURM), ``restarts`` (requeues after
-    preemption or time-out, ``max_num_timeout``), and ``slurm`` (partition, nodes, tasks) under SLURM."""
-    env = os.environ if env is None else env
-    job = slurm_job_id(env)
-    details = None
-    if job is not None:
-        details = {"partition": env.get("SLURM_JOB_PARTITION"), "nodes": env.get("SLURM_JOB_NODELIST"),
-                   "ntasks": int(env["SLURM_NTASKS"]) if env.get("SLURM_NTASKS", "").isdigit() else None,
-                   "cpus_per_task": env.get("SLURM_CPUS_PER_TASK")}
-    return {"slurm_job_id": job, "restarts": slurm_restarts(env), "slurm": details}
-
-
 def last_line(text: str) -> str:
+    """The last line of a scheduler message that is not blank or a ``----`` rule."""
     lines = [line for line in text.strip().splitlines() if line.strip() and not set(line.strip()) <= {"-"}]
     return lines[-1].strip() if lines else text.strip()
 
@@ -124,19 +95,10 @@ def compose_launcher(overrides: Sequence[str]) -> dict:
     """The resolved ``hydra.launcher`` node of ``conf/config.yaml`` with ``hydra/launcher=slurm``."""
     from hydra import compose, initialize_config_dir
 
-    from compresslab.cli import CONFIG_DIR
+    from compresslab.config_utils import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("config", overrides=["hydra/launcher=slurm", *overrides], return_hydra_config=True)
     cfg.hydra.launcher.submitit_folder = "preview"  # the real one interpolates the sweep's date dir
     # launcher keys interpolate the job config (trainer.devices, trainer.num_nodes)
     return OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Print the sbatch script for the given overrides."""
-    print(sbatch_preview(compose_launcher(list(argv if argv is not None else sys.argv[1:]))))
-
-
-if __name__ == "__main__":
-    main()

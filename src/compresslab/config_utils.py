@@ -1,11 +1,16 @@
-"""Small helpers around Hydra's ``instantiate`` for compresslab's config nodes."""
+"""Where the config tree is, and small helpers around Hydra's ``instantiate`` for compresslab's config nodes."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+
+#: the Hydra config tree (``conf/``); ``COMPRESSLAB_CONFIG_DIR`` points the commands at another one
+CONFIG_DIR = os.environ.get("COMPRESSLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
 def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:

@@ -31,6 +31,7 @@ from compresslab.distill.module import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile_many
+from compresslab.measure.backends import load_backends
 from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
@@ -152,7 +153,7 @@ def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[st
     settings = LatencySettings.from_config(cfg.measure)
     latency = not latency_deferred(cfg)
     if not cfg.measure.get("fresh_process", True):
-        profiles = profile_many(models, ex1, exn, settings, latency=latency, backends=deploy.load_backends(backends))
+        profiles = profile_many(models, ex1, exn, settings, latency=latency, backends=load_backends(backends))
         return {name: {**p, "measured_in": "training_process"} for name, p in profiles.items()}
     with tempfile.TemporaryDirectory(prefix="compresslab-teacher-") as tmp:
         files = {name: path if path is not None else save_model_file(

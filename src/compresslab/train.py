@@ -241,7 +241,7 @@ class CheckpointOnPreemption(Callback):
                      os.environ.get("SLURM_LOCALID"), os.getpid(), type(env).__name__)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from compresslab.cluster import slurm_job_id, slurm_restarts
+        from compresslab.slurm_env import slurm_job_id, slurm_restarts
 
         if self.preemptions and self.preemptions[-1].get("resumed_at_epoch") is None:  # restored with the ckpt
             self.preemptions[-1].update(resumed_at_epoch=int(trainer.current_epoch),
@@ -269,7 +269,7 @@ class CheckpointOnPreemption(Callback):
     def _maybe_checkpoint(self, trainer: pl.Trainer) -> None:
         if self._previous is None or not trainer.strategy.reduce_boolean_decision(self._pending, all=False):
             return
-        from compresslab.cluster import slurm_job_id, slurm_restarts
+        from compresslab.slurm_env import slurm_job_id, slurm_restarts
 
         entry = {"signal": self.signum.name, "epoch": int(trainer.current_epoch), "step": int(trainer.global_step),
                  "slurm_job_id": slurm_job_id(), "restart": slurm_restarts(),

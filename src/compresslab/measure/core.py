@@ -107,7 +107,7 @@ def profile_many(
     (interleaved; speed-ups with intervals relative to ``"reference"``; the noise gate's verdict
     as ``latency_reliable`` / ``latency_unreliable_reason`` on every row). ``backends``
     (``{backend: {name: callable}}``, e.g. ONNX Runtime sessions) are timed in the same rounds and
-    nested under each row's ``backends`` (:func:`compresslab.deploy.step.attach`)."""
+    nested under each row's ``backends`` (:func:`compresslab.measure.backends.attach`)."""
     settings = settings or LatencySettings()
     rows = {name: static_profile(model, example_b1) for name, model in models.items()}
     if not latency:
@@ -116,7 +116,7 @@ def profile_many(
         return rows
     contenders, references = models, None
     if backends:
-        from compresslab.deploy.step import contenders as with_backends
+        from compresslab.measure.backends import contenders as with_backends
 
         contenders, references = with_backends(models, backends)
     result = measure_latencies(contenders, example_b1, example_bn, settings, references)
@@ -130,7 +130,7 @@ def profile_many(
                    latency_load=gate["load"],
                    latency_self_check=gate["self_check"])
     if backends:
-        from compresslab.deploy.step import attach
+        from compresslab.measure.backends import attach
 
         attach(rows, result, backends)
     return rows

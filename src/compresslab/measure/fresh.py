@@ -44,7 +44,7 @@ def measure_in_fresh_process(
 
     Returns ``(metrics by name, outputs on example_bn by name)``; raises ``RuntimeError`` with
     the child's error output when it fails. ``backends`` (``{backend: {name: .onnx path}}``) are
-    loaded in the child too and timed in the same rounds (:mod:`compresslab.deploy.step`).
+    loaded in the child too and timed in the same rounds (:mod:`compresslab.measure.backends`).
     """
     settings = settings or LatencySettings()
     with tempfile.TemporaryDirectory(prefix="compresslab-measure-") as tmp:
@@ -75,7 +75,7 @@ def measure_in_fresh_process(
 
 def _child(request: dict) -> dict[str, dict]:
     from compresslab.artifact import load_model_file
-    from compresslab.deploy.step import load_backends
+    from compresslab.measure.backends import load_backends
     from compresslab.measure.core import profile_many
 
     torch.set_num_threads(int(request["threads"]))

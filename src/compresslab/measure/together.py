@@ -36,7 +36,6 @@ differ in shape are timed in separate groups of rounds, each with its own refere
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import hashlib
 import json
@@ -67,7 +66,7 @@ def _digest(path: Path) -> str:
 
 def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     """(results.json path, record) of every completed run under ``paths`` whose artifacts exist."""
-    from compresslab.track.sweep import collect_job_results
+    from compresslab.track.results import collect_job_results
 
     out = []
     for root in paths:
@@ -152,8 +151,8 @@ def _load(path: Path):
 def run_block(measured, rows: dict[str, str], session: dict) -> dict[str, Any]:
     """One run's ``measured_together`` block from the session that timed its files (module doc);
     the backend blocks and the deployed speed-up as the per-job measurement writes them
-    (:func:`compresslab.deploy.step.backend_figures`, :func:`~compresslab.deploy.step.set_deployed`)."""
-    from compresslab.deploy.step import backend_figures, set_deployed
+    (:func:`compresslab.measure.backends.backend_figures`, :func:`~compresslab.measure.backends.set_deployed`)."""
+    from compresslab.measure.backends import backend_figures, set_deployed
 
     gate = measured.gate(list(rows.values()))
     common = {"latency_reliable": gate["reliable"], "latency_unreliable_reason": gate["reason"],
@@ -226,11 +225,13 @@ def measure_together(paths: Sequence[Path], settings: LatencySettings | None = N
 def measure_in_subprocess(paths: Sequence[Path], extra_args: Sequence[str] = (), timeout_s: float = 1800) -> int:
     """Run ``compresslab-measure`` on ``paths`` in a fresh Python process (so nothing the caller
     loaded or trained shares its memory or threads); returns its exit code."""
-    cmd = [sys.executable, "-m", "compresslab.measure.together", *map(str, paths), *extra_args]
+    entry = "import sys; from compresslab.cli import measure_main; measure_main(sys.argv[1:])"
+    cmd = [sys.executable, "-c", entry, *map(str, paths), *extra_args]
     return subprocess.run(cmd, timeout=timeout_s, env={**os.environ, "PYTHONWARNINGS": "ignore"}).returncode
 
 
-def _print(result: dict) -> None:
+def print_measured(result: dict) -> None:
+    """Print a :func:`measure_together` result: the session, its groups and each run's figures."""
     s = result["session"]
     print(f"measured together: {s['runs']} runs, {s['models']} distinct files, one process (pid {s['pid']}, "
           f"session {s['id']}), {s['settings']['rounds']} rounds x {s['settings']['round_ms']} ms, clock "
@@ -253,35 +254,3 @@ def _print(result: dict) -> None:
                   f"{st['deployed_speedup']:.2f}x ({st['deployed_backend']}) vs the torch fp32 reference")
     for line in result["skipped"]:
         print(f"  not timed: {line}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``compresslab-measure``."""
-    parser = argparse.ArgumentParser(prog="compresslab-measure", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories (searched for results.json)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the runs' measure.latency_rounds)")
-    parser.add_argument("--round-ms", type=float, help="timed work per model per round")
-    parser.add_argument("--warmup", type=int, help="untimed calls per model first")
-    parser.add_argument("--clock", choices=["cpu", "wall"])
-    parser.add_argument("--threads-bN", help="threads at batch N: a number or auto")
-    parser.add_argument("--dry-run", action="store_true", help="measure and print, don't write results.json")
-    args = parser.parse_args(argv)
-    missing = [p for p in args.paths if not p.exists()]
-    if missing:
-        parser.error(f"no such directory: {', '.join(map(str, missing))}")
-    runs = completed_runs(args.paths)
-    if not runs:
-        raise SystemExit(f"no completed runs with saved artifacts under {', '.join(map(str, args.paths))}")
-    settings = LatencySettings.from_config((runs[0][1].get("config") or {}).get("measure") or {})
-    for field, value in (("rounds", args.rounds), ("round_ms", args.round_ms), ("warmup", args.warmup),
-                         ("clock", args.clock)):
-        if value is not None:
-            setattr(settings, field, value)
-    if args.threads_bN is not None:
-        settings.threads_bN = args.threads_bN if args.threads_bN == "auto" else int(args.threads_bN)
-    LatencySettings(**asdict(settings))  # re-validate the overridden values
-    _print(measure_together(args.paths, settings, write=not args.dry_run))
-
-
-if __name__ == "__main__":
-    main()

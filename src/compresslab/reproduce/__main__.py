@@ -1,5 +1,7 @@
+"""``python -m compresslab.reproduce``: the same as ``compresslab-reproduce``."""
+
 import sys
 
-from compresslab.reproduce import main
+from compresslab.cli import reproduce_main
 
-sys.exit(main())
+sys.exit(reproduce_main())

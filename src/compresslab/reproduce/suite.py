@@ -40,7 +40,7 @@ LATENCY_SETTINGS = {"measure.latency_warmup": 1, "measure.latency_rounds": 1,
 
 
 def config_dir() -> Path:
-    from compresslab.cli import CONFIG_DIR
+    from compresslab.config_utils import CONFIG_DIR
 
     return Path(CONFIG_DIR)
 

@@ -19,17 +19,14 @@ as is ``deployed_speedup`` (the fastest backend vs the torch fp32 reference).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
 from compresslab.measure.latency import TIMED_FIGURES
-from compresslab.track.sweep import collect_job_results
 
 #: Metrics where smaller is better (everything else: larger is better). A dotted metric
 #: (``backends.onnxruntime.latency_ms_bN``) is judged by its last part (:func:`base_metric`).
@@ -607,59 +604,3 @@ def log_report_to_wandb(report: dict, project: str) -> None:
                 run.log({path.stem: wandb.Image(str(path))})
     finally:
         wandb.finish()
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point ``compresslab-report``."""
-    parser = argparse.ArgumentParser(prog="compresslab-report", description=__doc__.splitlines()[0])
-    parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories (searched for results.json)")
-    parser.add_argument("--wandb-project", help="read runs from this W&B project (entity/project) instead")
-    parser.add_argument("--rows", default="student", help="axis or dotted config key for table rows")
-    parser.add_argument("--cols", default="distill", help="axis or config key for columns ('' for none)")
-    parser.add_argument("--metric", action="append", dest="metrics",
-                        help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup, "
-                             "deployed_speedup, or a dotted path such as backends.onnxruntime.speedup")
-    parser.add_argument("--backend", help="tabulate and plot the student's figures in this backend "
-                                          "(student.backends.<backend>: latency, speed-up, accuracy, size), "
-                                          "e.g. onnxruntime; default: the torch figures")
-    parser.add_argument("--out", type=Path, help="output directory (default: the first path)")
-    parser.add_argument("--format", action="append", dest="formats", choices=["md", "latex", "csv"])
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--log-wandb", metavar="PROJECT", help="also log the table and plots to this W&B project")
-    args = parser.parse_args(argv)
-    if args.wandb_project:
-        records = load_wandb_records(args.wandb_project)
-    else:
-        if not args.paths:
-            parser.error("give run/sweep directories, or --wandb-project")
-        missing = [p for p in args.paths if not p.exists()]
-        if missing:
-            parser.error(f"no such directory: {', '.join(map(str, missing))}")
-        records = [r for p in args.paths for r in collect_job_results(p)]
-        for r in [r for r in records if r.get("status") == "unreadable"]:
-            print(f"warning: skipped {r['_path']}: {r.get('error')}", file=sys.stderr)
-        records = [r for r in records if r.get("status") != "unreadable"]
-    failed = [r for r in records if r.get("status") != "completed"]
-    out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
-    report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
-                          args.formats or ("md", "latex", "csv"), plots=not args.no_plots, backend=args.backend)
-    print(f"{len(records) - len(failed)} completed runs, {len(failed)} failed")
-    for r in failed:
-        print(f"  failed: {r.get('_path', r.get('run_dir'))}: {str(r.get('error'))[:160]}")
-    if report["frame"].empty:
-        raise SystemExit("no completed runs to tabulate")
-    print("\n\n".join(report["markdown"]))
-    if report["latency_source"]:
-        print(report["latency_source"])
-    for line in report["notes"]:
-        print(line)
-    for line in report["paper"]:
-        print(line)
-    for path in report["paths"]:
-        print(f"wrote {path}")
-    if args.log_wandb:
-        log_report_to_wandb(report, args.log_wandb)
-
-
-if __name__ == "__main__":
-    main()

@@ -23,11 +23,11 @@ import subprocess
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
-from compresslab.cluster import slurm_fields
+from compresslab.slurm_env import slurm_fields
 from compresslab.errors import ConfigError
 from compresslab.files import atomic_write_bytes
 
@@ -88,6 +88,36 @@ def write_final_results(path: Path, record: dict[str, Any], run_error: BaseExcep
 def read_results(path: Path) -> dict:
     """Read one results.json."""
     return json.loads(Path(path).read_text())
+
+
+def collect_job_results(sweep_dir: Path, job_dirs: Iterable[Path] = ()) -> list[dict]:
+    """Every ``results.json`` under ``sweep_dir`` (one per job), in job order (``2/`` before ``10/``).
+
+    ``job_dirs`` are the directories of jobs that were launched: one without a results.json
+    (a job that died before writing it) is listed as failed, so no launched job goes uncounted.
+    A results.json that can't be read or parsed is kept as ``status: unreadable`` with the reason.
+    """
+    paths = {p.resolve() for p in Path(sweep_dir).rglob("results.json")}
+    paths |= {(Path(d) / "results.json").resolve() for d in job_dirs}
+    records = []
+    for path in sorted(paths, key=_natural_key):
+        if not path.exists():
+            record = {"status": "failed", "error": f"the job left no results.json (see {path.parent}/*.log)"}
+        else:
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(record, dict):
+                    raise ValueError(f"holds a JSON {type(record).__name__}, not an object")
+            except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
+                record = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
+        record["_path"] = str(path)
+        records.append(record)
+    return records
+
+
+def _natural_key(path: Path) -> tuple:
+    """Sort key comparing numeric path parts as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
 
 
 def versions() -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,30 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-
-def collect_job_results(sweep_dir: Path, job_dirs: Iterable[Path] = ()) -> list[dict]:
-    """Every ``results.json`` under ``sweep_dir`` (one per job), in job order (``2/`` before ``10/``).
-
-    ``job_dirs`` are the directories of jobs that were launched: one without a results.json
-    (a job that died before writing it) is listed as failed, so no launched job goes uncounted.
-    A results.json that can't be read or parsed is kept as ``status: unreadable`` with the reason.
-    """
-    paths = {p.resolve() for p in Path(sweep_dir).rglob("results.json")}
-    paths |= {(Path(d) / "results.json").resolve() for d in job_dirs}
-    records = []
-    for path in sorted(paths, key=_natural_key):
-        if not path.exists():
-            record = {"status": "failed", "error": f"the job left no results.json (see {path.parent}/*.log)"}
-        else:
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError(f"holds a JSON {type(record).__name__}, not an object")
-            except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
-                record = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
-        record["_path"] = str(path)
-        records.append(record)
-    return records
+from compresslab.track.results import collect_job_results
 
 
 def launched_job_dirs(config: DictConfig) -> list[Path]:
@@ -53,11 +29,6 @@ def launched_job_dirs(config: DictConfig) -> list[Path]:
     if OmegaConf.to_container(hydra_cfg.sweep, resolve=False).get("subdir") != "${hydra.job.num}":
         return []  # job dirs named otherwise: only the results files found and the jobs seen ending count
     return [Path(hydra_cfg.sweep.dir) / str(i) for i in range(n_jobs)]
-
-
-def _natural_key(path: Path) -> tuple:
-    """Sort key comparing numeric path parts as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
 
 
 def summary_table(records: list[dict], sweep_dir: Path) -> Table:

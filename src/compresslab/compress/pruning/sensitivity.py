@@ -8,14 +8,13 @@ Three ways to run it:
 - ``compresslab prune=sensitivity ...``: the pipeline trains the student, then this method's
   ``finalize`` analyses it on the validation split and writes ``<run dir>/pruning/sensitivity.*``
   (the student itself is saved unpruned);
-- ``python -m compresslab.compress.pruning.sensitivity MODEL_FILE dataset=digits --out DIR``
+- ``compresslab-sensitivity MODEL_FILE dataset=digits --out DIR``
   on any saved compresslab model file (e.g. a run's ``artifacts/student.pt`` or a cached teacher);
 - :func:`layer_sensitivity` + :func:`write_sensitivity` from Python.
 """
 
 from __future__ import annotations
 
-import argparse
 import itertools
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -117,7 +116,8 @@ def summarize(rows: Sequence[Mapping[str, Any]], tolerance: float = 0.01) -> dic
     return best
 
 
-def _evaluator(batches_fn: Callable[[], Iterable], max_batches: int | None) -> Callable[[nn.Module], float]:
+def batch_evaluator(batches_fn: Callable[[], Iterable], max_batches: int | None) -> Callable[[nn.Module], float]:
+    """A model -> top-1 accuracy function over ``batches_fn()``'s batches (the first ``max_batches``)."""
     def evaluate(model: nn.Module) -> float:
         batches = batches_fn()
         if max_batches:
@@ -153,7 +153,7 @@ class SensitivityAnalysis(CompressionMethod):
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         loader_fn = datamodule.val_dataloader if self.split == "val" else datamodule.test_dataloader
-        self._baseline, self._rows = layer_sensitivity(student, _evaluator(loader_fn, self.max_batches),
+        self._baseline, self._rows = layer_sensitivity(student, batch_evaluator(loader_fn, self.max_batches),
                                                        self.sparsities, include_classifier=self.include_classifier)
         safe = summarize(self._rows, self.tolerance)
         self._report = {"prune_method": self.name, "sensitivity_split": self.split,
@@ -171,45 +171,3 @@ class SensitivityAnalysis(CompressionMethod):
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """Console entry: ``python -m compresslab.compress.pruning.sensitivity MODEL [overrides] --out DIR``."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from compresslab.artifact import load_model_file
-    from compresslab.cli import CONFIG_DIR
-    from compresslab.pipeline import build_datamodule
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a compresslab model file (artifacts/student.pt, a cached teacher .pt, ...)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides picking the data, e.g. dataset=digits")
-    parser.add_argument("--out", default="sensitivity", help="output directory (default: ./sensitivity)")
-    parser.add_argument("--sparsities", default=",".join(str(s) for s in DEFAULT_SPARSITIES))
-    parser.add_argument("--split", choices=("val", "test"), default="val")
-    parser.add_argument("--max-batches", type=int, default=None)
-    parser.add_argument("--no-classifier", action="store_true", help="leave the classifier out")
-    args = parser.parse_args(argv)
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=list(args.overrides))
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    model = load_model_file(Path(args.model))
-    loader_fn = dm.val_dataloader if args.split == "val" else dm.test_dataloader
-    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
-    baseline, rows = layer_sensitivity(model, _evaluator(loader_fn, args.max_batches), sparsities,
-                                       include_classifier=not args.no_classifier)
-    paths = write_sensitivity(rows, baseline, Path(args.out), title=f"{Path(args.model).name} on {cfg.dataset.name}")
-    print(f"unpruned {args.split} accuracy: {baseline:.4f}")
-    print(Path(paths["md"]).read_text())
-    print("safe sparsity per layer (drop <= 1 point):", summarize(rows))
-    print("wrote", paths["csv"], paths["md"], paths["png"])
-    return paths
-
-
-if __name__ == "__main__":
-    main()
