@@ -17,7 +17,7 @@ from compresslab.artifact import load_model_file
 from compresslab.errors import CheckpointError, ConfigError, DatasetNotFoundError
 from compresslab.measure import evaluate_accuracy
 from compresslab.pipeline import build_datamodule, run_experiment
-from compresslab.track.results import AXES
+from compresslab.axes import AXES
 
 from conftest import CONF_DIR, FAST, ROOT
 
@@ -215,3 +215,18 @@ def test_cli_failure_exits_nonzero_with_failed_results(tmp_path):
     assert out.returncode != 0
     assert "dataset.download=true" in out.stderr + out.stdout
     assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
+
+
+def test_method_reports_go_under_their_axis_and_a_key_two_axes_write_is_refused():
+    from compresslab.track.results import add_method_reports
+
+    student = {"acc_top1": 0.9}
+    add_method_reports(student, {"prune": {"prune_method": "agp", "sparsity_prunable": 0.5},
+                                 "quant": {"quant_method": "ptq_int8"}})
+    assert student["prune"] == {"prune_method": "agp", "sparsity_prunable": 0.5}
+    assert student["quant"] == {"quant_method": "ptq_int8"}
+    assert student["sparsity_prunable"] == 0.5 and student["acc_top1"] == 0.9
+    with pytest.raises(RuntimeError, match="student.bits is reported by quant and by axis prune"):
+        add_method_reports({}, {"prune": {"bits": 8}, "quant": {"bits": 4}})
+    with pytest.raises(RuntimeError, match="student.acc_top1 is reported by prune and by the shared metrics"):
+        add_method_reports({"acc_top1": 0.9}, {"prune": {"acc_top1": 0.1}})

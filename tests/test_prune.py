@@ -298,6 +298,10 @@ def test_agp_run_saves_sparse_artifact_reloadable_in_fresh_process(make_cfg, tmp
     st = record["student"]
     assert st["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
     assert st["schedule_done"] and st["selected_weights"] == "val-best"
+    # schema 2: the method's own report under student.<axis>, the same values kept flat
+    assert record["schema_version"] == 2
+    assert st["prune"]["sparsity_prunable"] == st["sparsity_prunable"] and st["prune"]["prune_method"] == "agp"
+    assert "acc_top1" not in st["prune"] and "quant" not in st
     artifact = Path(st["artifact"])
     payload = read_payload(artifact)
     assert payload["format"] == "compresslab.sparse/1"

@@ -4,6 +4,11 @@
 can be called directly with a composed config (tests do). Bad configuration
 fails in :func:`validate` before any training time is spent, and every run —
 completed or failed — leaves ``<run dir>/results.json``.
+
+After :func:`validate`, a run is five named stages: ``obtain_teacher``
+(:mod:`compresslab.teacher`: cached, from a checkpoint, or trained), :func:`fit_student`,
+:func:`export_student` (finalize, save the artifact and the reference, export ONNX),
+:func:`measure_models` and :func:`record_rows` (the rows of :mod:`compresslab.track.results`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import datetime as dt
 import logging
 import tempfile
 import traceback
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -38,7 +44,7 @@ from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
 from compresslab.teacher import arch_spec, obtain_teacher
 from compresslab.track import base_record, write_results
-from compresslab.track.results import unresolved_record, write_final_results
+from compresslab.track.results import add_ratios, student_row, teacher_row, unresolved_record, write_final_results
 from compresslab.track.console import print_summary
 from compresslab.track.wandb_glue import finish, log_final, make_logger
 from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
@@ -171,20 +177,6 @@ def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[st
     return metrics
 
 
-def _add_ratios(rows: dict[str, dict | None]) -> None:
-    """Size ratio, and the analytic speed-ups (MACs and weight-bytes ratios, a roofline-style
-    expectation for compute- and memory-bound runs) beside the measured ones."""
-    ref = rows["reference"]
-    for metrics in rows.values():
-        if metrics:
-            metrics["size_ratio"] = ref["size_bytes"] / metrics["size_bytes"]
-            metrics["expected_speedup_macs"] = ref["macs"] / metrics["macs"] if metrics.get("macs") else None
-            metrics["expected_speedup_bytes"] = (ref["weight_bytes"] / metrics["weight_bytes"]
-                                                 if metrics.get("weight_bytes") else None)
-            if metrics.get("speedup") is not None and metrics["expected_speedup_macs"]:
-                metrics["speedup_vs_expected"] = metrics["speedup"] / metrics["expected_speedup_macs"]
-
-
 def job_run_dir(cfg: DictConfig) -> Path:
     """``cfg.paths.run_dir``, or Hydra's output dir for the job when the config can't resolve it."""
     try:
@@ -204,6 +196,82 @@ def hydra_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return [str(o) for o in OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)]
+
+
+@dataclass
+class SavedModels:
+    """What :func:`export_student` leaves for measuring: each model as loaded back from its file
+    (``models``), the file (``files``; None for a teacher without a compresslab file) and the
+    export/check figures of the ``.onnx`` files (``onnx``, None without ``export.onnx``)."""
+
+    models: dict[str, torch.nn.Module]
+    files: dict[str, Path | None]
+    onnx: dict[str, dict] | None
+
+
+def fit_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], teacher, trainer_factory, logger,
+                run_dir: Path, extra_callbacks: Sequence[Callback] = ()) -> tuple[torch.nn.Module, dict]:
+    """Stage 2: build the student, let each method prepare it, fit it (with the methods' callbacks,
+    distilling from ``teacher`` when there is one; resumable) and return it with the fit's figures."""
+    pl.seed_everything(int(cfg.seed), workers=True)
+    student = build_model(arch_spec(cfg.student), dm.input_shape, dm.num_classes)
+    for method in methods:
+        student = method.prepare(student, dm)
+    module = build_student_module(cfg, student, teacher, dm.num_classes)
+    callbacks = [cb for m in methods for cb in m.callbacks()] + list(extra_callbacks)
+    fit = fit_with_checkpoints(module, dm, trainer_factory, run_dir / "checkpoints" / "student",
+                               cfg.student.epochs, callbacks=callbacks, logger=logger or False,
+                               resume=bool(cfg.resume))
+    return module.model.eval(), fit
+
+
+def export_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], student: torch.nn.Module, teacher,
+                   tinfo: dict, artifacts: Path) -> SavedModels:
+    """Stage 3: finalize the trained student with each method, save it in the format the last
+    method claims (dense otherwise) beside the untrained dense reference, load both back from their
+    files, and export/check ONNX files when ``export.onnx`` is on."""
+    for method in methods:
+        student = method.finalize(student, dm)
+    spec, shape, classes = arch_spec(cfg.student), dm.input_shape, dm.num_classes
+    context = {"arch": spec, "input_shape": list(shape), "num_classes": classes, "run_dir": artifacts.parent}
+    payload = next((p for m in reversed(methods) if (p := m.export(student, context)) is not None), None)
+    student_path = artifacts / "student.pt"
+    atomic_torch_save(payload or model_payload(student, spec, shape, classes), student_path)
+    ref_path = save_model_file(artifacts / "reference.pt", build_model(spec, shape, classes), spec, shape, classes)
+    models = {"reference": load_model_file(ref_path), "student": load_model_file(student_path)}  # as saved
+    files: dict[str, Path | None] = {"reference": ref_path, "student": student_path}
+    if teacher is not None:  # a user's checkpoint may be a Lightning one: measured from a model file
+        models["teacher"] = teacher
+        files["teacher"] = None if tinfo["source"] == "checkpoint" else Path(tinfo["path"])
+    onnx = deploy.export_step(cfg, files, models, dm, methods, artifacts) if deploy.export_enabled(cfg) else None
+    return SavedModels(models, files, onnx)
+
+
+def measure_models(cfg: DictConfig, saved: SavedModels, dm) -> dict[str, dict]:
+    """Stage 4: params, MACs and latency of every saved model (and its ONNX file in each backend)."""
+    examples = (dm.example_batch(1), dm.example_batch(int(cfg.measure.latency_batch)))
+    return _profile_all(cfg, saved.files, saved.models, examples, dm.num_classes, deploy.onnx_files(saved.onnx, cfg))
+
+
+def record_rows(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], saved: SavedModels,
+                profiles: dict[str, dict], fit: dict, tinfo: dict) -> dict[str, dict | None]:
+    """Stage 5: the teacher / reference / student rows of results.json (:mod:`compresslab.track.results`),
+    accuracies measured on the saved models on the test split."""
+    models, files, classes = saved.models, saved.files, dm.num_classes
+    rows: dict[str, dict | None] = {"teacher": None}
+    if "teacher" in models:
+        teacher = models["teacher"]
+        accuracy = {"acc_top1": evaluate_accuracy(teacher, dm.test_dataloader()),
+                    **class_metrics(teacher, dm, classes, with_bias=False)}
+        rows["teacher"] = teacher_row(profiles["teacher"], _size(Path(tinfo["path"])), accuracy, tinfo)
+    rows["reference"] = {**profiles["reference"], **_size(files["reference"])}
+    accuracy = {"acc_top1": evaluate_accuracy(models["student"], dm.test_dataloader()),
+                **class_metrics(models["student"], dm, classes, _eval_cfg(cfg))}
+    rows["student"] = student_row(profiles["student"], _size(files["student"]), accuracy, fit,
+                                  {m.axis: m.report() for m in methods})
+    add_ratios(rows)
+    deploy.merge(rows, saved.onnx)
+    return rows
 
 
 def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
@@ -240,68 +308,13 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         logger = make_logger(cfg, run_dir, record["axes"])
 
         teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)
-
-        pl.seed_everything(int(cfg.seed), workers=True)
-        spec, shape, classes = arch_spec(cfg.student), dm.input_shape, dm.num_classes
-        student = build_model(spec, shape, classes)
-        for method in methods:
-            student = method.prepare(student, dm)
-        module = build_student_module(cfg, student, teacher, classes)
-        callbacks = [cb for m in methods for cb in m.callbacks()] + list(extra_callbacks)
-        fit = fit_with_checkpoints(module, dm, trainer_factory, run_dir / "checkpoints" / "student",
-                                   cfg.student.epochs, callbacks=callbacks, logger=logger or False,
-                                   resume=bool(cfg.resume))
+        student, fit = fit_student(cfg, dm, methods, teacher, trainer_factory, logger, run_dir, extra_callbacks)
         if not is_rank_zero():  # DDP ranks > 0 took part in the fits; rank 0 exports and measures
             failed = False
             return record
-        student = module.model.eval()
-        for method in methods:
-            student = method.finalize(student, dm)
-
-        artifacts = run_dir / "artifacts"
-        context = {"arch": spec, "input_shape": list(shape), "num_classes": classes, "run_dir": run_dir}
-        payload = next((p for m in reversed(methods) if (p := m.export(student, context)) is not None), None)
-        student_path = artifacts / "student.pt"
-        atomic_torch_save(payload or model_payload(student, spec, shape, classes), student_path)
-        ref_path = save_model_file(artifacts / "reference.pt", build_model(spec, shape, classes), spec, shape, classes)
-
-        examples = (dm.example_batch(1), dm.example_batch(int(cfg.measure.latency_batch)))
-        saved_student = load_model_file(student_path)  # measured as saved, freshly loaded
-        models = {"reference": load_model_file(ref_path), "student": saved_student}
-        files = {"reference": ref_path, "student": student_path}
-        if teacher is not None:  # a user's checkpoint may be a Lightning one: measured from a model file
-            models["teacher"] = teacher
-            files["teacher"] = None if tinfo["source"] == "checkpoint" else Path(tinfo["path"])
-        onnx = deploy.export_step(cfg, files, models, dm, methods, artifacts) if deploy.export_enabled(cfg) else None
-        profiles = _profile_all(cfg, files, models, examples, classes, deploy.onnx_files(onnx, cfg))
-        rows: dict[str, dict | None] = {"teacher": None}
-        if teacher is not None:
-            rows["teacher"] = {
-                **profiles["teacher"], **_size(Path(tinfo["path"])),
-                "acc_top1": evaluate_accuracy(teacher, dm.test_dataloader()),
-                **class_metrics(teacher, dm, classes, with_bias=False),
-                "acc_top1_last": tinfo.get("acc_top1_last"),
-                "train_time_s": tinfo.get("train_time_s"),
-                "source": tinfo["source"],
-            }
-        rows["reference"] = {**profiles["reference"], **_size(ref_path)}
-        rows["student"] = {
-            **profiles["student"], **_size(student_path),
-            "acc_top1": evaluate_accuracy(saved_student, dm.test_dataloader()),
-            **class_metrics(saved_student, dm, classes, _eval_cfg(cfg)),
-            "acc_top1_last": fit["acc_top1_last"],
-            "acc_top1_fit": fit["acc_top1"],
-            "val_acc_top1": fit["val_acc_top1"],
-            "best_epoch": fit["best_epoch"],
-            "epochs_run": fit["epochs_run"],
-            "resumed_from": fit["resumed_from"],
-            "preemptions": fit["preemptions"],
-            "train_time_s": fit["train_time_s"],
-            **{k: v for m in methods for k, v in m.report().items()},
-        }
-        _add_ratios(rows)
-        deploy.merge(rows, onnx)
-        record.update(rows)
+        saved = export_student(cfg, dm, methods, student, teacher, tinfo, run_dir / "artifacts")
+        profiles = measure_models(cfg, saved, dm)
+        record.update(record_rows(cfg, dm, methods, saved, profiles, fit, tinfo))
         if hasattr(dm, "regime_summary"):
             record["data_regime"] = dm.regime_summary()
         record["status"] = "completed"

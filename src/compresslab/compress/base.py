@@ -2,7 +2,8 @@
 
 A method is configured in its axis group (``prune``, ``quant``, ``lowrank``) with a
 ``_target_`` naming a :class:`CompressionMethod` subclass; ``<axis>=none`` has no
-target and adds nothing. The pipeline calls, in axis order lowrank → prune → quant → fuse:
+target and adds nothing. The pipeline calls, in the order of
+:data:`compresslab.axes.COMPRESSION_AXES` (lowrank → prune → quant → fuse):
 
 1. :meth:`prepare` on the freshly built student (e.g. factorize layers),
 2. :meth:`callbacks` to add Lightning callbacks to the student fit (pruning schedules, QAT),
@@ -19,11 +20,9 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
+from compresslab.axes import COMPRESSION_AXES
 from compresslab.config_utils import instantiate_node
 from compresslab.errors import ConfigError
-
-AXIS_ORDER = ("lowrank", "prune", "quant", "fuse")
-
 
 class CompressionMethod:
     """Base class with pass-through hooks; subclasses override what their method needs."""
@@ -63,7 +62,7 @@ class CompressionMethod:
 def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
     """Instantiate the configured method of each compression axis, in axis order."""
     methods = []
-    for axis in AXIS_ORDER:
+    for axis in COMPRESSION_AXES:
         node = cfg.get(axis)
         if node is None or node.get("name") == "none":
             continue

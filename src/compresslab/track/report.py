@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from compresslab.axes import AXES
 from compresslab.measure.latency import TIMED_FIGURES
 
 #: Metrics where smaller is better (everything else: larger is better). A dotted metric
@@ -494,7 +495,7 @@ def load_wandb_records(project: str) -> list[dict]:
             block = _nest({k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{row}/")})
             if block or row != "measured_together":
                 rec[row] = block
-        for axis in ("dataset", "teacher", "student", "distill", "prune", "quant", "lowrank"):
+        for axis in AXES:
             rec["axes"][axis] = _dotted(rec["config"], f"{axis}.name")
         rec["axes"]["seed"] = rec["config"].get("seed")
         records.append(rec)

@@ -1,14 +1,30 @@
-"""The per-run ``results.json``: written atomically, also for failed runs.
+"""The per-run ``results.json``: its schema, the assembly of its rows, and its reading and writing
+(atomic, also for failed runs). This docstring is the one description of the schema.
 
-Schema (later versions extend it, never break it)::
+Schema version 2 (later versions extend it, never break it)::
 
-    status: "completed" | "failed" | "running"      error: str | null
-    axes: {dataset, teacher, student, distill, prune, quant, lowrank, seed}
+    schema_version: 2
+    status: "completed" | "failed" | "running"      error: str | null      stage (unresolved runs)
+    axes: {<each of compresslab.axes.AXES>: the chosen option's name, seed}
     config: resolved Hydra config               run_dir, run_id, started_at, finished_at
-    teacher / student: metrics (acc_top1, acc_top1_last, params, params_nonzero, sparsity,
-        macs, size_bytes, size_ratio, latency_ms_b1, latency_ms_b1_p90, latency_ms_bN,
-        latency_batch, speedup, threads, device, train_time_s)
-    reference: dense fp32 student (same architecture, uncompressed): size and latency
+    teacher / reference / student: one row per model (reference: the dense fp32 student, same
+        architecture, never trained), each with
+        - static figures: params, params_nonzero, sparsity, macs, weight_bytes, dtypes, device,
+          size_bytes, artifact, size_ratio, expected_speedup_macs / _bytes, speedup_vs_expected
+          (compresslab.measure.core.static_profile, :func:`add_ratios`);
+        - timed figures: latency_ms_b1 / _bN (+ _p90, _iqr), speedup / speedup_b1 (+ _ci) vs the
+          reference, threads, latency_reliable ... (compresslab.measure.latency), measured_in;
+        - accuracy: acc_top1 of the saved artifact on the test split, per-class metrics
+          (compresslab.measure.per_class); the teacher's and student's training figures
+          (acc_top1_last, train_time_s; student: val_acc_top1, best_epoch, epochs_run, resumed_from,
+          preemptions);
+        - deployment: onnx, backends.<backend>, deployed_speedup (compresslab.deploy.step);
+    student.<axis>: for each compression axis that ran, its method's own report (e.g.
+        student.prune.sparsity_prunable, student.quant.quant_method). The same keys are also kept
+        flat in ``student`` for consumers of version 1; a key two axes (or an axis and a shared
+        metric) would both write is refused.
+    measured_together: figures of compresslab-measure (compresslab.measure.together)
+    data_regime: the data regime's summary (compresslab.data.regime)
     versions: package versions             git_commit: sha of the code that ran
     slurm_job_id, restarts, slurm: the SLURM job (``ARRAY_TASK``), its requeues so far, partition/nodes/tasks
 """
@@ -28,10 +44,12 @@ from typing import Any, Iterable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from compresslab.slurm_env import slurm_fields
+from compresslab.axes import AXES
 from compresslab.errors import ConfigError
 from compresslab.files import atomic_write_bytes
 
-AXES = ("dataset", "teacher", "student", "distill", "prune", "quant", "lowrank")
+SCHEMA_VERSION = 2
+
 _PACKAGES = ("torch", "torchvision", "pytorch-lightning", "hydra-core", "torchmetrics", "wandb", "compresslab")
 
 
@@ -191,6 +209,7 @@ def unresolved_record(run_dir: Path, exc: BaseException, overrides: list[str] | 
 def base_record(cfg: DictConfig, run_dir: Path) -> dict:
     """A results record before the run: status running, config, axes, versions, commit, SLURM job."""
     return {
+        "schema_version": SCHEMA_VERSION,
         "status": "running",
         "error": None,
         "run_id": Path(run_dir).name,
@@ -206,3 +225,56 @@ def base_record(cfg: DictConfig, run_dir: Path) -> dict:
         "git_commit": git_commit(),
         **slurm_fields(),
     }
+
+
+def add_ratios(rows: Mapping[str, dict | None]) -> None:
+    """Size ratio, and the analytic speed-ups (MACs and weight-bytes ratios, a roofline-style
+    expectation for compute- and memory-bound runs) beside the measured ones, vs ``rows["reference"]``."""
+    ref = rows["reference"]
+    for metrics in rows.values():
+        if metrics:
+            metrics["size_ratio"] = ref["size_bytes"] / metrics["size_bytes"]
+            metrics["expected_speedup_macs"] = ref["macs"] / metrics["macs"] if metrics.get("macs") else None
+            metrics["expected_speedup_bytes"] = (ref["weight_bytes"] / metrics["weight_bytes"]
+                                                 if metrics.get("weight_bytes") else None)
+            if metrics.get("speedup") is not None and metrics["expected_speedup_macs"]:
+                metrics["speedup_vs_expected"] = metrics["speedup"] / metrics["expected_speedup_macs"]
+
+
+def add_method_reports(student: dict, reports: Mapping[str, Mapping[str, Any]]) -> None:
+    """Put each compression axis's report under ``student.<axis>``, and its keys flat in ``student``
+    too (schema version 1's place); a key that two axes, or an axis and a shared metric, both
+    write raises instead of one silently replacing the other."""
+    owner: dict[str, str] = {}
+    for axis, report in reports.items():
+        for key in report:
+            clash = owner.get(key) or ("the shared metrics" if key in student else None)
+            if clash:
+                raise RuntimeError(f"results.json: student.{key} is reported by {axis} and by {clash}; "
+                                   "rename one of them in its method's report()")
+            owner[key] = f"axis {axis}"
+        student[axis] = dict(report)
+    for axis, report in reports.items():
+        student.update(report)
+
+
+def teacher_row(profile: Mapping[str, Any], size: Mapping[str, Any], accuracy: Mapping[str, Any],
+                info: Mapping[str, Any]) -> dict:
+    """The ``teacher`` row: its profile, file size, test accuracy and how it was obtained."""
+    return {**profile, **size, **accuracy, "acc_top1_last": info.get("acc_top1_last"),
+            "train_time_s": info.get("train_time_s"), "source": info["source"]}
+
+
+#: the student fit's figures (``train.fit_with_checkpoints``) copied into the student row, as named there
+FIT_FIGURES = {"acc_top1_last": "acc_top1_last", "acc_top1_fit": "acc_top1", "val_acc_top1": "val_acc_top1",
+               "best_epoch": "best_epoch", "epochs_run": "epochs_run", "resumed_from": "resumed_from",
+               "preemptions": "preemptions", "train_time_s": "train_time_s"}
+
+
+def student_row(profile: Mapping[str, Any], size: Mapping[str, Any], accuracy: Mapping[str, Any],
+                fit: Mapping[str, Any], reports: Mapping[str, Mapping[str, Any]]) -> dict:
+    """The ``student`` row: its profile, artifact size, test accuracy, fit figures and the
+    compression axes' reports (:func:`add_method_reports`)."""
+    row = {**profile, **size, **accuracy, **{key: fit[name] for key, name in FIT_FIGURES.items()}}
+    add_method_reports(row, reports)
+    return row
