@@ -15,6 +15,19 @@ from compresslab.data.regime import RegimeSubset, check_regime_values, dataset_t
 from compresslab.errors import DatasetNotFoundError
 
 
+class IndexedDataset(Dataset):
+    """A dataset whose items also carry their index: ``(*item, index)``."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i):
+        return (*self.base[i], i)
+
+
 class ClassificationDataModule(pl.LightningDataModule, ABC):
     """Base datamodule for image/sequence classification.
 
@@ -29,6 +42,10 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
     ``exclude_classes`` (labels removed), ``unlabeled_fraction`` (labels hidden, the samples kept
     for soft targets). Validation and test are never narrowed; :meth:`full_split_view` is the
     same data without the regime (what the teacher trains on).
+
+    ``with_index``: the training loader yields ``(x, y, index)``, ``index`` the sample's position in
+    ``train_set`` (a teacher-output cache and CRD's memory bank look samples up by it). A distillation
+    module that needs it switches it on for its fit. ``on_device`` batches carry no index.
     """
 
     name: str = "dataset"
@@ -55,6 +72,7 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         subset_seed: int = 0,
         exclude_classes: Sequence[int] | None = None,
         unlabeled_fraction: float = 0.0,
+        with_index: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 < float(val_fraction) < 1.0:
@@ -74,6 +92,7 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.augment = bool(augment)
         self.on_device = bool(on_device)
+        self.with_index = bool(with_index)
         self._resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -190,10 +209,12 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
             shuffle = False
         return TensorBatches(x, y, batch_size, shuffle, augment=augment, seed=self.split_seed, rank=rank, world=world)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, batch_size: int) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         if self.on_device:
-            split = "train" if dataset is self.train_set else "val" if dataset is self.val_set else "test"
             return self._resident_batches(split, shuffle, batch_size)
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if split == "train" and self.with_index:
+            dataset = IndexedDataset(dataset)
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -204,13 +225,13 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, self.batch_size)
+        return self._loader("train", True, self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, self.eval_batch_size)
+        return self._loader("val", False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, False, self.eval_batch_size)
+        return self._loader("test", False, self.eval_batch_size)
 
     def example_batch(self, batch_size: int = 1) -> torch.Tensor:
         """A batch of real test inputs, for latency and MAC measurement."""
