@@ -8,23 +8,13 @@ the main fit (FitNets, AB, FSP, FT) run it as a Lightning fit of its own
 (:mod:`compresslab.distill.stages`). See docs/distillation.md.
 """
 
-from compresslab.distill.losses import (
-    ATLoss,
-    CRDLoss,
-    DKDLoss,
-    FeatureLoss,
-    HintLoss,
-    KDLoss,
-    LogitLoss,
-    LSKDLoss,
-    PKTLoss,
-    RKDLoss,
-    SPLoss,
-)
+from compresslab.distill.losses import FeatureLoss, LogitLoss
+from compresslab.distill.losses_crd import CRDLoss
 from compresslab.distill.losses_factor import FTLoss
-from compresslab.distill.losses_maps import ABLoss, FSPLoss, NSTLoss, VIDLoss
+from compresslab.distill.losses_logit import DKDLoss, KDLoss, LSKDLoss
+from compresslab.distill.losses_maps import ABLoss, ATLoss, FSPLoss, HintLoss, NSTLoss, VIDLoss
 from compresslab.distill.losses_ofd import OFDLoss
-from compresslab.distill.losses_relational import CCLoss, DISTLoss
+from compresslab.distill.losses_relational import CCLoss, DISTLoss, PKTLoss, RKDLoss, SPLoss
 from compresslab.distill.losses_review import ReviewKDLoss
 from compresslab.distill.module import DistillationModule, TeacherOutputCache
 from compresslab.distill.taps import FeatureAdapter, probe

@@ -25,14 +25,17 @@ def spatial_dims(shape: Sequence[int], what: str) -> int:
 
 
 def conv(nd: int, *args, **kwargs) -> nn.Module:
+    """``nn.Conv{nd}d(*args, **kwargs)``."""
     return _CONV[nd](*args, **kwargs)
 
 
 def conv_transpose(nd: int, *args, **kwargs) -> nn.Module:
+    """``nn.ConvTranspose{nd}d(*args, **kwargs)``."""
     return _CONVT[nd](*args, **kwargs)
 
 
 def batchnorm(nd: int, channels: int) -> nn.Module:
+    """``nn.BatchNorm{nd}d(channels)``."""
     return _BN[nd](channels)
 
 

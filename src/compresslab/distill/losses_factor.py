@@ -92,6 +92,7 @@ class FTLoss(FeatureLoss):
         return F.mse_loss(self.paraphraser(t), t)
 
     def factor(self, f: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised factor of a map: the channel mean of ``f^p1``, flattened."""
         return F.normalize(f.pow(self.p1).mean(1).flatten(1), dim=1)
 
     def forward(self, student, teacher, *, target=None, index=None, epoch=0):

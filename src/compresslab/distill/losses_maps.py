@@ -1,4 +1,4 @@
-"""Feature-map losses of RepDistiller's catalogue: VID, AB, FSP and NST."""
+"""Feature-map losses of RepDistiller's catalogue: FitNets, AT, VID, AB, FSP and NST."""
 
 from __future__ import annotations
 
@@ -12,7 +12,51 @@ from compresslab.distill._maps import conv, pool_to_smaller, spatial_dims
 from compresslab.distill.losses import FeatureLoss
 from compresslab.errors import ConfigError
 
-__all__ = ["VIDLoss", "ABLoss", "FSPLoss", "NSTLoss", "fsp_matrix"]
+__all__ = ["HintLoss", "ATLoss", "VIDLoss", "ABLoss", "FSPLoss", "NSTLoss", "fsp_matrix"]
+
+
+class HintLoss(FeatureLoss):
+    """FitNets hints (Romero et al. 2015, "FitNets: Hints for Thin Deep Nets", ICLR):
+    mean squared error between the (adapted) student feature and the teacher's hint.
+
+    The regressor of the paper is the distillation module's adapter (``needs_adapter``):
+    1×1 conv (+BN) for maps, linear for vectors, resized to the teacher's spatial size.
+    The optional first stage (train the student up to the hint layer on this loss alone)
+    is the feature-loss entry's ``init_epochs``. RepDistiller weight: 100.
+    """
+
+    needs_adapter = True
+
+    def forward(self, student, teacher, *, target=None, index=None, epoch=0):
+        return sum(F.mse_loss(s, t.detach()) for s, t in zip(student, teacher))
+
+
+class ATLoss(FeatureLoss):
+    """Attention transfer (Zagoruyko & Komodakis 2017, "Paying More Attention to Attention", ICLR).
+
+    Spatial attention map of a feature ``f`` (B, C, *spatial): ``a = normalize(mean_c |f|^p)``
+    flattened, L2-normalised per sample; the loss is ``mean((a_s - a_t)²)`` summed over the
+    tap pairs. Maps of different spatial sizes are average-pooled to the smaller one
+    (as RepDistiller). p=2 and weight 1000 are RepDistiller's.
+    """
+
+    needs_spatial = True
+
+    def __init__(self, p: float = 2.0) -> None:
+        super().__init__()
+        self.p = float(p)
+
+    def attention(self, f: torch.Tensor) -> torch.Tensor:
+        """The normalised attention map of a feature map, flattened to (B, H·W...)."""
+        return F.normalize(f.abs().pow(self.p).mean(dim=1).flatten(1), dim=1)
+
+    def forward(self, student, teacher, *, target=None, index=None, epoch=0):
+        total = 0.0
+        for s, t in zip(student, teacher):
+            s, t = pool_to_smaller(s, t.detach())
+            total = total + (self.attention(s) - self.attention(t)).pow(2).mean()
+        return total
+
 
 
 class VIDLoss(FeatureLoss):
@@ -82,6 +126,8 @@ class ABLoss(FeatureLoss):
         self.margin = float(margin)
 
     def boundary_loss(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The paper's squared hinge, summed: ``(s + m)²`` where the teacher is off (t ≤ 0) but the
+        student is above −m, ``(s − m)²`` where the teacher is on (t > 0) but the student is below m."""
         m = self.margin
         loss = ((s + m).pow(2) * ((s > -m) & (t <= 0)).to(s.dtype)
                 + (s - m).pow(2) * ((s <= m) & (t > 0)).to(s.dtype))
@@ -155,6 +201,7 @@ class NSTLoss(FeatureLoss):
 
     @staticmethod
     def poly_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Mean of the polynomial kernel ``(aᵢᵀbⱼ)²`` over every channel pair of the batch."""
         return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
 
     def forward(self, student, teacher, *, target=None, index=None, epoch=0):

@@ -75,6 +75,9 @@ class OFDLoss(FeatureLoss):
 
     @staticmethod
     def partial_l2(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """OFD's partial L2 distance, summed and averaged over the batch: ``(s − m)²`` where the teacher
+        is at or below the margin ``m`` and the student above it, ``(s − t)²`` where the teacher is
+        positive, or negative above ``m`` with the student above it; no penalty elsewhere."""
         m = m.to(s)
         loss = ((s - m).pow(2) * ((s > m) & (t <= m)).to(s.dtype)
                 + (s - t).pow(2) * ((s > t) & (t > m) & (t <= 0)).to(s.dtype)

@@ -1,4 +1,4 @@
-"""Relational distillation losses: correlation congruence (CC) and DIST."""
+"""Relational distillation losses: SP, PKT, RKD, correlation congruence (CC) and DIST."""
 
 from __future__ import annotations
 
@@ -11,7 +11,90 @@ from torch import nn
 from compresslab.distill.losses import FeatureLoss, LogitLoss
 from compresslab.errors import ConfigError
 
-__all__ = ["CCLoss", "DISTLoss", "pearson_rows"]
+__all__ = ["SPLoss", "PKTLoss", "RKDLoss", "CCLoss", "DISTLoss", "pearson_rows"]
+
+
+class SPLoss(FeatureLoss):
+    """Similarity-preserving KD (Tung & Mori 2019, "Similarity-Preserving Knowledge
+    Distillation", ICCV): match the batch's pairwise-similarity matrices.
+
+    ``G = normalize_rows(F Fᵀ)`` for the flattened features F (B, D); loss
+    ``‖G_t − G_s‖²_F / B²`` summed over tap pairs. Weight 3000 (RepDistiller).
+    """
+
+    def forward(self, student, teacher, *, target=None, index=None, epoch=0):
+        total = 0.0
+        for s, t in zip(student, teacher):
+            b = s.shape[0]
+            s, t = s.flatten(1), t.detach().flatten(1)
+            g_s = F.normalize(s @ s.t(), dim=1)
+            g_t = F.normalize(t @ t.t(), dim=1)
+            total = total + (g_t - g_s).pow(2).sum() / (b * b)
+        return total
+
+
+class PKTLoss(FeatureLoss):
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018, "Learning Deep Representations
+    with Probabilistic Knowledge Transfer", ECCV).
+
+    Cosine similarities of the batch's embeddings, mapped to [0, 1] and normalised per row
+    into conditional probabilities; the loss is the KL divergence between the teacher's and
+    the student's, averaged over all pairs. Weight 30000 (RepDistiller).
+    """
+
+    def __init__(self, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = float(eps)
+
+    def _probabilities(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.flatten(1)
+        f = f / (f.norm(dim=1, keepdim=True) + self.eps)
+        sim = (f @ f.t() + 1.0) / 2.0
+        return sim / sim.sum(dim=1, keepdim=True)
+
+    def forward(self, student, teacher, *, target=None, index=None, epoch=0):
+        total = 0.0
+        for s, t in zip(student, teacher):
+            p_s, p_t = self._probabilities(s), self._probabilities(t.detach())
+            total = total + (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
+        return total
+
+
+class RKDLoss(FeatureLoss):
+    """Relational knowledge distillation (Park et al. 2019, "Relational Knowledge Distillation", CVPR).
+
+    Distance-wise term: pairwise Euclidean distances of the batch's embeddings, each
+    divided by its mean over distinct pairs, compared with the Huber (smooth-L1) loss.
+    Angle-wise term: cosines of the angles formed by every triplet (e_i − e_j, e_k − e_j),
+    compared with smooth-L1. ``w_d·distance + w_a·angle`` with the paper's 25 / 50.
+    """
+
+    def __init__(self, w_d: float = 25.0, w_a: float = 50.0) -> None:
+        super().__init__()
+        self.w_d, self.w_a = float(w_d), float(w_a)
+
+    @staticmethod
+    def _normalized_distances(e: torch.Tensor) -> torch.Tensor:
+        diff = e.unsqueeze(0) - e.unsqueeze(1)
+        d = diff.pow(2).sum(-1).clamp_min(1e-12).sqrt()
+        eye = torch.eye(len(e), dtype=torch.bool, device=e.device)
+        d = d.masked_fill(eye, 0.0)
+        positive = d[d > 0]
+        return d / positive.mean() if positive.numel() else d
+
+    @staticmethod
+    def _angles(e: torch.Tensor) -> torch.Tensor:
+        diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)  # [j, i] = e_i - e_j
+        return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+    def forward(self, student, teacher, *, target=None, index=None, epoch=0):
+        total = 0.0
+        for s, t in zip(student, teacher):
+            s, t = s.flatten(1), t.detach().flatten(1)
+            loss_d = F.smooth_l1_loss(self._normalized_distances(s), self._normalized_distances(t))
+            loss_a = F.smooth_l1_loss(self._angles(s), self._angles(t))
+            total = total + self.w_d * loss_d + self.w_a * loss_a
+        return total
 
 
 class CCLoss(FeatureLoss):

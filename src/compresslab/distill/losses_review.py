@@ -82,6 +82,7 @@ class ReviewKDLoss(FeatureLoss):
         self.nd = 0
 
     def warmup_factor(self, epoch: int) -> float:
+        """Linear warm-up factor for (0-based) ``epoch``."""
         return 1.0 if self.warmup_epochs <= 0 else min((int(epoch) + 1) / self.warmup_epochs, 1.0)
 
     def build(self, student_shapes, teacher_shapes, num_samples):
