@@ -35,7 +35,8 @@ from compresslab.distill import (
 from compresslab.distill import stages as stages_mod
 from compresslab.distill.losses_ofd import ofd_margin
 from compresslab.distill.losses_review import hcl_loss
-from compresslab.distill.taps import probe, run_until_captured
+from compresslab.distill.tap_probe import probe
+from compresslab.distill.taps import run_until_captured
 from compresslab.errors import ConfigError
 from compresslab.models import ConvNet, LeNet5, build_model
 from compresslab.pipeline import build_datamodule, validate

@@ -212,17 +212,17 @@ def test_teacher_output_cache_returns_the_teachers_outputs(dm):
     module = make_module(FITNET_AT, kd_weight=1.0, logit_loss=KDLoss())
     module.build(SHAPE)
     x, y = batch(dm, 16)
-    cache = TeacherOutputCache(len(dm.train_set), 10, module._teacher_shapes)
+    cache = TeacherOutputCache(len(dm.train_set), 10, module.frozen_teacher.shapes)
     index = torch.arange(16) * 3
     calls = []
 
     def compute(xs):
         calls.append(len(xs))
-        return module._run_teacher(xs)
+        return module.frozen_teacher.run(xs)
 
     first = cache.get(index, x, compute)
     second = cache.get(index[[3, 1, 7]], x[[3, 1, 7]], compute)
-    direct_logits, direct_feats = module._run_teacher(x)
+    direct_logits, direct_feats = module.frozen_teacher.run(x)
     assert calls == [16] and cache.hits == 3 and cache.misses == 16
     assert torch.allclose(first[0], direct_logits) and torch.allclose(second[0], direct_logits[[3, 1, 7]])
     for tap, feat in direct_feats.items():

@@ -6,8 +6,15 @@ AT, SP, PKT, RKD, CRD, CC, VID, AB, FT, FSP, NST, OFD, ReviewKD) captured at mod
 taps; combinations are just configs that name several of them. Methods with a stage before
 the main fit (FitNets, AB, FSP, FT) run it as a Lightning fit of its own
 (:mod:`compresslab.distill.stages`). See docs/distillation.md.
+
+The files: ``module`` (the LightningModule, composing the rest), ``loss_config`` (a feature-loss
+entry, validated by its fields), ``wiring`` (taps, adapters and loss state against the two networks),
+``taps`` / ``tap_probe`` (capturing taps; resolving the special ones), ``adapters``, ``frozen_teacher``
+(the teacher's device, eval mode and outputs), ``cache`` (the teacher-output cache), ``stages``, and
+``losses`` (the two bases) with one ``losses_<family>`` file per family of methods.
 """
 
+from compresslab.distill.adapters import FeatureAdapter
 from compresslab.distill.losses import FeatureLoss, LogitLoss
 from compresslab.distill.losses_crd import CRDLoss
 from compresslab.distill.losses_factor import FTLoss
@@ -17,7 +24,7 @@ from compresslab.distill.losses_ofd import OFDLoss
 from compresslab.distill.losses_relational import CCLoss, DISTLoss, PKTLoss, RKDLoss, SPLoss
 from compresslab.distill.losses_review import ReviewKDLoss
 from compresslab.distill.module import DistillationModule, TeacherOutputCache
-from compresslab.distill.taps import FeatureAdapter, probe
+from compresslab.distill.tap_probe import probe
 
 __all__ = [
     "DistillationModule",
