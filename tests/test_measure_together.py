@@ -208,7 +208,7 @@ def ort_runs(tmp_path_factory):
 
 
 def test_measure_together_times_onnx_files_beside_the_artifacts_in_one_session(ort_runs, capsys):
-    from compresslab.measure.together import _print, measure_together
+    from compresslab.measure.together import measure_together, print_measured
 
     settings = LatencySettings(warmup=1, rounds=3, round_ms=1.0, threads_bN=1)
     result = measure_together([ort_runs], settings, write=True)
@@ -246,7 +246,7 @@ def test_measure_together_times_onnx_files_beside_the_artifacts_in_one_session(o
     assert "backends" not in blocks["c"]["student"] and "deployed_speedup" not in blocks["c"]["student"]
     assert "backends" not in blocks["d"]["student"] and "onnxruntime" in blocks["d"]["reference"]["backends"]
     assert blocks["c"]["student"]["model_key"] == blocks["a"]["student"]["model_key"]  # same .pt, timed once
-    _print(result)
+    print_measured(result)
     printed = capsys.readouterr().out
     assert printed.count("    onnxruntime: ") == 2 and "vs the torch fp32 reference" in printed
     written = json.loads((ort_runs / "a" / "results.json").read_text())

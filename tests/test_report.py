@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from compresslab.track.report import build_report, pareto_front, records_to_frame
+from compresslab.track.plots import pareto_front
+from compresslab.track.report import build_report, records_to_frame
 
 from conftest import FAST
 
@@ -123,7 +124,7 @@ def test_composite_keys_join_axis_values():
 
 
 def test_tables_put_the_uncompressed_baseline_first_then_keep_the_sweep_order(tmp_path):
-    from compresslab.track.report import baseline_first
+    from compresslab.track.tables import baseline_first
     from compresslab.track.results import collect_job_results
 
     assert baseline_first(["kd/agp", "kd/none", "none/agp", "none/none", "at/none"]) == [
@@ -194,7 +195,7 @@ def test_backend_flag_tabulates_that_backends_figures_and_says_so(tmp_path):
 
 
 def test_dotted_backend_metrics_and_deployed_speedup_with_intervals():
-    from compresslab.track.report import LATENCY_METRICS, base_metric, is_timed, lower_is_better
+    from compresslab.track.metrics import LATENCY_METRICS, base_metric, is_timed, lower_is_better
 
     records = [_deployed_record("ptq_int8", 0, 1.8, 1.7), _deployed_record("qat_int8", 0, 2.2, 1.9)]
     report = build_report(records, "quant", None, ["backends.onnxruntime.speedup", "backends.onnxruntime.latency_ms_bN",
@@ -269,7 +270,7 @@ def test_measured_together_backend_figures_win_over_the_per_job_ones():
 def test_wandb_records_rebuild_the_nested_backend_blocks(monkeypatch):
     import types
 
-    from compresslab.track import report as rep
+    from compresslab.track import wandb_records as rep
 
     summary = {"status": "completed", "student/acc_top1": 0.97, "student/deployed_speedup": 5.1,
                "student/backends/onnxruntime/speedup": 1.7, "student/backends/onnxruntime/speedup_ci": [1.5, 1.9],
@@ -307,7 +308,7 @@ def test_report_cli_backend_flag(tmp_path, capsys):
 
 
 def test_runs_from_two_measurement_sessions_are_not_called_comparable_in_milliseconds():
-    from compresslab.track.report import latency_source_line
+    from compresslab.track.tables import latency_source_line
 
     records = []
     for seed, session in ((0, "s1"), (1, "s1"), (2, "s2")):

@@ -60,8 +60,9 @@ def objective_value(record: dict, objective: DictConfig) -> float | None:
 def report_main(argv: Sequence[str] | None = None) -> None:
     """``compresslab-report``: ablation tables and accuracy/size/latency plots from many runs
     (:mod:`compresslab.track.report`)."""
-    from compresslab.track.report import build_report, load_wandb_records, log_report_to_wandb
+    from compresslab.track.report import build_report
     from compresslab.track.results import collect_job_results
+    from compresslab.track.wandb_records import load_wandb_records, log_report_to_wandb
 
     parser = argparse.ArgumentParser(prog="compresslab-report",
                                      description="Ablation tables and accuracy/size/latency plots from many runs.")

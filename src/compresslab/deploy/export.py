@@ -31,7 +31,6 @@ What each artifact kind becomes (recorded as ``kind`` / ``weights`` / ``lossless
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import time
 import warnings
@@ -125,7 +124,7 @@ def export_payload(payload: Mapping[str, Any], path: Path, calibration: Iterable
         data = payload_onnx_bytes(payload)
         info["exporter"] = "onnxruntime.quantization.quantize_static (stored in the artifact)"
     elif kind == "int8":
-        from compresslab.compress.quantization import pt2e
+        from compresslab.compress.codecs import int8_pt2e as pt2e
 
         converted = pt2e.rebuild_converted(payload)
         data = onnx_bytes(converted, example, opset)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Mapping
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from compresslab.errors import ConfigError
 

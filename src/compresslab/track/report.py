@@ -19,66 +19,15 @@ as is ``deployed_speedup`` (the fastest backend vs the torch fp32 reference).
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from compresslab.axes import AXES
 from compresslab.measure.latency import TIMED_FIGURES
-
-#: Metrics where smaller is better (everything else: larger is better). A dotted metric
-#: (``backends.onnxruntime.latency_ms_bN``) is judged by its last part (:func:`base_metric`).
-LOWER_IS_BETTER = {"size_bytes", "params", "params_nonzero", "macs", "latency_ms_b1", "latency_ms_bN",
-                   "latency_ms_b1_p90", "latency_ms_bN_p90", "latency_ms_b1_iqr", "latency_ms_bN_iqr",
-                   "train_time_s"}
-
-
-def base_metric(metric: str) -> str:
-    """What a metric measures: its last dotted part (``backends.onnxruntime.speedup`` -> ``speedup``)."""
-    return str(metric).rsplit(".", 1)[-1]
-
-
-def lower_is_better(metric: str) -> bool:
-    return base_metric(metric) in LOWER_IS_BETTER
-
-
-def _dotted(data: Any, key: str) -> Any:
-    for part in key.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return None
-        data = data[part]
-    return data
-
-
-def record_value(record: dict, key: str) -> Any:
-    """A grouping key's value: an axis name (``distill``), a dotted path into the config, or
-    several of these joined by ``+`` (``distill+quant`` -> ``kd/ptq_int8``)."""
-    if "+" in key:
-        return "/".join(str(record_value(record, part)) for part in key.split("+"))
-    axes = record.get("axes") or {}
-    if key in axes:
-        return axes[key]
-    return _dotted(record.get("config") or {}, key)
-
-
-#: Figures that come from the clock (the rest — sizes, MACs, accuracies — are exact); a dotted
-#: metric (``backends.onnxruntime.speedup``) by its last part.
-LATENCY_METRICS = {"latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "latency_ms_bN_p90", "latency_ms_b1_iqr",
-                   "latency_ms_bN_iqr", "speedup", "speedup_b1", "speedup_vs_expected", "deployed_speedup",
-                   "deployed_speedup_b1"}
-
-#: The student's exact figures that each backend has its own of besides the timed ones
-#: (:data:`~compresslab.measure.latency.TIMED_FIGURES`): the file's accuracy in that backend and its size.
-BACKEND_EXACT = ("acc_top1", "size_bytes")
-#: Speed-ups with a 5-95% interval (``<key>_ci``), tabulated as ``<key>_ci_lo`` / ``<key>_ci_hi``.
-CI_KEYS = ("speedup", "speedup_b1", "deployed_speedup", "deployed_speedup_b1")
-
-
-def is_timed(metric: str) -> bool:
-    return base_metric(metric) in LATENCY_METRICS
+from compresslab.track.metrics import BACKEND_EXACT, CI_KEYS, dotted, record_value
+from compresslab.track.plots import plot_tradeoffs
+from compresslab.track.tables import cell_notes, display_scale, latency_source_line, pivot, to_csv_frame, to_latex, to_markdown
 
 
 def _ci_columns(row: dict, prefix: str, figures: dict) -> None:
@@ -160,7 +109,7 @@ def records_to_frame(records: Iterable[dict], keys: Sequence[str], backend: str 
             row.update({f"backends.{name}.{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
             _ci_columns(row, f"backends.{name}.", figures)
         for metric in metrics:
-            value = _dotted(student, metric) if "." in metric and metric not in row else None
+            value = dotted(student, metric) if "." in metric and metric not in row else None
             if isinstance(value, (int, float)):
                 row[metric] = value
         for key in ("deployed_backend", "deployed_backend_b1"):
@@ -176,240 +125,6 @@ def records_to_frame(records: Iterable[dict], keys: Sequence[str], backend: str 
         row["teacher_acc_top1"] = (r.get("teacher") or {}).get("acc_top1")
         rows.append(row)
     return pd.DataFrame(rows)
-
-
-def latency_source_line(frame: pd.DataFrame) -> str | None:
-    """Which timed figures a report used, in words (None when no run has any)."""
-    if "latency_source" not in frame or frame["latency_source"].isna().all():
-        return None
-    backend = frame["backend"].dropna().iloc[0] if "backend" in frame and frame["backend"].notna().any() else None
-    together = frame[frame["latency_source"] == "measured_together"]
-    per_job = int((frame["latency_source"] == "per_job").sum())
-    parts = []
-    if len(together):
-        sessions = sorted(set(together["latency_session"].dropna()))
-        if len(sessions) <= 1:
-            parts.append(f"{len(together)} runs measured together in one process by compresslab-measure "
-                         f"(session {', '.join(sessions)}): comparable across runs")
-        else:  # several compresslab-measure sessions: milliseconds compare only within one
-            counts = together["latency_session"].value_counts()
-            parts.append(f"{len(together)} runs measured by compresslab-measure in {len(sessions)} separate sessions ("
-                         + ", ".join(f"{sid}: {int(counts[sid])} runs" for sid in sessions)
-                         + "): speed-ups compare across runs, milliseconds only within a session "
-                         "(compresslab-measure <all dirs> times them in one)")
-    if per_job:
-        parts.append(f"{per_job} runs measured per job (each in its own process at its own time: their speed-ups "
-                     "compare within a job, their milliseconds not across jobs)")
-    return f"latency figures{f' (backend {backend})' if backend else ''}: " + "; ".join(parts)
-
-
-def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, index, columns) -> pd.DataFrame:
-    """Text after a cell's number: the speed-up's 5-95% interval (single-run cells), a flag
-    for figures the noise gate did not trust, and a warning where the measured speed-up is far
-    below what the MACs ratio predicts."""
-    notes = pd.DataFrame("", index=index, columns=columns)
-    if not is_timed(metric):
-        return notes
-    keys = [rows] + ([cols] if cols else [])
-    for group, part in frame.groupby(keys):
-        group = group if isinstance(group, tuple) else (group,)
-        r, c = group[0], (group[1] if cols else metric)
-        text = []
-        lo, hi = f"{metric}_ci_lo", f"{metric}_ci_hi"
-        if len(part) == 1 and lo in part and not pd.isna(part[lo].iloc[0]):
-            text.append(f"[{part[lo].iloc[0]:.2f}-{part[hi].iloc[0]:.2f}]")
-        if "latency_reliable" in part and (part["latency_reliable"] == False).any():  # noqa: E712
-            why = part.loc[part["latency_reliable"] == False, "latency_unreliable_short"].dropna()  # noqa: E712
-            text.append(f"(unreliable: {why.iloc[0] if len(why) else 'see results.json'})")
-        if base_metric(metric) == "speedup" and "expected_speedup_macs" in part:
-            expected, measured = part["expected_speedup_macs"].mean(), part[metric].mean()
-            if expected and expected > 1.5 and measured < 0.5 * expected:
-                text.append(f"(MACs predict {expected:.2f}x)")
-        if base_metric(metric) in ("deployed_speedup", "deployed_speedup_b1"):
-            tag = "deployed_backend" + ("_b1" if metric.endswith("_b1") else "")
-            used = sorted(set(part[tag].dropna())) if tag in part else []
-            if used:
-                text.append(f"({', '.join(used)})")
-        if r in notes.index and c in notes.columns:
-            notes.at[r, c] = " ".join(text)
-    return notes
-
-
-def aggregate(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
-    """mean, std (ddof=1; 0 for one run) and n per (row, col) cell."""
-    keys = [rows] + ([cols] if cols else [])
-    values = frame[keys].assign(**{metric: pd.to_numeric(frame[metric], errors="coerce")})
-    grouped = values.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
-    grouped["std"] = grouped["std"].fillna(0.0)
-    return grouped
-
-
-def _best_mask(table: pd.DataFrame, metric: str) -> pd.DataFrame:
-    lower = lower_is_better(metric)
-    best = table.min() if lower else table.max()
-    return table.eq(best, axis=1)
-
-
-def pivot(frame: pd.DataFrame, rows: str, cols: str | None, metric: str):
-    """(mean table, std table, count table, best-per-column mask) with rows × cols."""
-    agg = aggregate(frame, rows, cols, metric)
-    col = cols or "_all"
-    if not cols:
-        agg[col] = metric
-    row_order = baseline_first(frame[rows].tolist())
-    col_order = baseline_first(frame[cols].tolist()) if cols else [metric]
-    mean, std, count = (agg.pivot(index=rows, columns=col, values=v).reindex(index=row_order, columns=col_order)
-                        for v in ("mean", "std", "count"))
-    return mean, std, count, _best_mask(mean, metric)
-
-
-def baseline_first(labels: Sequence[str]) -> list[str]:
-    """Distinct labels, those with fewer non-``none`` parts first (the uncompressed baseline
-    ``none`` / ``none/none`` leads), otherwise in order of first appearance (the sweep's order)."""
-    seen = list(dict.fromkeys(labels))
-    return sorted(seen, key=lambda label: (sum(part != "none" for part in str(label).split("/")),
-                                           seen.index(label)))
-
-
-def _scale(metric: str) -> float:
-    return 100.0 if base_metric(metric).startswith("acc") else 1.0
-
-
-def _cell(mean: float, std: float, n: float, metric: str) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
-        return "–"
-    s = _scale(metric)
-    # sub-millisecond latencies (ONNX Runtime at batch 1: 0.05 ms) need a third decimal to tell runs apart
-    d = 3 if base_metric(metric).startswith("latency_ms") and abs(mean) < 1 else 2
-    return f"{mean * s:.{d}f} ± {std * s:.{d}f} ({int(n)})"
-
-
-def _rows_label(rows: str, backend: str | None) -> str:
-    return f"{rows} (backend {backend})" if backend else rows
-
-
-def to_markdown(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None,
-                backend: str | None = None) -> str:
-    """Markdown table, best per column in bold, each cell followed by its note (:func:`cell_notes`);
-    with ``backend`` the header says whose figures these are."""
-    header = f"| {_rows_label(rows, backend)} | " + " | ".join(str(c) for c in mean.columns) + " |"
-    lines = [header, "|" + "---|" * (len(mean.columns) + 1)]
-    for idx in mean.index:
-        cells = []
-        for c in mean.columns:
-            text = _cell(mean.at[idx, c], std.at[idx, c], count.at[idx, c] if not pd.isna(count.at[idx, c]) else 0, metric)
-            note = notes.at[idx, c] if notes is not None else ""
-            cells.append((f"**{text}**" if best.at[idx, c] else text) + (f" {note}" if note else ""))
-        lines.append(f"| {idx} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def to_latex(mean, std, count, best, metric: str, rows: str, notes: pd.DataFrame | None = None,
-             backend: str | None = None) -> str:
-    """LaTeX booktabs tabular, best per column in bold, notes after the number."""
-    esc = lambda s: str(s).replace("_", r"\_")  # noqa: E731
-    lines = [r"\begin{tabular}{l" + "r" * len(mean.columns) + "}", r"\toprule",
-             esc(_rows_label(rows, backend)) + " & " + " & ".join(esc(c) for c in mean.columns) + r" \\", r"\midrule"]
-    for idx in mean.index:
-        cells = []
-        for c in mean.columns:
-            n = count.at[idx, c] if not pd.isna(count.at[idx, c]) else 0
-            text = _cell(mean.at[idx, c], std.at[idx, c], n, metric).replace("±", r"$\pm$")
-            note = esc(notes.at[idx, c]) if notes is not None and notes.at[idx, c] else ""
-            cells.append((rf"\textbf{{{text}}}" if best.at[idx, c] else text) + (f" {note}" if note else ""))
-        lines.append(esc(idx) + " & " + " & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines)
-
-
-def to_csv_frame(frame: pd.DataFrame, rows: str, cols: str | None, metric: str,
-                 backend: str | None = None) -> pd.DataFrame:
-    """Long-form CSV: one line per cell with mean, std, n and whether it is best in its column
-    (and, with ``backend``, a ``backend`` column after ``metric``)."""
-    agg = aggregate(frame, rows, cols, metric)
-    lower = lower_is_better(metric)
-    group = agg.groupby(cols)["mean"] if cols else agg["mean"]
-    best = group.transform("min" if lower else "max") if cols else (agg["mean"].min() if lower else agg["mean"].max())
-    agg["best_in_column"] = agg["mean"] == best
-    if backend:
-        agg.insert(0, "backend", backend)
-    agg.insert(0, "metric", metric)
-    return agg
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated when x is minimized and y (accuracy) maximized."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best_y = [], -math.inf
-    for i in order:
-        if points[i][1] > best_y:
-            front.append(i)
-            best_y = points[i][1]
-    return front
-
-
-def plot_tradeoffs(frame: pd.DataFrame, keys: Sequence[str], out_dir: Path, backend: str | None = None) -> list[Path]:
-    """PNG plots of accuracy vs size and accuracy vs speed-up (means per group; the speed-up
-    with its 5-95% interval as error bars, since it is what compares across jobs, not raw
-    milliseconds), the Pareto front marked. With ``backend`` the figures are that backend's
-    (the frame's, see :func:`student_figures`), the axes say so and the files are
-    ``acc_vs_size_<backend>.png`` / ``acc_vs_speedup_<backend>.png``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-    cols = [c for c in ("acc_top1", "size_bytes", "speedup", "speedup_ci_lo", "speedup_ci_hi") if c in frame]
-    numeric = frame[list(keys)].join(frame[cols].apply(pd.to_numeric, errors="coerce"))
-    grouped = numeric.groupby(list(keys))
-    means = grouped[cols].mean().reset_index()
-    if "speedup_ci_lo" in frame:  # widest interval over the group's runs
-        means["speedup_ci_lo"] = grouped["speedup_ci_lo"].min().values
-        means["speedup_ci_hi"] = grouped["speedup_ci_hi"].max().values
-    labels = [" ".join(str(v) for v in row) for row in means[list(keys)].itertuples(index=False)]
-    suffix = f"_{backend}" if backend else ""
-    size_label = f"{backend} file size (bytes, log)" if backend else "artifact size (bytes, log)"
-    plots = [("size_bytes", size_label, f"acc_vs_size{suffix}.png", True)]
-    if "speedup" in means and means["speedup"].notna().any():
-        source = latency_source_line(frame) or ""
-        label = "speed-up at batch N vs the dense fp32 reference (5-95% interval)"
-        if backend:
-            label = f"speed-up at batch N in {backend} vs the fp32 reference in {backend} (5-95% interval)"
-        plots.append(("speedup", label + ("\n(measured together)" if "together" in source else ""),
-                      f"acc_vs_speedup{suffix}.png", False))
-    for x_key, x_label, name, minimize in plots:
-        if x_key not in means or "acc_top1" not in means:
-            continue
-        data = means[means[x_key].notna() & means["acc_top1"].notna()]
-        if data.empty:
-            continue
-        pts = list(zip(data[x_key] if minimize else -data[x_key], data["acc_top1"]))
-        front = pareto_front(pts)
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        xs = list(data[x_key])
-        if x_key == "speedup" and "speedup_ci_lo" in data:
-            err = [list((data["speedup"] - data["speedup_ci_lo"]).clip(lower=0)),
-                   list((data["speedup_ci_hi"] - data["speedup"]).clip(lower=0))]
-            ax.errorbar(xs, data["acc_top1"], xerr=err, fmt="o", color="tab:blue", capsize=3,
-                        label="runs (mean over seeds)")
-        else:
-            ax.scatter(xs, data["acc_top1"], color="tab:blue", label="runs (mean over seeds)")
-        fp = sorted((xs[i], pts[i][1]) for i in front)
-        ax.plot(*zip(*fp), color="tab:red", marker="o", fillstyle="none", markersize=12, label="Pareto front")
-        for x, y, label in zip(xs, data["acc_top1"], [labels[i] for i in data.index]):
-            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel(f"test top-1 accuracy in {backend}" if backend else "test top-1 accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = Path(out_dir) / name
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 def paper_rows(records: Sequence[dict], frame: pd.DataFrame, rows: str, cols: str | None) -> list[str]:
@@ -434,72 +149,10 @@ def paper_rows(records: Sequence[dict], frame: pd.DataFrame, rows: str, cols: st
                     col = mean.columns[0]
                 ours = (mean.at[row, col] if mean is not None and row in mean.index and col in mean.columns
                         else None)
-                s = _scale(metric)
+                s = display_scale(metric)
                 ours_txt = "no run" if ours is None or pd.isna(ours) else f"{ours * s:.2f}"
                 lines.append(f"  {metric:10s} {key:32s} paper {float(value) * s:7.2f}   ours {ours_txt}")
     return lines
-
-
-def _plain(value: Any) -> Any:
-    """W&B summary values as plain Python: nested summary dicts as dicts, lists as lists."""
-    if isinstance(value, (str, bytes)):
-        return value
-    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
-        return {str(k): _plain(value[k]) for k in value.keys()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """``{"backends/onnxruntime/speedup": 2.0, "acc_top1": 0.9}`` -> ``{"backends": {"onnxruntime":
-    {"speedup": 2.0}}, "acc_top1": 0.9}`` (a key's value that is itself a dict merges in)."""
-    out: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = out
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                node[part] = {}
-            node = node[part]
-        node[leaf] = _merge(node[leaf], value) if isinstance(value, dict) and isinstance(node.get(leaf), dict) else value
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra`` merged in, nested dicts merged key by key (``extra`` wins on leaves)."""
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-#: The record's blocks that a W&B summary carries as ``<block>/<key>`` (``<key>`` may go on with
-#: ``/``: ``student/backends/onnxruntime/speedup``, or be a nested dict: ``student/backends``).
-WANDB_BLOCKS = ("teacher", "reference", "student", "measured_together")
-
-
-def load_wandb_records(project: str) -> list[dict]:
-    """Records rebuilt from a W&B project (``entity/project``) through the public API (needs network):
-    the same nested blocks as results.json (``student.backends.<backend>...``,
-    ``measured_together``) from the summary's ``<block>/...`` keys, so ``--backend`` and dotted
-    metrics read them as they read results.json."""
-    import wandb
-
-    records = []
-    for run in wandb.Api().runs(project):
-        summary = {str(k): _plain(v) for k, v in dict(run.summary).items()}
-        rec: dict[str, Any] = {"status": summary.get("status", "completed" if run.state == "finished" else run.state),
-                               "config": dict(run.config), "axes": {}, "run_dir": getattr(run, "name", None)}
-        for row in WANDB_BLOCKS:
-            block = _nest({k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{row}/")})
-            if block or row != "measured_together":
-                rec[row] = block
-        for axis in AXES:
-            rec["axes"][axis] = _dotted(rec["config"], f"{axis}.name")
-        rec["axes"]["seed"] = rec["config"].get("seed")
-        records.append(rec)
-    return records
 
 
 def _backends_in(frame: pd.DataFrame) -> str:
@@ -593,15 +246,3 @@ def build_report(records: list[dict], rows: str, cols: str | None, metrics: Sequ
     return out
 
 
-def log_report_to_wandb(report: dict, project: str) -> None:
-    """Log the long-form table and the plots to a W&B run (job_type=report)."""
-    import wandb
-
-    run = wandb.init(project=project, job_type="report")
-    try:
-        run.log({"ablation": wandb.Table(dataframe=report["frame"])})
-        for path in report["paths"]:
-            if path.suffix == ".png":
-                run.log({path.stem: wandb.Image(str(path))})
-    finally:
-        wandb.finish()
