@@ -230,3 +230,35 @@ def test_method_reports_go_under_their_axis_and_a_key_two_axes_write_is_refused(
         add_method_reports({}, {"prune": {"bits": 8}, "quant": {"bits": 4}})
     with pytest.raises(RuntimeError, match="student.acc_top1 is reported by prune and by the shared metrics"):
         add_method_reports({"acc_top1": 0.9}, {"prune": {"acc_top1": 0.1}})
+
+
+def test_a_new_axis_needs_only_its_config_group_and_one_constant(tmp_path, monkeypatch):
+    """docs/architecture.md, "Adding an axis": a config group plus its name in
+    ``compresslab.axes.COMPRESSION_AXES`` is all a new compression axis needs; the run applies
+    its method, labels the run with it and reports it under ``student.<axis>``."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from compresslab import axes
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    (conf / "prune2").mkdir()
+    (conf / "prune2" / "none.yaml").write_text("name: none\n")
+    shutil.copy(conf / "prune" / "magnitude.yaml", conf / "prune2" / "magnitude.yaml")
+    defaults = (conf / "config.yaml").read_text()
+    (conf / "config.yaml").write_text(defaults.replace("  - prune: none\n", "  - prune: none\n  - prune2: none\n", 1))
+    monkeypatch.setattr(axes, "COMPRESSION_AXES", (*axes.COMPRESSION_AXES, "prune2"))
+    monkeypatch.setattr(axes, "AXES", (*axes.AXES, "prune2"))
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.run_dir={tmp_path / 'run'}", f"paths.teacher_cache={tmp_path / 't'}",
+                                           "teacher=none", "distill=none", "prune2=magnitude", *FAST, "prune2.at=1",
+                                           "student.epochs=3"])
+    record = run_experiment(cfg)
+    assert record["axes"]["prune2"] == "magnitude" and record["axes"]["prune"] == "none"
+    assert record["student"]["prune2"]["prune_method"] == "magnitude"
+    assert record["student"]["sparsity"] > 0.5

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslab.axes import COMPRESSION_AXES
+from compresslab import axes
 from compresslab.config_utils import instantiate_node
 from compresslab.errors import ConfigError
 
@@ -62,7 +62,7 @@ class CompressionMethod:
 def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
     """Instantiate the configured method of each compression axis, in axis order."""
     methods = []
-    for axis in COMPRESSION_AXES:
+    for axis in axes.COMPRESSION_AXES:
         node = cfg.get(axis)
         if node is None or node.get("name") == "none":
             continue

@@ -44,7 +44,7 @@ from typing import Any, Iterable, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from compresslab.slurm_env import slurm_fields
-from compresslab.axes import AXES
+from compresslab import axes as ablation_axes
 from compresslab.errors import ConfigError
 from compresslab.files import atomic_write_bytes
 
@@ -166,7 +166,7 @@ def git_commit(cwd: Path | None = None) -> str | None:
 def axes_of(cfg: DictConfig) -> dict:
     """The ablation axes of a run: the name chosen in each config group, and the seed."""
     axes = {}
-    for group in AXES:
+    for group in ablation_axes.AXES:
         node = cfg.get(group)
         axes[group] = node.get("name") if isinstance(node, DictConfig) else None
     axes["seed"] = seed_of(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from compresslab.axes import AXES
+from compresslab import axes
 from compresslab.track.metrics import dotted
 
 
@@ -63,7 +63,7 @@ def load_wandb_records(project: str) -> list[dict]:
             block = _nest({k.split("/", 1)[1]: v for k, v in summary.items() if k.startswith(f"{row}/")})
             if block or row != "measured_together":
                 rec[row] = block
-        for axis in AXES:
+        for axis in axes.AXES:
             rec["axes"][axis] = dotted(rec["config"], f"{axis}.name")
         rec["axes"]["seed"] = rec["config"].get("seed")
         records.append(rec)
