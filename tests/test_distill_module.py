@@ -22,7 +22,7 @@ from compresslab.distill import (
 from compresslab.errors import ConfigError
 from compresslab.models import MLP, ConvNet, LeNet5, build_model
 from compresslab.pipeline import build_student_module
-from compresslab.teacher import arch_spec
+from compresslab.config_utils import arch_spec
 from compresslab.train import fit_with_checkpoints
 
 from conftest import CONF_DIR, compose_config

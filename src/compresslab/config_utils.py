@@ -39,3 +39,8 @@ def recipe_kwargs(recipe: DictConfig, cfg: DictConfig) -> dict:
         "scheduler": instantiate(recipe.scheduler) if recipe.get("scheduler") else None,
         "label_smoothing": float(recipe.get("label_smoothing", 0.0)),
     }
+
+
+def arch_spec(model_cfg: DictConfig) -> dict:
+    """The plain-dict arch spec (``_target_`` + kwargs) of a teacher/student config."""
+    return OmegaConf.to_container(model_cfg.arch, resolve=True)

@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import Callback
 
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
-from compresslab.config_utils import instantiate_node, recipe_kwargs
+from compresslab.config_utils import arch_spec, instantiate_node, recipe_kwargs
 from compresslab.data.regime import check_regime_config, check_student_regime
 from compresslab.deploy import step as deploy
 from compresslab.distill.module import check_cache_allowed
@@ -42,7 +42,7 @@ from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
-from compresslab.teacher import arch_spec, obtain_teacher
+from compresslab.teacher import obtain_teacher
 from compresslab.track import base_record, write_results
 from compresslab.track.results import add_ratios, student_row, teacher_row, unresolved_record, write_final_results
 from compresslab.track.console import print_summary

@@ -20,9 +20,9 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from compresslab.config_utils import recipe_kwargs
+from compresslab.config_utils import arch_spec, recipe_kwargs
 from compresslab.distributed import is_rank_zero
-from compresslab.artifact import read_payload, load_state_dict_into, save_model_file
+from compresslab.artifact import load_state_dict_into, model_from_payload, read_payload, save_model_file
 from compresslab.data.regime import STUDENT_REGIME_KEYS
 from compresslab.models import build_model
 from compresslab.train import ClassifierModule, fit_with_checkpoints
@@ -35,11 +35,6 @@ _DATA_KEYS_IGNORED = {"root", "download", "num_workers", "eval_batch_size", "pin
 _TRAINER_KEYS_HASHED = ("precision", "limit_train_batches", "limit_val_batches", "max_steps",
                         "accumulate_grad_batches", "gradient_clip_val")
 CACHE_VERSION = 1
-
-
-def arch_spec(model_cfg: DictConfig) -> dict:
-    """The plain-dict arch spec (``_target_`` + kwargs) of a teacher/student config."""
-    return OmegaConf.to_container(model_cfg.arch, resolve=True)
 
 
 def teacher_identity(cfg: DictConfig) -> dict:
@@ -90,9 +85,7 @@ def obtain_teacher(
         if path.exists():
             log(f"teacher: cached {path}")
             payload = read_payload(path)
-            model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
-            model.load_state_dict(payload["state_dict"])
-            return model.eval(), {"path": str(path), "source": "cache", **payload["meta"]}
+            return model_from_payload(payload), {"path": str(path), "source": "cache", **payload["meta"]}
         log(f"teacher: training {cfg.teacher.name} -> {path}")
         pl.seed_everything(int(cfg.seed), workers=True)
         model = build_model(spec, shape, classes)

@@ -99,7 +99,7 @@ def export_step(cfg: DictConfig, files: Mapping[str, Path | None], models: Mappi
     from compresslab.deploy import check as chk
     from compresslab.deploy.export import export_module, export_payload
     from compresslab.deploy.ort import optimized_ops
-    from compresslab.teacher import arch_spec
+    from compresslab.config_utils import arch_spec
 
     node = cfg.export
     opset = int(node.get("opset", 18))
