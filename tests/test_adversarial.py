@@ -110,14 +110,13 @@ def test_the_report_never_builds_models_from_records(tmp_path, hub_repo):
 
 def test_every_artifact_format_and_zoo_model_is_in_its_allowlist():
     from compresslab.artifact import ARTIFACT_LOADERS
-    from compresslab.compress import act_quant, fuse, lowbit, lowrank, sparse_encoding, weight_sharing
-    from compresslab.compress.pruning import structured
-    from compresslab.compress.quantization import ort_int8, pt2e
+    from compresslab.compress.codecs import actquant, fused, int8_pt2e, lowbit, lowrank, onnx_qdq, shared, sparse
+    from compresslab.compress.codecs import structured
     from compresslab.models.common import MODEL_FACTORIES
 
-    formats = [lowbit.LOWBIT_FORMAT, lowrank.LOWRANK_FORMAT, sparse_encoding.SPARSE_FORMAT,
-               weight_sharing.SHARED_FORMAT, structured.STRUCTURED_FORMAT, pt2e.INT8_FORMAT, act_quant.ACTQUANT_FORMAT,
-               fuse.FUSED_FORMAT, ort_int8.ONNX_QDQ_FORMAT]
+    formats = [lowbit.FORMAT, lowrank.FORMAT, sparse.FORMAT,
+               shared.FORMAT, structured.FORMAT, int8_pt2e.FORMAT, actquant.FORMAT,
+               fused.FORMAT, onnx_qdq.FORMAT]
     assert sorted(formats) == ARTIFACT_LOADERS.names()
     assert all(callable(ARTIFACT_LOADERS.resolve(f)) for f in formats)
     import compresslab.models as zoo

@@ -11,7 +11,10 @@ import torch
 from torch import nn
 
 from compresslab.artifact import load_model_file, read_payload
-from compresslab.compress.fuse import FUSED_FORMAT, fold_bn, fused_payload, load_fused_payload
+from compresslab.compress.codecs.fused import FORMAT as FUSED_FORMAT
+from compresslab.compress.codecs.fused import fused_payload
+from compresslab.compress.codecs.fused import load_payload as load_fused_payload
+from compresslab.compress.fuse import fold_bn
 from compresslab.deploy import check as chk
 from compresslab.deploy import step
 from compresslab.deploy.export import export_payload
@@ -122,6 +125,7 @@ def test_dense_export_has_a_dynamic_batch_and_matches_torch(lenet5_onnx):
 @pytest.fixture(scope="module")
 def int8_resnet8(tmp_path_factory):
     """A PT2E int8 artifact of resnet8 (random weights, BN statistics randomised) and its calibration."""
+    from compresslab.compress.codecs import int8_pt2e
     from compresslab.compress.quantization import pt2e
 
     torch.manual_seed(0)
@@ -129,7 +133,7 @@ def int8_resnet8(tmp_path_factory):
     calibration = [torch.randn(16, 1, 8, 8) for _ in range(3)]
     converted, _ = pt2e.quantize_pt2e(model, torch.zeros(2, 1, 8, 8), calibration)
     ctx = {"arch": RESNET8, "input_shape": [1, 8, 8], "num_classes": 10}
-    payload = pt2e.make_payload(converted, ctx, {}, "static", lower=False)
+    payload = int8_pt2e.make_payload(converted, ctx, {}, "static", lower=False)
     return tmp_path_factory.mktemp("int8"), payload, converted, calibration
 
 

@@ -8,13 +8,13 @@ import torch
 from torch import nn
 
 from compresslab.artifact import atomic_torch_save, load_model_file
+from compresslab.compress.factorized import lowrank_plan
 from compresslab.compress.lowrank import (
     DeferredLowRank,
     SVDLowRank,
     choose_rank,
     factorize,
     full_rank,
-    lowrank_plan,
 )
 from compresslab.measure.core import count_macs, count_params
 from compresslab.models import build_model

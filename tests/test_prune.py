@@ -26,8 +26,9 @@ from compresslab.compress.pruning import (
     magnitude_masks,
     write_sensitivity,
 )
-from compresslab.compress.pruning.unstructured import UnstructuredPruningCallback, agp_sparsity
-from compresslab.compress.sparse_encoding import decode_state_dict, encode_state_dict, encoded_sizes
+from compresslab.compress.codecs.sparse import decode_state_dict, encode_state_dict, encoded_sizes
+from compresslab.compress.pruning.masks import agp_sparsity
+from compresslab.compress.pruning.unstructured_callback import UnstructuredPruningCallback
 from compresslab.errors import ConfigError
 from compresslab.models import MLP
 from compresslab.pipeline import run_experiment

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, read_payload
+from compresslab.compress.codecs import int8_pt2e
+from compresslab.compress.common import hide_epoch_from_selection
 from compresslab.compress.quantization import pt2e
-from compresslab.compress.quantization.layers import hide_epoch_from_selection
 from compresslab.compress.quantization.qat import QATCallback, QATInt8, fake_quant_weight_int8, strip_qat
 from compresslab.errors import CheckpointError
 from compresslab.measure import evaluate_accuracy
@@ -47,7 +48,7 @@ def int8_case(tmp_path_factory):
     calib = [torch.randn(32, *SHAPE, generator=g) for _ in range(4)]
     converted, info = pt2e.quantize_pt2e(model, torch.zeros(2, *SHAPE), calib, "static")
     ctx = {"arch": RESNET8, "input_shape": list(SHAPE), "num_classes": 10}
-    payload = pt2e.make_payload(converted, ctx, {}, "static", True)
+    payload = int8_pt2e.make_payload(converted, ctx, {}, "static", True)
     path = tmp_path_factory.mktemp("int8") / "student.pt"
     atomic_torch_save(payload, path)
     dense = tmp_path_factory.mktemp("int8") / "dense.pt"
@@ -80,7 +81,7 @@ def test_int8_artifact_runs_onednn_int8_ops_close_to_fp32(int8_case):
 def test_int8_artifact_sizes_params_and_macs(int8_case):
     model = int8_case["model"]
     payload = read_payload(int8_case["path"])
-    stored = pt2e.stored_constants(payload)
+    stored = int8_pt2e.stored_constants(payload)
     int8 = [t for t in stored.values() if t.dtype == torch.int8 and t.dim() >= 2]
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     assert sorted(t.numel() for t in int8) == sorted(w.numel() for w in weights)  # every weight is int8
@@ -103,12 +104,12 @@ def test_pruned_int8_weights_are_stored_sparse_and_decode_exactly(int8_case, tmp
     g = torch.Generator().manual_seed(1)
     converted, _ = pt2e.quantize_pt2e(model.eval(), torch.zeros(2, *SHAPE),
                                       [torch.randn(32, *SHAPE, generator=g) for _ in range(4)], "static")
-    payload = pt2e.make_payload(converted, {"arch": RESNET8, "input_shape": list(SHAPE), "num_classes": 10},
+    payload = int8_pt2e.make_payload(converted, {"arch": RESNET8, "input_shape": list(SHAPE), "num_classes": 10},
                                 {}, "static", False)
     int8_weights = {k: t for k, t in pt2e.graph_constants(converted).items() if t.dtype == torch.int8 and t.dim() == 4}
     assert int8_weights and all((t == 0).float().mean() >= 0.89 for t in int8_weights.values())
-    assert set(int8_weights) <= set(pt2e.sparse_constants(payload))  # zeros survive quantization
-    stored = pt2e.stored_constants(payload)
+    assert set(int8_weights) <= set(int8_pt2e.sparse_constants(payload))  # zeros survive quantization
+    stored = int8_pt2e.stored_constants(payload)
     for name, t in int8_weights.items():
         assert torch.equal(stored[name], t)
     path = tmp_path / "pruned_int8.pt"
@@ -134,9 +135,9 @@ def test_dynamic_int8_quantizes_linear_layers():
     arch = {"_target_": "compresslab.models.MLP", "hidden": [64, 32]}
     model = build_model(arch, SHAPE, 10).eval()
     converted, _ = pt2e.quantize_pt2e(model, torch.zeros(2, *SHAPE), [], "dynamic")
-    payload = pt2e.make_payload(converted, {"arch": arch, "input_shape": list(SHAPE), "num_classes": 10}, {},
+    payload = int8_pt2e.make_payload(converted, {"arch": arch, "input_shape": list(SHAPE), "num_classes": 10}, {},
                                 "dynamic", True)
-    loaded = pt2e.load_int8_payload(payload)
+    loaded = int8_pt2e.load_payload(payload)
     assert pt2e.int8_ops(loaded.graph) == ["onednn.qlinear_pointwise.tensor"]
     x = torch.randn(16, *SHAPE)
     with torch.no_grad():
@@ -249,7 +250,7 @@ def test_distill_kd_prune_agp_qat_int8_end_to_end(make_cfg):
     assert s["quant_backend"] == "pt2e_x86_onednn" and s["compute"] == "int8"
     assert s["qat_start_epoch"] == 0 and s["qat_freeze_bn_epoch"] == 1
     model = load_model_file(s["artifact"])
-    assert isinstance(model, pt2e.Int8Model)
+    assert isinstance(model, int8_pt2e.Int8Model)
     # the pruned zeros survive int8 quantization (int8 zero is exact)
     assert s["sparsity"] >= 0.4
     assert count_params(model)["sparsity"] == pytest.approx(s["sparsity"])

@@ -4,8 +4,9 @@ A model file is a ``torch.save`` of plain data only (strings, numbers, lists,
 dicts, tensors), so :func:`load_model_file` reads it with ``weights_only=True``
 and rebuilds the module from the spec through :func:`compresslab.models.build_model`,
 which only accepts the zoo's own model factories. No pickled code runs.
-Compression methods with other formats (sparse, int8, bit-packed) have their loader
-listed in :data:`ARTIFACT_LOADERS` under their ``format`` string: a fixed table in this
+Compression methods with other formats (sparse, int8, bit-packed) write them through a codec,
+one module per format in :mod:`compresslab.compress.codecs`; each codec's ``load_payload``
+is listed in :data:`ARTIFACT_LOADERS` under its ``FORMAT`` string: a fixed table in this
 file, so the format read from a file selects one of these loaders and nothing else.
 """
 
@@ -25,20 +26,20 @@ from compresslab.models import build_model
 
 DENSE_FORMAT = "compresslab.dense/1"
 
-#: format string -> (module defining the loader, loader name); each loader is
-#: ``function(payload) -> nn.Module``. A method with a new file format adds its line here.
+#: format string -> (codec module defining the loader, loader name); each loader is
+#: ``load_payload(payload) -> nn.Module``. A new file format adds its codec module and its line here.
 ARTIFACT_LOADERS = Allowlist(
     "artifact format",
     {
-        "compresslab.sparse/1": ("compresslab.compress.sparse_encoding", "load_sparse_payload"),
-        "compresslab.structured/1": ("compresslab.compress.pruning.structured", "load_structured_payload"),
-        "compresslab.int8_pt2e/1": ("compresslab.compress.quantization.pt2e", "load_int8_payload"),
-        "compresslab.lowbit/1": ("compresslab.compress.lowbit", "load_lowbit_payload"),
-        "compresslab.actquant/1": ("compresslab.compress.act_quant", "load_actquant_payload"),
-        "compresslab.lowrank/1": ("compresslab.compress.lowrank", "load_lowrank_payload"),
-        "compresslab.shared/1": ("compresslab.compress.weight_sharing", "load_shared_payload"),
-        "compresslab.fused/1": ("compresslab.compress.fuse", "load_fused_payload"),
-        "compresslab.onnx_qdq/1": ("compresslab.compress.quantization.ort_int8", "load_onnx_qdq_payload"),
+        "compresslab.sparse/1": ("compresslab.compress.codecs.sparse", "load_payload"),
+        "compresslab.structured/1": ("compresslab.compress.codecs.structured", "load_payload"),
+        "compresslab.int8_pt2e/1": ("compresslab.compress.codecs.int8_pt2e", "load_payload"),
+        "compresslab.lowbit/1": ("compresslab.compress.codecs.lowbit", "load_payload"),
+        "compresslab.actquant/1": ("compresslab.compress.codecs.actquant", "load_payload"),
+        "compresslab.lowrank/1": ("compresslab.compress.codecs.lowrank", "load_payload"),
+        "compresslab.shared/1": ("compresslab.compress.codecs.shared", "load_payload"),
+        "compresslab.fused/1": ("compresslab.compress.codecs.fused", "load_payload"),
+        "compresslab.onnx_qdq/1": ("compresslab.compress.codecs.onnx_qdq", "load_payload"),
     },
     f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
     error=CheckpointError,

@@ -10,10 +10,8 @@ Which pairs: the model is traced with ``torch.export``; a conv/linear node is fo
 BatchNorm node that is its *only* user, both being module calls (``nn_module_stack``), each
 module called once. Anything else (a conv output also used elsewhere, a BN after an add) stays.
 
-Artifact ``compresslab.fused/1``: the arch spec, the folded ``[layer, bn]`` module paths and the
-state dict. :func:`load_fused_payload` builds the arch, checks each path names a conv/linear and a
-BatchNorm of the model, gives the layer a bias, replaces the BN by ``nn.Identity`` and loads the
-weights strictly.
+Artifact ``compresslab.fused/1`` (:mod:`compresslab.compress.codecs.fused`): the arch spec, the
+folded ``[layer, bn]`` module paths and the state dict.
 
 Scope: a plain fp32 student (``prune``/``lowrank``/``quant`` = none; distillation is fine). The int8
 paths fold BN themselves (PT2E's ``prepare_pt2e``), the other artifact formats keep their own
@@ -23,18 +21,18 @@ layouts, and ONNX Runtime folds BatchNorm of any exported graph on its own (docs
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from compresslab.compress.base import CompressionMethod
-from compresslab.errors import CheckpointError, ConfigError
-
-FUSED_FORMAT = "compresslab.fused/1"
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+from compresslab.compress.codecs.fused import BATCHNORMS as _BNS
+from compresslab.compress.codecs.fused import LAYERS as _LAYERS
+from compresslab.compress.codecs.fused import fused_payload
+from compresslab.compress.common import set_module
+from compresslab.errors import ConfigError
 _LAYER_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default",
               "aten.convolution.default")
 _BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default",
@@ -82,11 +80,6 @@ def foldable_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, s
     return pairs
 
 
-def _set(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, leaf = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 @torch.no_grad()
 def fold_bn(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[tuple[str, str]]]:
     """A copy of ``model`` (eval mode) with every foldable BatchNorm folded; returns (model, pairs)."""
@@ -95,49 +88,9 @@ def fold_bn(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[tu
     for layer, bn in pairs:
         conv, norm = fused.get_submodule(layer), fused.get_submodule(bn)
         folded = fuse_linear_bn_eval(conv, norm) if isinstance(conv, nn.Linear) else fuse_conv_bn_eval(conv, norm)
-        _set(fused, layer, folded)
-        _set(fused, bn, nn.Identity())
+        set_module(fused, layer, folded)
+        set_module(fused, bn, nn.Identity())
     return fused, pairs
-
-
-def fused_payload(model: nn.Module, pairs, context: Mapping[str, Any], meta: Mapping[str, Any] | None = None) -> dict:
-    return {
-        "format": FUSED_FORMAT,
-        "arch": dict(context["arch"]),
-        "input_shape": [int(v) for v in context["input_shape"]],
-        "num_classes": int(context["num_classes"]),
-        "folded": [[str(a), str(b)] for a, b in pairs],
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
-    }
-
-
-def load_fused_payload(payload: dict) -> nn.Module:
-    """Rebuild a :data:`FUSED_FORMAT` model (see the module doc)."""
-    from compresslab.models import build_model
-
-    model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
-    modules = dict(model.named_modules())
-    folded = payload.get("folded")
-    if not isinstance(folded, list):
-        raise CheckpointError("fused artifact: 'folded' must be a list of [layer, batchnorm] module paths")
-    for pair in folded:
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
-            raise CheckpointError(f"fused artifact: bad folded pair {pair!r}")
-        layer, bn = pair
-        if not isinstance(modules.get(layer), _LAYERS) or not isinstance(modules.get(bn), _BNS):
-            raise CheckpointError(f"fused artifact: {layer!r} / {bn!r} are not a conv/linear and a BatchNorm "
-                                  "of the model built from its arch spec")
-        conv = modules[layer]
-        if conv.bias is None:
-            out = conv.out_features if isinstance(conv, nn.Linear) else conv.out_channels
-            conv.bias = nn.Parameter(torch.zeros(out))
-        _set(model, bn, nn.Identity())
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"fused artifact does not match its architecture: {exc}") from exc
-    return model.eval()
 
 
 class FuseBN(CompressionMethod):

@@ -18,8 +18,9 @@ would not reduce its parameters. ``when=before`` factorizes the freshly built st
 (it is trained factorized); ``when=after`` trains dense and factorizes the trained weights
 at ``start_epoch`` (negative: counted from the end), the remaining epochs fine-tuning the
 factors (with KD when ``distill`` is set, since the pipeline's training module is used).
-The artifact stores the arch spec, the factorization plan (per-layer kind and rank) and
-the state dict; :func:`load_lowrank_payload` rebuilds the factorized model before
+The factorized layers are :mod:`compresslab.compress.factorized`; the artifact
+(:mod:`compresslab.compress.codecs.lowrank`) stores the arch spec, the factorization plan
+(per-layer kind and rank) and the state dict, and rebuilds the factorized model before
 ``load_state_dict``.
 """
 
@@ -32,73 +33,10 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.quantization.layers import hide_epoch_from_selection, quantizable_layers
-from compresslab.errors import CheckpointError, ConfigError
-
-LOWRANK_FORMAT = "compresslab.lowrank/1"
-KINDS = ("linear", "conv_channel", "conv_spatial")
-TENSOR_KINDS = ("tucker2", "cp")  # compresslab.compress.tensor_lowrank
-
-
-# ---- factorized modules ------------------------------------------------------------------
-class LowRankLinear(nn.Module):
-    """``second(first(x))``: Linear(in, rank, no bias) then Linear(rank, out, bias)."""
-
-    kind = "linear"
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
-        super().__init__()
-        self.rank = int(rank)
-        self.first = nn.Linear(in_features, self.rank, bias=False)
-        self.second = nn.Linear(self.rank, out_features, bias=bias)
-
-    def forward(self, x):
-        return self.second(self.first(x))
-
-
-class LowRankConv(nn.Module):
-    """Channel decomposition: ConvNd(in, rank, k, stride, padding, dilation) then ConvNd(rank, out, 1)."""
-
-    kind = "conv_channel"
-
-    def __init__(self, conv: nn.Module, rank: int) -> None:
-        super().__init__()
-        cls = type(conv) if type(conv) in (nn.Conv1d, nn.Conv2d) else _conv_base(conv)
-        self.rank = int(rank)
-        self.first = cls(conv.in_channels, self.rank, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                         dilation=conv.dilation, bias=False, padding_mode=conv.padding_mode)
-        self.second = cls(self.rank, conv.out_channels, 1, bias=conv.bias is not None)
-
-    def forward(self, x):
-        return self.second(self.first(x))
-
-
-class LowRankSpatialConv2d(nn.Module):
-    """Spatial decomposition (Jaderberg et al. 2014): Conv2d(in, rank, (kh, 1)) then Conv2d(rank, out, (1, kw))."""
-
-    kind = "conv_spatial"
-
-    def __init__(self, conv: nn.Conv2d, rank: int) -> None:
-        super().__init__()
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-        self.rank = int(rank)
-        self.first = nn.Conv2d(conv.in_channels, self.rank, (kh, 1), stride=(sh, 1), padding=(ph, 0),
-                               dilation=(dh, 1), bias=False)
-        self.second = nn.Conv2d(self.rank, conv.out_channels, (1, kw), stride=(1, sw), padding=(0, pw),
-                                dilation=(1, dw), bias=conv.bias is not None)
-
-    def forward(self, x):
-        return self.second(self.first(x))
-
-
-LOWRANK_MODULES = (LowRankLinear, LowRankConv, LowRankSpatialConv2d)
-
-
-def _conv_base(conv: nn.Module) -> type:
-    for cls in (nn.Conv2d, nn.Conv1d):
-        if isinstance(conv, cls):
-            return cls
-    raise ConfigError(f"cannot factorize {type(conv).__name__}")
+from compresslab.compress.codecs.lowrank import lowrank_payload
+from compresslab.compress.common import hide_epoch_from_selection, resolve_epoch, select_layers, set_module
+from compresslab.compress.factorized import build_svd_factors
+from compresslab.errors import ConfigError
 
 
 # ---- SVD ---------------------------------------------------------------------------------
@@ -170,17 +108,15 @@ def factorize(module: nn.Module, kind: str, rank: int) -> nn.Module:
     left = u[:, :r] * root            # (rows, r)
     right = root[:, None] * vh[:r]     # (r, cols)
     bias = module.bias.detach().clone() if module.bias is not None else None
+    new = build_svd_factors(module, kind, r)
     if kind == "linear":
-        new = LowRankLinear(module.in_features, module.out_features, r, bias is not None)
         new.first.weight.copy_(right)
         new.second.weight.copy_(left)
     elif kind == "conv_channel":
-        new = LowRankConv(module, r)
         new.first.weight.copy_(right.reshape(r, *module.weight.shape[1:]))
         new.second.weight.copy_(left.reshape(module.weight.shape[0], r, *([1] * (module.weight.dim() - 2))))
     else:
         out_c, in_c, kh, kw = module.weight.shape
-        new = LowRankSpatialConv2d(module, r)
         # left rows are (i, y): first[r, i, y, 0]; right columns are (o, x): second[o, r, 0, x]
         new.first.weight.copy_(left.reshape(in_c, kh, r).permute(2, 0, 1).unsqueeze(-1))
         new.second.weight.copy_(right.reshape(r, out_c, kw).permute(1, 0, 2).unsqueeze(2))
@@ -193,51 +129,6 @@ def factorize(module: nn.Module, kind: str, rank: int) -> nn.Module:
 def singular_values(module: nn.Module, kind: str) -> torch.Tensor:
     """Singular values of the layer's factorized matrix."""
     return torch.linalg.svdvals(weight_matrix(module, kind))
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def lowrank_plan(model: nn.Module) -> dict[str, dict]:
-    """``{layer name: {"kind", "rank"}}`` of the factorized layers in ``model`` (SVD kinds and the
-    Tucker-2 / CP modules of :mod:`compresslab.compress.tensor_lowrank`; Tucker-2's rank is
-    ``[rank_out, rank_in]``)."""
-    from compresslab.compress.tensor_lowrank import TENSOR_MODULES
-
-    return {n: {"kind": m.kind, "rank": [int(v) for v in m.rank] if isinstance(m.rank, list) else int(m.rank)}
-            for n, m in model.named_modules() if isinstance(m, LOWRANK_MODULES + TENSOR_MODULES)}
-
-
-def apply_plan(model: nn.Module, plan: dict[str, dict]) -> nn.Module:
-    """Replace the planned layers of a freshly built ``model`` by factorized modules of the
-    planned ranks (their weights are then loaded from a state dict)."""
-    from compresslab.compress.tensor_lowrank import build_factorized
-
-    for name, spec in plan.items():
-        kind = spec["kind"]
-        if kind not in KINDS + TENSOR_KINDS:
-            raise CheckpointError(f"unknown low-rank layer kind {kind!r} for {name}")
-        try:
-            module = model.get_submodule(name)
-        except AttributeError as exc:
-            raise CheckpointError(f"low-rank plan names {name}, which the architecture does not have") from exc
-        if kind in TENSOR_KINDS:
-            if type(module) is not nn.Conv2d:
-                raise CheckpointError(f"low-rank plan: {name} is a {type(module).__name__}, not the Conv2d {kind} needs")
-            _set_module(model, name, build_factorized(module, kind, spec["rank"]))
-            continue
-        rank = int(spec["rank"])
-        if kind == "linear":
-            new = LowRankLinear(module.in_features, module.out_features, rank, module.bias is not None)
-        elif kind == "conv_channel":
-            new = LowRankConv(module, rank)
-        else:
-            new = LowRankSpatialConv2d(module, rank)
-        _set_module(model, name, new)
-    return model
 
 
 # ---- deferred factorization (when=after) ---------------------------------------------------
@@ -281,18 +172,9 @@ class DeferredLowRank(nn.Module):
         """The factorized module at the masked rank (exactly what :meth:`forward` computes)."""
         r = self.rank
         f = self.factors
-        if self.kind == "linear":
-            new = LowRankLinear(f.first.in_features, f.second.out_features, r, f.second.bias is not None)
-            new.first.weight.copy_(f.first.weight[:r])
-            new.second.weight.copy_(f.second.weight[:, :r])
-        elif self.kind == "conv_channel":
-            new = LowRankConv(self.dense, r)
-            new.first.weight.copy_(f.first.weight[:r])
-            new.second.weight.copy_(f.second.weight[:, :r])
-        else:
-            new = LowRankSpatialConv2d(self.dense, r)
-            new.first.weight.copy_(f.first.weight[:r])
-            new.second.weight.copy_(f.second.weight[:, :r])
+        new = build_svd_factors(self.dense, self.kind, r)
+        new.first.weight.copy_(f.first.weight[:r])
+        new.second.weight.copy_(f.second.weight[:, :r])
         if f.second.bias is not None:
             new.second.bias.copy_(f.second.bias)
         return new.to(f.second.weight.device).train(self.training)
@@ -327,7 +209,7 @@ class SVDLowRank(CompressionMethod):
 
     def resolve_start(self, max_epochs: int) -> int:
         """``start_epoch`` counted from the end when negative."""
-        return self.start_epoch if self.start_epoch >= 0 else max(0, int(max_epochs) + self.start_epoch)
+        return resolve_epoch(self.start_epoch, max_epochs)
 
     def plan_layer(self, name: str, module: nn.Module, kind: str) -> int | None:
         """Chosen rank of a layer from its current weights (None: keep it dense), recorded for report()."""
@@ -349,7 +231,7 @@ class SVDLowRank(CompressionMethod):
     def targets(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         """Layers that can be factorized, with their kind."""
         out = {}
-        for name, module in quantizable_layers(model, self.exclude, self.keep_first_last).items():
+        for name, module in select_layers(model, self.exclude, keep_first_last=self.keep_first_last).items():
             kind = layer_kind(module, self.conv_mode)
             if kind is not None:
                 out[name] = (module, kind)
@@ -363,9 +245,9 @@ class SVDLowRank(CompressionMethod):
             if self.when == "before":
                 rank = self.plan_layer(name, module, kind)
                 if rank is not None:
-                    _set_module(student, name, factorize(module, kind, rank))
+                    set_module(student, name, factorize(module, kind, rank))
             else:
-                _set_module(student, name, DeferredLowRank(module, kind))
+                set_module(student, name, DeferredLowRank(module, kind))
         return student
 
     def switch(self, model: nn.Module) -> None:
@@ -391,10 +273,10 @@ class SVDLowRank(CompressionMethod):
                     self.layer_info[name]["rank"] = module.rank
                     self.layer_info[name]["params_factorized"] = factor_params(module.dense, module.kind,
                                                                                module.rank)
-                _set_module(student, name, module.compact())
+                set_module(student, name, module.compact())
             else:  # never switched during the fit: factorize the final weights (no fine-tuning)
                 rank = self.plan_layer(name, module.dense, module.kind)
-                _set_module(student, name, module.dense if rank is None else factorize(module.dense, module.kind, rank))
+                set_module(student, name, module.dense if rank is None else factorize(module.dense, module.kind, rank))
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
@@ -430,36 +312,3 @@ class LowRankCallback(Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.current_epoch < self.method.resolve_start(trainer.max_epochs):
             hide_epoch_from_selection(trainer)
-
-
-def load_lowrank_payload(payload: dict) -> nn.Module:
-    """Rebuild the factorized model: arch spec -> model, plan -> factorized layers, then the weights."""
-    from compresslab.models import build_model
-
-    model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
-    apply_plan(model, payload.get("plan", {}))
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"low-rank artifact does not match its plan: {exc}") from exc
-    return model.eval()
-
-
-
-__all__ = [
-    "LOWRANK_FORMAT", "LowRankLinear", "LowRankConv", "LowRankSpatialConv2d", "SVDLowRank", "factorize",
-    "apply_plan", "lowrank_plan", "choose_rank",
-]
-
-
-def lowrank_payload(student: nn.Module, context: dict[str, Any]) -> dict:
-    """The artifact of a factorised student: its architecture, the plan of factorised layers
-    (:func:`lowrank_plan`, SVD/Tucker/CP) and its weights; rebuilt by the lowrank loader."""
-    return {
-        "format": LOWRANK_FORMAT,
-        "arch": dict(context["arch"]),
-        "input_shape": [int(v) for v in context["input_shape"]],
-        "num_classes": int(context["num_classes"]),
-        "plan": lowrank_plan(student),
-        "state_dict": {k: v.detach().cpu().clone() for k, v in student.state_dict().items()},
-    }

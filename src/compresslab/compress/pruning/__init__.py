@@ -2,21 +2,18 @@
 structured channel removal (torch-pruning's criteria; Network Slimming), as Lightning callbacks on the student; sensitivity analysis.
 
 Configs live in ``conf/prune/``; each names one of these :class:`CompressionMethod` classes.
-Importing this package registers the ``compresslab.sparse/1`` and
-``compresslab.structured/1`` artifact formats.
+Their artifact formats are :mod:`compresslab.compress.codecs.sparse` and
+:mod:`compresslab.compress.codecs.structured`.
 """
 
-from compresslab.compress.pruning.slimming import NetworkSlimming
+from compresslab.compress.pruning.channels import prune_channels
+from compresslab.compress.pruning.magnitude import MagnitudePruning
+from compresslab.compress.pruning.masks import agp_sparsity, magnitude_masks
 from compresslab.compress.pruning.sensitivity import SensitivityAnalysis, layer_sensitivity, write_sensitivity
-from compresslab.compress.pruning.structured import StructuredPruning, prune_channels, resize_to_state_dict
-from compresslab.compress.pruning.unstructured import (
-    AGPPruning,
-    L1ThresholdPruning,
-    MagnitudePruning,
-    UnstructuredPruning,
-    agp_sparsity,
-    magnitude_masks,
-)
+from compresslab.compress.pruning.slimming import NetworkSlimming
+from compresslab.compress.pruning.structured import StructuredPruning
+from compresslab.compress.pruning.unstructured import AGPPruning, L1ThresholdPruning, UnstructuredPruning
+from compresslab.compress.structure import resize_to_state_dict
 
 __all__ = [
     "AGPPruning",

@@ -1,12 +1,11 @@
-"""Shared pieces of the pruning methods: which weights are prunable, per-layer sparsity tables
-(Distiller-style), MAC counts, and the rule that keeps val-selection after the pruning schedule."""
+"""Shared pieces of the pruning methods: option checks, schedules, per-layer sparsity tables
+(Distiller-style), MAC counts of the nonzero weights, logging. Which layers are pruned is
+:func:`compresslab.compress.common.select_layers` with ``types=CONV_LINEAR``."""
 
 from __future__ import annotations
 
 import abc
 import csv
-import fnmatch
-import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -14,40 +13,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
+from compresslab.compress.common import CONV_LINEAR
 from compresslab.errors import ConfigError
 
-#: Layer types whose ``weight`` is prunable.
-PRUNABLE_TYPES = (nn.Linear, _ConvNd)
 SCOPES = ("layer", "global")
-
-
-def classifier_name(model: nn.Module) -> str | None:
-    """Name of the output layer: the last ``nn.Linear`` registered (else the last conv)."""
-    last_linear = last_any = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            last_linear = name
-        if isinstance(module, PRUNABLE_TYPES):
-            last_any = name
-    return last_linear if last_linear is not None else last_any
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def prunable_layers(model: nn.Module, include_classifier: bool = False,
-                    exclude: Sequence[str] = ()) -> dict[str, nn.Module]:
-    """Conv/linear layers of ``model`` whose weights are pruned, by module name.
-
-    The classifier (see :func:`classifier_name`) is left out unless ``include_classifier``;
-    ``exclude`` holds module-name patterns (``fnmatch``, e.g. ``"conv1"``, ``"layer1.*"``).
-    """
-    head = None if include_classifier else classifier_name(model)
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, PRUNABLE_TYPES) and n != head and not _matches(n, exclude)}
 
 
 def check_scope(scope: str) -> str:
@@ -71,7 +41,7 @@ def layer_table(model: nn.Module, prunable: Iterable[str] = ()) -> list[dict]:
     prunable = set(prunable)
     rows = []
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES):
+        if not isinstance(module, CONV_LINEAR):
             continue
         w = module.weight.detach()
         nnz = int(torch.count_nonzero(w))
@@ -119,7 +89,7 @@ def nonzero_macs(model: nn.Module, example: torch.Tensor) -> int:
             positions = output[0, 0].numel()
         total += nnz * positions
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, PRUNABLE_TYPES)]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, CONV_LINEAR)]
     was_training = model.training
     model.eval()
     try:
@@ -154,22 +124,6 @@ def check_schedule_fits(last_point: float, unit: str, epochs: int | None, what: 
             "network is fine-tuned. Lower the prune schedule (e.g. prune.end=...) or raise student.epochs.")
 
 
-def hide_unfinished_epoch(trainer: pl.Trainer) -> None:
-    """Make this epoch ineligible as the val-selected ("best") checkpoint.
-
-    Runs in a callback's ``on_train_epoch_end``, before Lightning's ``ModelCheckpoint``
-    (checkpoint callbacks always run last): the monitored value in
-    ``trainer.callback_metrics`` becomes -inf, so the best checkpoint is chosen among the
-    epochs after the pruning schedule finished (the logged metric is not changed).
-    """
-    for cb in trainer.checkpoint_callbacks:
-        key = getattr(cb, "monitor", None)
-        if key and key in trainer.callback_metrics:
-            ref = trainer.callback_metrics[key]
-            trainer.callback_metrics[key] = torch.tensor(-math.inf, dtype=torch.float32,
-                                                         device=getattr(ref, "device", "cpu"))
-
-
 def log_scalars(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     """Send scalars to the trainer's loggers (not through the LightningModule)."""
     for logger in trainer.loggers:
@@ -188,27 +142,6 @@ def log_table(trainer: pl.Trainer, key: str, rows: Sequence[Mapping[str, Any]]) 
         cols = list(rows[0].keys())
         table = wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in rows])
         logger.experiment.log({key: table})
-
-
-def rebuildable_from_spec(student: nn.Module, context: Mapping[str, Any], same_shapes: bool = True) -> bool:
-    """Whether the model rebuilt from ``context["arch"]`` (and ``context["structure"]``, a
-    :func:`~compresslab.compress.quantization.layers.structure_of` description, when given)
-    has the student's state-dict keys (and shapes), i.e. an artifact of arch spec + weights
-    can rebuild it (an earlier method such as a low-rank factorization may have changed the
-    module structure)."""
-    from compresslab.compress.quantization.layers import build_structure
-
-    ref = build_structure(context["arch"], context["input_shape"], context["num_classes"],
-                          context.get("structure")).state_dict()
-    mine = student.state_dict()
-    if list(ref) != list(mine):
-        return False
-    return not same_shapes or all(tuple(ref[k].shape) == tuple(mine[k].shape) for k in ref)
-
-
-def state_to_cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of a state dict's tensors."""
-    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 class ScheduleTicks(Callback, abc.ABC):

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.pruning.common import prunable_layers, write_table
-from compresslab.compress.pruning.unstructured import magnitude_masks
+from compresslab.compress.common import CONV_LINEAR, select_layers
+from compresslab.compress.pruning.common import write_table
+from compresslab.compress.pruning.masks import magnitude_masks
 from compresslab.errors import ConfigError
 from compresslab.measure import evaluate_accuracy
 
@@ -45,7 +46,7 @@ def layer_sensitivity(
     layer, the classifier too unless ``include_classifier=False``). Returns the unpruned
     accuracy and one row per (layer, sparsity); the model is left as it was.
     """
-    candidates = prunable_layers(model, include_classifier=include_classifier)
+    candidates = select_layers(model, types=CONV_LINEAR, include_classifier=include_classifier, case_sensitive=True)
     names = list(layers) if layers is not None else list(candidates)
     unknown = [n for n in names if n not in candidates]
     if unknown:

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from compresslab.compress.pruning.common import _matches
-from compresslab.compress.pruning.structured import StructuredPruning, ignored_modules
+from compresslab.compress.common import matches
+from compresslab.compress.pruning.channels import ignored_modules
+from compresslab.compress.pruning.structured import StructuredPruning
 from compresslab.errors import ConfigError
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -39,7 +40,7 @@ ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 def bn_layers(model: nn.Module, exclude: Sequence[str] = ()) -> dict[str, _BatchNorm]:
     """Affine BatchNorm layers by name, minus the ``exclude`` patterns."""
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, _BatchNorm) and m.affine and not _matches(n, exclude)}
+            if isinstance(m, _BatchNorm) and m.affine and not matches(n, exclude)}
 
 
 class L1BNPenalty:

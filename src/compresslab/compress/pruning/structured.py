@@ -13,11 +13,11 @@ globally. One-shot or iterative (``steps`` > 1, evenly spaced between ``start`` 
 with fine-tuning in between). The classifier's outputs and the ``exclude``d layers are never
 pruned.
 
-Saving: the artifact is the original arch spec plus the pruned state dict
-(format ``compresslab.structured/1``). :func:`resize_to_state_dict` rebuilds the pruned
-network by giving every parameter/buffer the saved shape (and fixing ``in_channels`` /
-``out_channels`` / ``num_features`` ...) before ``load_state_dict`` — no pickled code, and
-it reloads in a fresh process. The same resize runs as a load-state-dict pre-hook on the
+The pruning step and the importances are :mod:`compresslab.compress.pruning.channels`. Saving: the
+artifact is the original arch spec plus the pruned state dict (``compresslab.structured/1``,
+:mod:`compresslab.compress.codecs.structured`), rebuilt by
+:func:`~compresslab.compress.structure.resize_to_state_dict` (every parameter/buffer gets its saved
+shape before ``load_state_dict``). The same resize runs as a load-state-dict pre-hook on the
 student during training, so resuming from ``last.ckpt`` (pruned shapes) works.
 """
 
@@ -29,246 +29,34 @@ from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
-from torch.nn.modules.conv import _ConvNd
 
 from compresslab.compress.base import CompressionMethod
+from compresslab.compress.codecs.structured import structured_payload
+from compresslab.compress.common import CONV_LINEAR, dense_state, hide_epoch_from_selection
+from compresslab.compress.pruning.channels import (
+    GRADIENT_IMPORTANCES,
+    IMPORTANCES,
+    GroupNormRegularizer,
+    cumulative_ratios,
+    prune_channels,
+    step_ratio,
+)
 from compresslab.compress.pruning.common import (
     ScheduleTicks,
-    PRUNABLE_TYPES,
-    _matches,
     check_fraction,
     check_schedule_fits,
     check_scope,
-    classifier_name,
-    hide_unfinished_epoch,
     log_scalars,
     log_table,
-    rebuildable_from_spec,
-    state_to_cpu,
     write_table,
 )
+from compresslab.compress.structure import rebuildable_from_spec, resize_to_state_dict, structure_of
 from compresslab.errors import ConfigError
 from compresslab.measure import count_macs
-from compresslab.models import build_model
 
 log = logging.getLogger(__name__)
-
-STRUCTURED_FORMAT = "compresslab.structured/1"
-IMPORTANCES = ("l1", "l2", "bn_scale", "taylor", "hessian", "lamp", "random", "group_norm")
-#: importances scored from gradients of training batches
-GRADIENT_IMPORTANCES = ("taylor", "hessian")
-
-
-# ---- rebuilding a pruned network from its state dict ------------------------------
-def _fix_attributes(module: nn.Module, old: Mapping[str, int]) -> None:
-    """Update a resized layer's size attributes from its new parameter shapes."""
-    if isinstance(module, _ConvNd):
-        w = module.weight
-        depthwise = old["groups"] > 1 and old["groups"] == old["in_channels"] == old["out_channels"]
-        if module.transposed:
-            module.in_channels, module.out_channels = w.shape[0], w.shape[1] * module.groups
-        elif depthwise:
-            module.groups = module.in_channels = module.out_channels = w.shape[0]
-        else:
-            module.out_channels, module.in_channels = w.shape[0], w.shape[1] * module.groups
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, _NormBase):
-        ref = module.weight if module.weight is not None else module.running_mean
-        module.num_features = ref.shape[0]
-    elif isinstance(module, nn.GroupNorm) and module.weight is not None:
-        module.num_channels = module.weight.shape[0]
-    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-        module.normalized_shape = tuple(module.weight.shape)
-    elif isinstance(module, nn.PReLU):
-        module.num_parameters = module.weight.numel()
-
-
-@torch.no_grad()
-def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
-    """Give each parameter/buffer of ``model`` the shape it has in ``state_dict`` (keys with
-    ``prefix``); values are left uninitialized for ``load_state_dict`` to fill. Returns the names
-    of the modules that changed."""
-    changed = []
-    for mname, module in model.named_modules():
-        base = prefix + (f"{mname}." if mname else "")
-        old = {k: getattr(module, k, None) for k in ("groups", "in_channels", "out_channels")}
-        touched = False
-        for pname, p in list(module._parameters.items()):
-            saved = state_dict.get(base + pname)
-            if p is not None and saved is not None and tuple(saved.shape) != tuple(p.shape):
-                setattr(module, pname, nn.Parameter(torch.empty(saved.shape, dtype=p.dtype, device=p.device),
-                                                    requires_grad=p.requires_grad))
-                touched = True
-        for bname, b in list(module._buffers.items()):
-            saved = state_dict.get(base + bname)
-            if b is not None and saved is not None and tuple(saved.shape) != tuple(b.shape):
-                module._buffers[bname] = torch.empty(saved.shape, dtype=b.dtype, device=b.device)
-                touched = True
-        if touched:
-            _fix_attributes(module, old)
-            changed.append(mname)
-    return changed
-
-
-def structured_payload(model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
-                       meta: Mapping[str, Any] | None = None, structure: Mapping[str, Any] | None = None) -> dict:
-    """Plain-data artifact of a channel-pruned model: original arch spec (plus the low-rank
-    plan when the student was factorized first, see ``build_structure``) + pruned state dict."""
-    return {
-        "format": STRUCTURED_FORMAT,
-        "arch": dict(arch),
-        "input_shape": [int(v) for v in input_shape],
-        "num_classes": int(num_classes),
-        "structure": {k: v for k, v in dict(structure or {}).items() if k == "lowrank"},
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
-    }
-
-
-def load_structured_payload(payload: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a channel-pruned model: build the arch (and its low-rank plan), resize to the
-    saved shapes, load."""
-    from compresslab.compress.quantization.layers import build_structure
-
-    model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"], payload.get("structure"))
-    resize_to_state_dict(model, payload["state_dict"])
-    model.load_state_dict(payload["state_dict"])
-    return model.eval()
-
-
-# ---- one pruning step with torch-pruning ------------------------------------------
-def _importance(kind: str):
-    import torch_pruning as tp
-
-    if kind == "l1":
-        return tp.importance.GroupMagnitudeImportance(p=1, group_reduction="first")
-    if kind == "l2":
-        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="first")
-    if kind == "bn_scale":
-        return tp.importance.BNScaleImportance()
-    if kind == "taylor":
-        return tp.importance.GroupTaylorImportance()
-    if kind == "hessian":
-        return tp.importance.GroupHessianImportance()
-    if kind == "lamp":
-        return tp.importance.LAMPImportance(p=2)
-    if kind == "random":
-        return tp.importance.RandomImportance()
-    if kind == "group_norm":
-        return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean")
-    raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {kind!r}")
-
-
-def ignored_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[nn.Module]:
-    """The classifier plus every module whose name matches an ``exclude`` pattern."""
-    head = classifier_name(model)
-    return [m for n, m in model.named_modules() if n and (n == head or _matches(n, exclude))]
-
-
-def prune_channels(
-    model: nn.Module,
-    example: torch.Tensor,
-    ratio: float,
-    importance: str = "l1",
-    scope: str = "layer",
-    exclude: Sequence[str] = (),
-    max_layer_ratio: float = 0.9,
-    round_to: int | None = None,
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]] = (),
-) -> nn.Module:
-    """Remove the ``ratio`` fraction of channels of ``model`` (in place) with torch-pruning.
-
-    ``batches`` feed the gradient importances: ``taylor`` (gradient of the summed cross-entropy)
-    and ``hessian`` (per-sample squared gradients, their mean put in ``.grad``: the empirical
-    Fisher diagonal). BN is in eval mode while scoring; the model is traced in eval mode, so BN
-    statistics do not change.
-    """
-    import torch_pruning as tp
-
-    if ratio <= 0:
-        return model
-    was_training = model.training
-    model.eval()
-    try:
-        if importance in GRADIENT_IMPORTANCES:
-            if not batches:
-                raise ConfigError(f"prune.importance={importance} needs training batches")
-            if importance == "taylor":
-                model.zero_grad(set_to_none=True)
-                for x, y in batches:
-                    F.cross_entropy(model(x), y).backward()
-            else:
-                fisher_diagonal(model, batches)
-        pruner = tp.pruner.MetaPruner(
-            model, example, importance=_importance(importance), global_pruning=scope == "global",
-            pruning_ratio=float(ratio), max_pruning_ratio=float(max_layer_ratio),
-            ignored_layers=ignored_modules(model, exclude), round_to=round_to, iterative_steps=1,
-        )
-        pruner.step()
-    finally:
-        model.train(was_training)
-        for p in model.parameters():
-            p.grad = None
-    return model
-
-
-def fisher_diagonal(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
-    """Put ``mean_n (∂L_n/∂θ)^2`` over the single samples of ``batches`` in every parameter's
-    ``.grad`` (the empirical-Fisher approximation of the Hessian diagonal used by OBD scores);
-    returns the number of samples. (torch-pruning's ``accumulate_grad`` keys its running sums
-    inconsistently in 1.6 and keeps only the last sample, so the sum is taken here.)"""
-    params = [p for p in model.parameters() if p.requires_grad]
-    acc = [torch.zeros_like(p) for p in params]
-    n = 0
-    for x, y in batches:
-        for i in range(x.shape[0]):
-            grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params, allow_unused=True)
-            for a, g in zip(acc, grads):
-                if g is not None:
-                    a.add_(g.detach() ** 2)
-            n += 1
-    for p, a in zip(params, acc):
-        p.grad = a / max(1, n)
-    return n
-
-
-class GroupNormRegularizer:
-    """DepGraph's group-level sparse training (Fang et al. 2023, Sec. 3.3), through torch-pruning's
-    ``GroupNormPruner.regularize``: after a backward pass, ``grad += reg · γ_k · w`` on every weight of
-    each coupled group, ``γ_k = 2^(alpha (I_max − I_k)/(I_max − I_min))`` with ``I_k`` the square root
-    of the group's (mean-normalized) group norm. Rebuilt after each pruning step (new shapes)."""
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, reg: float, alpha: float,
-                 exclude: Sequence[str] = ()) -> None:
-        import torch_pruning as tp
-
-        self.model, self.alpha = model, float(alpha)
-        was_training = model.training
-        model.eval()
-        try:
-            self.pruner = tp.pruner.GroupNormPruner(model, example, importance=_importance("group_norm"),
-                                                    reg=float(reg), ignored_layers=ignored_modules(model, exclude))
-        finally:
-            model.train(was_training)
-
-    def __call__(self) -> None:
-        self.pruner.regularize(self.model, alpha=2.0 ** self.alpha)
-
-
-def cumulative_ratios(ratio: float, steps: int) -> list[float]:
-    """Fraction of the original channels removed after each of ``steps`` equal steps."""
-    return [ratio * (i + 1) / steps for i in range(steps)]
-
-
-def step_ratio(cumulative: Sequence[float], i: int) -> float:
-    """Ratio of the *current* channels to remove at step ``i`` to reach ``cumulative[i]``."""
-    prev = cumulative[i - 1] if i > 0 else 0.0
-    return 1.0 - (1.0 - cumulative[i]) / (1.0 - prev)
 
 
 def _swap_optimizer_params(trainer: pl.Trainer, before: Mapping[str, nn.Parameter], model: nn.Module) -> None:
@@ -323,7 +111,7 @@ class StructuredPruningCallback(ScheduleTicks):
         log_scalars(trainer, {"prune/params": sum(p.numel() for p in pl_module.model.parameters()),
                               "prune/steps_done": self.steps_done})
         if not self.done and self.method.select_after_pruning:
-            hide_unfinished_epoch(trainer)
+            hide_epoch_from_selection(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         """The method's sparsity regularizer (group_norm, slimming) until its last pruning step."""
@@ -336,7 +124,7 @@ class StructuredPruningCallback(ScheduleTicks):
         self._regularizer()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.last_state = state_to_cpu(pl_module.model.state_dict())
+        self.last_state = dense_state(pl_module.model.state_dict())
         log_table(trainer, "prune/channels", self.method.channel_table(pl_module.model))
 
     def _batches(self, trainer: pl.Trainer, device) -> list:
@@ -476,7 +264,7 @@ class StructuredPruning(CompressionMethod):
         """Per conv/linear layer: weight shape and output channels before/after, fraction kept."""
         rows = []
         for name, module in model.named_modules():
-            if not isinstance(module, PRUNABLE_TYPES):
+            if not isinstance(module, CONV_LINEAR):
                 continue
             shape = list(module.weight.shape)
             before = self._before.get(name, shape)
@@ -489,7 +277,7 @@ class StructuredPruning(CompressionMethod):
     # ---- CompressionMethod hooks -------------------------------------------------
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
         self.example = datamodule.example_batch(1)
-        self._before = {n: list(m.weight.shape) for n, m in student.named_modules() if isinstance(m, PRUNABLE_TYPES)}
+        self._before = {n: list(m.weight.shape) for n, m in student.named_modules() if isinstance(m, CONV_LINEAR)}
         self._report = {"prune_method": self.name, "params_before": sum(p.numel() for p in student.parameters()),
                         "macs_before": count_macs(student, self.example)}
         return student
@@ -533,8 +321,6 @@ class StructuredPruning(CompressionMethod):
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
-        from compresslab.compress.quantization.layers import structure_of
-
         structure = structure_of(student, context)  # the low-rank plan, if lowrank ran first
         if not rebuildable_from_spec(student, {**context, "structure": structure}, same_shapes=False):
             raise ConfigError(f"prune={self.name}: the student's modules no longer match its arch spec (another "
@@ -550,8 +336,3 @@ class StructuredPruning(CompressionMethod):
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)
-
-
-__all__ = ["StructuredPruning", "StructuredPruningCallback", "prune_channels", "resize_to_state_dict",
-           "fisher_diagonal", "GroupNormRegularizer", "IMPORTANCES",
-           "structured_payload", "load_structured_payload", "STRUCTURED_FORMAT"]

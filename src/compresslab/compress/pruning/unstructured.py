@@ -1,5 +1,7 @@
-"""Unstructured (weight-level) pruning as a Lightning callback: one-shot magnitude pruning,
-automated gradual pruning, regularize-then-cut, and iterative magnitude pruning with rewinding.
+"""Unstructured (weight-level) pruning as a Lightning callback: automated gradual pruning and
+regularize-then-cut here, one-shot / iterative magnitude pruning with rewinding in
+:mod:`compresslab.compress.pruning.magnitude`, the callback in
+:mod:`compresslab.compress.pruning.unstructured_callback`.
 
 Masks are boolean tensors kept by the callback, keyed by the name of the layer inside
 ``pl_module.model`` (the student: the callback never looks at anything else on the
@@ -11,7 +13,8 @@ crashed run resumed from ``last.ckpt`` continues with the same masks at the same
 of the schedule. The network's own state dict is never reparametrized (no
 ``weight_orig``/``weight_mask``), so the best checkpoint reloads into the plain student.
 
-The artifact is the real sparse encoding of :mod:`compresslab.compress.sparse_encoding`.
+The masks are :mod:`compresslab.compress.pruning.masks`; the artifact is the real sparse encoding
+of :mod:`compresslab.compress.codecs.sparse`.
 """
 
 from __future__ import annotations
@@ -21,233 +24,32 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from compresslab.artifact import model_payload
 from compresslab.compress.base import CompressionMethod
+from compresslab.compress.codecs.sparse import COMPRESSIONS, ENCODINGS, serialized_size, sparse_payload
+from compresslab.compress.common import CONV_LINEAR, select_layers
 from compresslab.compress.pruning.common import (
-    ScheduleTicks,
     check_fraction,
     check_schedule_fits,
     check_scope,
-    hide_unfinished_epoch,
     layer_table,
-    log_scalars,
-    log_table,
     nonzero_macs,
-    prunable_layers,
-    rebuildable_from_spec,
     schedule_points,
-    state_to_cpu,
     write_table,
 )
-from compresslab.compress.sparse_encoding import COMPRESSIONS, ENCODINGS, serialized_size, sparse_payload
+from compresslab.compress.pruning.masks import agp_sparsity, magnitude_masks, threshold_masks
+from compresslab.compress.pruning.unstructured_callback import UnstructuredPruningCallback
+from compresslab.compress.structure import rebuildable_from_spec
 from compresslab.errors import ConfigError
 from compresslab.measure import count_macs
 
 log = logging.getLogger(__name__)
 
 UNITS = ("epoch", "step")
-
-
-def agp_sparsity(t: float, initial: float, final: float, start: float, end: float) -> float:
-    """Sparsity of automated gradual pruning at time ``t`` (Zhu & Gupta, "To prune, or not to
-    prune", 2017, eq. 1): s_t = s_f + (s_i − s_f)(1 − (t − t0)/(nΔt))³ for t0 ≤ t ≤ t0 + nΔt,
-    0 before ``start`` (no pruning yet) and s_f after ``end``."""
-    if t < start:
-        return 0.0
-    if t >= end:
-        return float(final)
-    frac = (t - start) / (end - start)
-    return float(final + (initial - final) * (1.0 - frac) ** 3)
-
-
-@torch.no_grad()
-def magnitude_masks(
-    weights: dict[str, torch.Tensor],
-    sparsity: float,
-    scope: str = "layer",
-    prior: dict[str, torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Keep-masks that remove the ``sparsity`` fraction of smallest-|w| weights, per layer or
-    globally over all given weights (Han et al., "Learning both Weights and Connections for
-    Efficient Neural Networks", NeurIPS 2015). Weights already pruned in ``prior`` are removed
-    first, so masks only grow. Exactly ``round(sparsity·n)`` weights are removed."""
-    prior = prior or {}
-    scores = {}
-    for name, w in weights.items():
-        s = w.detach().abs().float().flatten().clone()
-        if name in prior:
-            s[~prior[name].flatten().to(s.device)] = -1.0
-        scores[name] = s
-    masks = {}
-    if scope == "global":
-        flat = torch.cat([s for s in scores.values()])
-        k = int(round(sparsity * flat.numel()))
-        keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-        if k > 0:
-            keep[torch.argsort(flat, stable=True)[:k]] = False
-        offset = 0
-        for name, w in weights.items():
-            n = w.numel()
-            masks[name] = keep[offset:offset + n].reshape(w.shape)
-            offset += n
-        return masks
-    for name, w in weights.items():
-        s = scores[name]
-        k = int(round(sparsity * s.numel()))
-        keep = torch.ones(s.numel(), dtype=torch.bool, device=s.device)
-        if k > 0:
-            keep[torch.argsort(s, stable=True)[:k]] = False
-        masks[name] = keep.reshape(w.shape)
-    return masks
-
-
-@torch.no_grad()
-def threshold_masks(weights: dict[str, torch.Tensor], threshold: float,
-                    prior: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Keep-masks of the weights with |w| > ``threshold`` (and not pruned in ``prior``)."""
-    prior = prior or {}
-    out = {}
-    for name, w in weights.items():
-        keep = w.detach().abs() > threshold
-        if name in prior:
-            keep &= prior[name].to(keep.device)
-        out[name] = keep
-    return out
-
-
-def sparsity_of(weights: dict[str, torch.Tensor]) -> float:
-    """Fraction of exact zeros over all given tensors."""
-    total = sum(w.numel() for w in weights.values())
-    nnz = sum(int(torch.count_nonzero(w.detach())) for w in weights.values())
-    return 1.0 - nnz / total if total else 0.0
-
-
-class UnstructuredPruningCallback(ScheduleTicks):
-    """Applies a :class:`UnstructuredPruning` method's schedule to ``pl_module.model``.
-
-    The schedule is a list of (time, target sparsity) points in the method's unit
-    (``epoch``: checked at each epoch start; ``step``: at each optimizer step). When a
-    point is reached, new masks are computed from the current weights (never reviving a
-    pruned weight), applied, and the method may react (lottery rewinding). Until the last
-    point has been applied, epochs are not eligible as the val-selected checkpoint.
-    """
-
-    def __init__(self, method: "UnstructuredPruning") -> None:
-        self.method = method
-        self.masks: dict[str, torch.Tensor] = {}
-        self.applied_t = -1
-        self.target = 0.0
-        self.done = False
-        self.rewind_state: dict[str, torch.Tensor] | None = None
-        self.last_state: dict[str, torch.Tensor] | None = None
-        self.history: list[dict] = []
-        self._model_id: int | None = None
-        self._layers: dict[str, nn.Module] = {}
-
-    @property
-    def state_key(self) -> str:
-        return f"compresslab.prune.{self.method.name}"
-
-    # ---- checkpoint state (plain tensors and numbers only) ---------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "masks": {k: v.detach().cpu().clone() for k, v in self.masks.items()},
-            "applied_t": int(self.applied_t),
-            "target": float(self.target),
-            "done": bool(self.done),
-            "rewind_state": self.rewind_state,
-            "history": list(self.history),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.masks = {k: v.bool() for k, v in state_dict.get("masks", {}).items()}
-        self.applied_t = int(state_dict.get("applied_t", -1))
-        self.target = float(state_dict.get("target", 0.0))
-        self.done = bool(state_dict.get("done", False))
-        self.rewind_state = state_dict.get("rewind_state")
-        self.history = list(state_dict.get("history", []))
-
-    # ---- the student's prunable layers -----------------------------------
-    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        """Prunable layers of ``model`` (re-resolved if the student object was replaced)."""
-        if self._model_id != id(model) or not self._layers:
-            self._layers = prunable_layers(model, self.method.include_classifier, self.method.exclude)
-            self._model_id = id(model)
-            missing = [n for n in self.masks if n not in self._layers]
-            if missing:
-                raise RuntimeError(
-                    f"pruning masks refer to layers {missing[:3]} that the student (pl_module.model) no longer "
-                    f"has; prunable layers now: {list(self._layers)[:8]}")
-        return self._layers
-
-    def weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {n: m.weight for n, m in self.layers(model).items()}
-
-    @torch.no_grad()
-    def apply_masks(self, model: nn.Module) -> None:
-        """Zero every pruned weight of ``model``."""
-        for name, w in self.weights(model).items():
-            mask = self.masks.get(name)
-            if mask is not None:
-                if mask.device != w.device:
-                    mask = self.masks[name] = mask.to(w.device)
-                w.masked_fill_(~mask, 0.0)  # +0.0 (w * mask would leave -0.0 behind)
-
-    # ---- hooks -------------------------------------------------------------
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if not self.layers(pl_module.model):
-            raise ConfigError(f"prune={self.method.name}: the student has no prunable conv/linear layer "
-                              "(check prune.exclude / prune.include_classifier)")
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.apply_masks(pl_module.model)  # after a resume: the restored masks
-
-    @torch.no_grad()
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        weights = self.weights(pl_module.model)
-        self.method.add_penalty_grad(self, weights)
-        for name, w in weights.items():
-            mask = self.masks.get(name)
-            if mask is not None and w.grad is not None:
-                w.grad.masked_fill_(~mask.to(w.grad.device), 0.0)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.apply_masks(pl_module.model)
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        log_scalars(trainer, {"prune/sparsity": sparsity_of(self.weights(pl_module.model)),
-                              "prune/target": self.target})
-        if not self.done and self.method.select_after_pruning:
-            hide_unfinished_epoch(trainer)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.last_state = state_to_cpu(pl_module.model.state_dict())
-        log_table(trainer, "prune/layer_sparsity", layer_table(pl_module.model, self.layers(pl_module.model)))
-
-    # ---- schedule ------------------------------------------------------------
-    def _tick(self, trainer: pl.Trainer, pl_module: pl.LightningModule, t: int) -> None:
-        self.method.before_point(self, trainer, pl_module, t)
-        points = self.method.points()
-        due = [(p, s) for p, s in points if self.applied_t < p <= t]
-        if not due:
-            return
-        p, target = due[-1]
-        model = pl_module.model
-        weights = self.weights(model)
-        self.masks = self.method.compute_masks(weights, target, self.masks)
-        self.apply_masks(model)
-        self.applied_t, self.target = p, float(target)
-        self.done = p >= points[-1][0]
-        measured = sparsity_of(weights)
-        self.history.append({"t": int(p), "target": float(target), "sparsity": measured})
-        log.info("prune=%s: %s %d -> sparsity %.4f (target %.4f)", self.method.name, self.method.unit, p,
-                 measured, target)
-        self.method.after_point(self, trainer, pl_module, p)
 
 
 class UnstructuredPruning(CompressionMethod, abc.ABC):
@@ -259,7 +61,7 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
     or ``global`` (one magnitude threshold across layers). ``unit``: schedule times in
     ``epoch``s or optimizer ``step``s. ``select_after_pruning``: only epochs after the
     schedule finished can be the val-selected checkpoint. ``encoding``/``compression``:
-    the sparse artifact's layout (see :mod:`compresslab.compress.sparse_encoding`).
+    the sparse artifact's layout (see :mod:`compresslab.compress.codecs.sparse`).
     ``epochs``: the student's epochs (``${student.epochs}``), to check the schedule early.
     """
 
@@ -297,6 +99,12 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
         self._table: list[dict] = []
         self._prunable: list[str] = []
 
+    def prunable(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The conv/linear layers this method prunes: ``exclude`` and, unless ``include_classifier``,
+        the classifier left out."""
+        return select_layers(model, self.exclude, types=CONV_LINEAR, include_classifier=self.include_classifier,
+                             case_sensitive=True)
+
     # ---- what subclasses define ---------------------------------------------
     @abc.abstractmethod
     def points(self) -> list[tuple[int, float]]:
@@ -333,7 +141,7 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
     @torch.no_grad()
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         cb = self._callback
-        layers = prunable_layers(student, self.include_classifier, self.exclude)
+        layers = self.prunable(student)
         selected = "val-best"
         if cb is not None and cb.masks:
             stale = any(bool((layers[n].weight.detach()[~m.to(layers[n].weight.device)] != 0).any())
@@ -431,94 +239,6 @@ class AGPPruning(UnstructuredPruning):
         return list(self._points)
 
 
-class MagnitudePruning(UnstructuredPruning):
-    """One-shot magnitude pruning (Han et al., NeurIPS 2015) at time ``at``, then fine-tuning.
-
-    ``rounds`` > 1 is Han et al.'s iterative pruning (Sec. 3.3, "Iterative Pruning"): train → prune
-    → retrain, repeated: ``rounds`` rounds of ``at`` units; at the end of round r the weights are
-    pruned to 1 − (1 − s_f)^(r/R) and training continues from the surviving weights.
-
-    ``lottery.enabled`` turns it into iterative magnitude pruning with weight rewinding
-    (Frankle & Carbin, "The Lottery Ticket Hypothesis", ICLR 2019; rewinding to an early
-    iterate: Frankle et al., "Linear Mode Connectivity and the Lottery Ticket Hypothesis",
-    ICML 2020): ``lottery.rounds`` rounds of ``at`` units each, pruned on the same schedule, and
-    after each pruning the surviving weights are reset to their values at time
-    ``lottery.rewind_to`` (0 = initialization), with the optimizer state of the student's
-    parameters cleared. The learning-rate schedule is not restarted.
-    ``lottery.reinit: random`` is the paper's control: the mask is found exactly as for the
-    winning ticket, but after the last pruning the surviving weights are re-drawn from the
-    initialization distribution instead of rewound — each tensor's values at ``rewind_to`` in a
-    random order (seeded by ``lottery.reinit_seed``), i.e. a fresh i.i.d. sample of the same
-    distribution, unrelated to the mask.
-    """
-
-    REINITS = ("rewind", "random")
-
-    def __init__(self, name: str, at: int = 5, rounds: int = 1, lottery: dict | None = None, **kwargs: Any) -> None:
-        super().__init__(name, **kwargs)
-        self.at = int(at)
-        lot = dict(lottery or {})
-        self.lottery = bool(lot.get("enabled", False))
-        self.reinit = str(lot.get("reinit", "rewind"))
-        self.reinit_seed = int(lot.get("reinit_seed", 1))
-        if self.reinit not in self.REINITS:
-            raise ConfigError(f"prune.lottery.reinit must be one of {self.REINITS}, got {self.reinit!r}")
-        if self.lottery:
-            if int(rounds) != 1:
-                raise ConfigError("prune.rounds is the number of prune-retrain rounds without rewinding; with "
-                                  "prune.lottery.enabled=true set prune.lottery.rounds instead")
-            self.rounds = int(lot.get("rounds", 3))
-            self.rewind_to = int(lot.get("rewind_to", 0))
-        else:
-            self.rounds = int(rounds)
-            self.rewind_to = 0
-        if self.at < 0 or ((self.lottery or self.rounds > 1) and self.at < 1):
-            raise ConfigError(f"prune.at must be >= {1 if self.lottery or self.rounds > 1 else 0}, got {at}")
-        if self.rounds < 1:
-            what = "prune.lottery.rounds" if self.lottery else "prune.rounds"
-            raise ConfigError(f"{what} must be >= 1, got {self.rounds}")
-        if self.lottery and not 0 <= self.rewind_to < self.at:
-            raise ConfigError(f"prune.lottery.rewind_to must be in [0, prune.at={self.at}), got {self.rewind_to}")
-        s_f = self.final_sparsity
-        self._points = [(self.at * r, 1.0 - (1.0 - s_f) ** (r / self.rounds)) for r in range(1, self.rounds + 1)]
-        self._check_schedule()
-
-    def points(self) -> list[tuple[int, float]]:
-        return list(self._points)
-
-    def before_point(self, cb, trainer, pl_module, t: int) -> None:
-        if self.lottery and cb.rewind_state is None and t >= self.rewind_to:
-            cb.rewind_state = state_to_cpu(pl_module.model.state_dict())
-
-    def reinit_state(self, state: dict[str, torch.Tensor], parameter_names) -> dict[str, torch.Tensor]:
-        """``state`` with every parameter tensor's values in a seeded random order (buffers kept)."""
-        g = torch.Generator().manual_seed(self.reinit_seed)
-        out = dict(state)
-        for key in sorted(parameter_names):
-            if key in out and out[key].is_floating_point() and out[key].numel() > 1:
-                flat = out[key].flatten()
-                out[key] = flat[torch.randperm(flat.numel(), generator=g)].reshape(out[key].shape)
-        return out
-
-    @torch.no_grad()
-    def after_point(self, cb, trainer, pl_module, t: int) -> None:
-        if not self.lottery or cb.rewind_state is None:
-            return
-        model = pl_module.model
-        device = next(model.parameters()).device
-        state = cb.rewind_state
-        last = t >= self._points[-1][0]
-        if last and self.reinit == "random":
-            state = self.reinit_state(state, [n for n, _ in model.named_parameters()])
-        model.load_state_dict({k: v.to(device) for k, v in state.items()})
-        cb.apply_masks(model)
-        params = set(model.parameters())
-        for opt in trainer.optimizers:
-            for p in [p for p in opt.state if p in params]:
-                del opt.state[p]
-        cb.history[-1]["rewound_to"] = "random re-init" if last and self.reinit == "random" else self.rewind_to
-
-
 class L1ThresholdPruning(UnstructuredPruning):
     """Regularize, then cut (Han et al., NeurIPS 2015, Sec. 3.1): train with an L1 (or L2)
     penalty ``strength``·Σ|w| (or Σw²) on the prunable weights — added to their gradients
@@ -558,9 +278,3 @@ class L1ThresholdPruning(UnstructuredPruning):
                 w.grad.add_(torch.sign(w.detach()), alpha=self.strength)
             else:
                 w.grad.add_(w.detach(), alpha=2.0 * self.strength)
-
-
-__all__ = [
-    "AGPPruning", "L1ThresholdPruning", "MagnitudePruning", "UnstructuredPruning", "UnstructuredPruningCallback",
-    "agp_sparsity", "magnitude_masks", "threshold_masks", "sparsity_of",
-]

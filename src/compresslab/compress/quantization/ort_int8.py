@@ -9,10 +9,8 @@ ORT fuses fully on x86 (uint8 activations, int8 per-channel weights: "U8S8"); OR
 S8S8 per-tensor, is ``activation_type=int8 per_channel=false`` and leaves convolutions in fp32 (see
 docs/deployment.md).
 
-Artifact ``compresslab.onnx_qdq/1``: the arch spec and the quantized ONNX model's bytes (a uint8
-tensor); ``export.onnx=true`` writes those bytes as ``student.onnx``. In torch the model runs
-through :class:`compresslab.deploy.interpret.OnnxGraphModule` (fake-quantized activations at ORT's
-points, dequantized weights: ``compute: simulated``); its real int8 speed is ONNX Runtime's.
+Artifact ``compresslab.onnx_qdq/1`` (:mod:`compresslab.compress.codecs.onnx_qdq`): the arch spec and
+the quantized ONNX model's bytes; its real int8 speed is ONNX Runtime's.
 """
 
 from __future__ import annotations
@@ -27,12 +25,12 @@ import torch
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
+from compresslab.compress.codecs.onnx_qdq import onnx_qdq_payload
 from compresslab.compress.quantization.ptq import calibration_batches
-from compresslab.errors import CheckpointError, ConfigError
+from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ONNX_QDQ_FORMAT = "compresslab.onnx_qdq/1"
 _TYPES = ("uint8", "int8")
 _CALIBRATION = ("MinMax", "Entropy", "Percentile")
 
@@ -102,15 +100,9 @@ class OrtInt8(CompressionMethod):
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
         if self.model_bytes is None:
             raise RuntimeError("quant=ort_int8: export before finalize")
-        return {
-            "format": ONNX_QDQ_FORMAT,
-            "arch": dict(context["arch"]),
-            "input_shape": [int(v) for v in context["input_shape"]],
-            "num_classes": int(context["num_classes"]),
-            "onnx": torch.frombuffer(bytearray(self.model_bytes), dtype=torch.uint8),
-            "meta": {"quant": self.name, "activation_type": self.activation_type, "weight_type": self.weight_type,
-                     "per_channel": self.per_channel, "calibrate_method": self.calibrate_method},
-        }
+        return onnx_qdq_payload(self.model_bytes, context, {
+            "quant": self.name, "activation_type": self.activation_type, "weight_type": self.weight_type,
+            "per_channel": self.per_channel, "calibrate_method": self.calibrate_method})
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)
@@ -143,16 +135,3 @@ def quantize_with_ort(student: nn.Module, input_shape, calibration: list[torch.T
                         activation_type=qtype[activation_type], weight_type=qtype[weight_type],
                         per_channel=per_channel, calibrate_method=getattr(CalibrationMethod, calibrate_method))
         return out.read_bytes()
-
-
-def load_onnx_qdq_payload(payload: dict) -> nn.Module:
-    """The torch form of an :data:`ONNX_QDQ_FORMAT` artifact (see the module doc)."""
-    from compresslab.deploy.export import payload_onnx_bytes
-    from compresslab.deploy.interpret import OnnxGraphModule
-
-    try:
-        return OnnxGraphModule(payload_onnx_bytes(payload)).eval()
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - a damaged model proto
-        raise CheckpointError(f"ort_int8 artifact: its ONNX model cannot be read ({type(exc).__name__}: {exc})") from exc

@@ -1,5 +1,5 @@
 """Int8 quantization through PyTorch 2 export (PT2E) with torchao's x86 quantizer, lowered to
-oneDNN int8 kernels, and its safe artifact format.
+oneDNN int8 kernels.
 
 Flow (what PyTorch recommends since ``torch.ao.quantization`` was deprecated):
 ``torch.export`` (strict, batch dimension dynamic) -> ``prepare_pt2e`` with
@@ -11,14 +11,9 @@ quantize/dequantize ops around fp32 ops, with int8 weight constants) -> x86 lowe
 ``onednn.qconv_pointwise`` / ``qlinear_pointwise`` calls on prepacked int8 weights), which
 runs real int8 compute in eager mode without code generation.
 
-Artifact (``compresslab.int8_pt2e/1``): no serialized graph (``torch.export.load`` may unpickle
-parts of a .pt2 archive) but plain data — the arch spec (+ low-rank plan), the converted
-graph's constants (int8 weights, per-channel scales and zero points, fp32 folded biases)
-and the activation quantization parameters of each quantize/dequantize node, in graph order.
-:func:`load_int8_payload` rebuilds the converted graph by running the same deterministic
-export/prepare/convert on a freshly built model, checks that the graph has exactly the saved
-constants and q/dq nodes, overwrites them, and lowers it. Rebuild + lowering take seconds
-(reported as ``int8_load_time_s``); latency is measured after warm-up.
+The artifact format (``compresslab.int8_pt2e/1``: plain data, no serialized graph) and its
+loader, which runs this same deterministic flow on a freshly built model and installs the
+saved constants, are :mod:`compresslab.compress.codecs.int8_pt2e`.
 """
 
 from __future__ import annotations
@@ -26,20 +21,13 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from compresslab.compress.bitpack import dtype_from_name, dtype_name
-from compresslab.compress.sparse_encoding import decode_state_dict, encode_state_dict
-from compresslab.compress.quantization.layers import build_structure
-from compresslab.errors import CheckpointError
-
 log = logging.getLogger(__name__)
 
-INT8_FORMAT = "compresslab.int8_pt2e/1"
 MODES = ("static", "dynamic")
 _MAX_BATCH = 1 << 16
 
@@ -65,7 +53,8 @@ def _batch_dim():
     return torch.export.Dim("batch", min=1, max=_MAX_BATCH)
 
 
-def _example(input_shape: Sequence[int]) -> torch.Tensor:
+def example_input(input_shape: Sequence[int]) -> torch.Tensor:
+    """A zero batch of two inputs of ``input_shape`` (what export and lowering trace with)."""
     return torch.zeros(2, *[int(v) for v in input_shape])
 
 
@@ -152,113 +141,22 @@ def graph_constants(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
     return out
 
 
+def qparam_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The per-tensor quantize/dequantize nodes whose scale and zero point are literals, in order."""
+    ops = _q_ops()
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and n.target in ops and not isinstance(n.args[1], torch.fx.Node)]
+
+
 def graph_qparams(gm: torch.fx.GraphModule) -> list[list]:
     """``[scale, zero_point]`` literals of every per-tensor quantize/dequantize node, in order."""
-    ops = _q_ops()
-    return [[float(n.args[1]), int(n.args[2])] for n in gm.graph.nodes
-            if n.op == "call_function" and n.target in ops and not isinstance(n.args[1], torch.fx.Node)]
+    return [[float(n.args[1]), int(n.args[2])] for n in qparam_nodes(gm)]
 
 
 def _get_attr(gm: nn.Module, target: str):
     owner_name, _, attr = target.rpartition(".")
     owner = gm.get_submodule(owner_name) if owner_name else gm
     return getattr(owner, attr)
-
-
-def _set_attr(gm: nn.Module, target: str, value: torch.Tensor) -> None:
-    owner_name, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(owner_name) if owner_name else gm
-    old = getattr(owner, attr)
-    if isinstance(old, nn.Parameter):
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)
-
-
-def _compact(constants: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Store int64 zero points as int8 when lossless; returns (tensors, original dtype by name)."""
-    out, dtypes = {}, {}
-    for name, t in constants.items():
-        dtypes[name] = dtype_name(t.dtype)
-        if t.dtype == torch.int64 and (t.numel() == 0 or (int(t.min()) >= -128 and int(t.max()) <= 127)):
-            t = t.to(torch.int8)
-        out[name] = t
-    return out, dtypes
-
-
-def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], structure: Mapping[str, Any],
-                 mode: str, lower: bool, meta: Mapping[str, Any] | None = None) -> dict:
-    """The plain-data int8 artifact of a converted graph.
-
-    The constants go through the sparse encoding with ``encoding="auto"`` and no compression:
-    dense int8 weights are stored as they are, while the weights of a pruned student (whose
-    zeros stay exactly 0 under symmetric per-channel quantization) take the cheaper bitmask or
-    index layout, so pruning and int8 compose in the file size.
-    """
-    constants, dtypes = _compact(graph_constants(converted))
-    return {
-        "format": INT8_FORMAT,
-        "arch": dict(context["arch"]),
-        "input_shape": [int(v) for v in context["input_shape"]],
-        "num_classes": int(context["num_classes"]),
-        "structure": dict(structure or {}),
-        "mode": mode,
-        "lower": bool(lower),
-        "constants": encode_state_dict(constants, encoding="auto", compression="none"),
-        "constants_dtype": dtypes,
-        "qparams": graph_qparams(converted),
-        "torch_version": str(torch.__version__),
-        "meta": dict(meta or {}),
-    }
-
-
-def stored_constants(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """The graph constants an int8 payload stores (int8 weights, scales, zero points, biases),
-    as stored (zero points compacted to int8)."""
-    return dict(decode_state_dict(payload["constants"]))
-
-
-def sparse_constants(payload: Mapping[str, Any]) -> list[str]:
-    """Names of the constants stored in a sparse (bitmask / index) layout."""
-    return [rec["name"] for rec in payload["constants"]["tensors"] if rec["layout"] != "dense"]
-
-
-def rebuild_converted(payload: Mapping[str, Any]) -> torch.fx.GraphModule:
-    """Re-run export/prepare/convert on a fresh model and install the saved constants and qparams."""
-    model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"],
-                            payload.get("structure")).eval()
-    example = _example(payload["input_shape"])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # observers that saw only zeros warn; their values are replaced
-        skeleton, _ = quantize_pt2e(model, example, [example], payload["mode"])
-    saved = stored_constants(payload)
-    names = graph_constants(skeleton)
-    if set(names) != set(saved):
-        raise CheckpointError(
-            "int8 artifact does not match the graph rebuilt from its architecture (different torch/torchao "
-            f"version or model code?): missing {sorted(set(names) - set(saved))[:4]}, "
-            f"unexpected {sorted(set(saved) - set(names))[:4]}")
-    for name, value in saved.items():
-        value = value.to(dtype_from_name(payload["constants_dtype"][name]))
-        if tuple(value.shape) != tuple(names[name].shape):
-            raise CheckpointError(f"int8 artifact: {name} has shape {tuple(value.shape)}, "
-                                  f"the rebuilt graph expects {tuple(names[name].shape)}")
-        _set_attr(skeleton, name, value)
-    ops = _q_ops()
-    qnodes = [n for n in skeleton.graph.nodes
-              if n.op == "call_function" and n.target in ops and not isinstance(n.args[1], torch.fx.Node)]
-    qparams = payload["qparams"]
-    if len(qnodes) != len(qparams):
-        raise CheckpointError(f"int8 artifact has {len(qparams)} activation qparams, the rebuilt graph "
-                              f"{len(qnodes)} quantize/dequantize nodes")
-    for node, (scale, zp) in zip(qnodes, qparams):
-        args = list(node.args)
-        args[1], args[2] = float(scale), int(zp)
-        node.args = tuple(args)
-    skeleton.recompile()
-    return skeleton
 
 
 def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
@@ -299,54 +197,11 @@ def int8_ops(gm: torch.fx.GraphModule) -> list[str]:
                    if n.op == "call_function" and str(n.target).startswith("onednn.q")})
 
 
-class Int8Model(nn.Module):
-    """A loaded int8 artifact: the lowered (or reference) graph, plus the stored int8 weights and
-    fp32 biases registered as frozen parameters so parameter counts and sparsity are measurable."""
-
-    def __init__(self, graph: torch.fx.GraphModule, weights: Mapping[str, torch.Tensor], compute: str) -> None:
-        super().__init__()
-        self.graph = graph
-        self.compute = compute
-        self.stored = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in weights.values()])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x)
-
-    def train(self, mode: bool = True) -> "Int8Model":
-        # exported graphs refuse train()/eval(); an inference artifact has no training mode
-        self.training = False
-        return self
-
-
-def _stored_weights(converted: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
-    """The int8 weight and fp32 bias constants (not scales / zero points)."""
-    out = {}
-    for name, t in graph_constants(converted).items():
-        leaf = name.rpartition(".")[2]
-        if leaf.startswith(("_scale", "_zero_point")):
-            continue
-        out[name] = t
-    return out
-
-
-def load_int8_payload(payload: dict) -> nn.Module:
-    """Rebuild a working int8 model from an :data:`INT8_FORMAT` payload (see the module doc)."""
-    _register_flop_formulas()
-    converted = rebuild_converted(payload)
-    weights = _stored_weights(converted)
-    if payload.get("lower", True):
-        lowered = lower_x86(converted, _example(payload["input_shape"]))
-        return Int8Model(lowered, weights, "int8" if int8_ops(lowered) else "simulated")
-    return Int8Model(converted, weights, "simulated")
-
-
-
-
 # ---- MACs of oneDNN int8 ops (FlopCounterMode counts FLOPs = 2 x MACs) ----------------------
 _FLOPS_REGISTERED = False
 
 
-def _register_flop_formulas() -> None:
+def register_flop_formulas() -> None:
     """Teach ``FlopCounterMode`` the oneDNN int8 conv/linear ops (once per process)."""
     global _FLOPS_REGISTERED
     if _FLOPS_REGISTERED:

@@ -7,14 +7,15 @@ ranges calibrated on ``num_calibration_batches`` training batches, run on oneDNN
 kernels. Dynamic quantization computes activation ranges at run time per batch and
 quantizes Linear layers only (what pays off in MLPs and classifier heads).
 
-The PT2E flow, artifact and fallbacks live in :mod:`compresslab.compress.quantization.pt2e`.
-When the int8 path cannot be taken the method falls back — never silently: the results
+The PT2E flow lives in :mod:`compresslab.compress.quantization.pt2e`, the artifact in
+:mod:`compresslab.compress.codecs.int8_pt2e`. When the int8 path cannot be taken the method
+falls back — never silently: the results
 carry ``quant_backend`` and ``fallback_reason``:
 
 1. lowering to oneDNN int8 ops fails -> the converted PT2E reference graph (int8 storage,
    fp32 compute on dequantized values: ``compute: simulated``);
 2. export / prepare / convert fails -> weight-only per-channel int8 in the bit-packed
-   low-bit format (:mod:`compresslab.compress.lowbit`, ``compute: simulated``).
+   low-bit format (:mod:`compresslab.compress.codecs.lowbit`, ``compute: simulated``).
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ import torch
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
+from compresslab.compress.codecs import int8_pt2e
+from compresslab.compress.common import select_layers
 from compresslab.compress.quantization import pt2e
-from compresslab.compress.quantization.layers import quantizable_layers, structure_of
+from compresslab.compress.structure import structure_of
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -88,9 +91,9 @@ class PT2EInt8(CompressionMethod):
         with torch.no_grad():
             ref = self.converted(x)
             fp32 = self.float_student.cpu().eval()(x)
-        payload = pt2e.make_payload(self.converted, context, structure, self.mode, self.lower)
+        payload = int8_pt2e.make_payload(self.converted, context, structure, self.mode, self.lower)
         # the artifact is loaded once here: what the pipeline measures must rebuild exactly
-        rebuilt = pt2e.rebuild_converted(payload)
+        rebuilt = int8_pt2e.rebuild_converted(payload)
         with torch.no_grad():
             if not torch.equal(rebuilt(x), ref):
                 raise RuntimeError("int8 artifact: the rebuilt reference graph differs from the converted one")
@@ -99,7 +102,7 @@ class PT2EInt8(CompressionMethod):
         try:
             if not self.lower:
                 raise RuntimeError("lowering disabled (quant.lower=false)")
-            loaded = pt2e.load_int8_payload(payload)
+            loaded = int8_pt2e.load_payload(payload)
             ops = pt2e.int8_ops(loaded.graph)
             if not ops:
                 raise RuntimeError("the x86 lowering produced no oneDNN int8 op")
@@ -107,7 +110,7 @@ class PT2EInt8(CompressionMethod):
             log.warning("quant=%s: int8 lowering unavailable (%s); the artifact runs the reference graph",
                         self.name, exc)
             payload["lower"] = False
-            loaded = pt2e.load_int8_payload(payload)
+            loaded = int8_pt2e.load_payload(payload)
             ops, backend = [], "pt2e_reference_qdq"
             fallback = f"x86 lowering failed: {type(exc).__name__}: {exc}"
         load_time = time.perf_counter() - start
@@ -121,7 +124,7 @@ class PT2EInt8(CompressionMethod):
             "int8_ops": ops,
             "fallback_reason": fallback,
             "int8_load_time_s": load_time,
-            "int8_sparse_tensors": len(pt2e.sparse_constants(payload)),
+            "int8_sparse_tensors": len(int8_pt2e.sparse_constants(payload)),
             "int8_vs_reference_max_abs_diff": float((out - ref).abs().max()),
             "int8_vs_fp32_max_abs_diff": float((out - fp32).abs().max()),
             "int8_fp32_output_max_abs": float(fp32.abs().max()),
@@ -130,10 +133,11 @@ class PT2EInt8(CompressionMethod):
         return payload
 
     def _weight_only_fallback(self, context: dict[str, Any]) -> dict:
-        from compresslab.compress.lowbit import encode_lowbit, strip_lowbit
+        from compresslab.compress.codecs.lowbit import encode_lowbit
+        from compresslab.compress.lowbit import strip_lowbit
 
         student = strip_lowbit(self.float_student)
-        names = list(quantizable_layers(student))
+        names = list(select_layers(student))
         payload, stats = encode_lowbit(student, names, "uniform", 8, True, torch.float32, None, context)
         stats.update(quant_method=self.name, quant_mode=self.mode, quant_backend="weight_only_int8_dequantized",
                      compute="simulated", fallback_reason=self._fallback)

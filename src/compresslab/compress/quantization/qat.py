@@ -24,7 +24,7 @@ statistics freeze (BN layers run in eval mode) at ``freeze_bn_epoch``. Only epoc
 schedule in place (from the latest of the three epochs on, reported as ``qat_select_from_epoch``)
 are eligible as the val-selected checkpoint: the artifact comes from the converged QAT model.
 
-The layers are patched in place (see :func:`~compresslab.compress.quantization.layers.swap_forward`),
+The layers are patched in place (see :func:`~compresslab.compress.swap.swap_forward`),
 so pruning callbacks and distillation hooks keep working: ``distill=kd prune=agp quant=qat_int8``
 composes. At the end the fake-quant state is removed and the trained fp32 student goes through
 the same PT2E conversion as ``ptq_int8`` (activation ranges calibrated on training batches),
@@ -37,16 +37,15 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslab.compress.quantization.layers import (
-    SwapHooks,
+from compresslab.compress.common import (
     fake_quant_affine,
     fake_quant_ste,
     hide_epoch_from_selection,
-    quantizable_layers,
-    restore_forward,
-    swap_forward,
+    resolve_epoch,
+    select_layers,
 )
 from compresslab.compress.quantization.ptq import PT2EInt8
+from compresslab.compress.swap import SwapHooks, restore_forward, swap_forward
 from compresslab.errors import ConfigError
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -110,9 +109,7 @@ class QATInt8(PT2EInt8):
 
     def resolve(self, epoch: int | None, max_epochs: int) -> int | None:
         """Epoch setting -> absolute epoch (negative counts from the end)."""
-        if epoch is None:
-            return None
-        return epoch if epoch >= 0 else max(0, int(max_epochs) + epoch)
+        return None if epoch is None else resolve_epoch(epoch, max_epochs)
 
     def set_epoch(self, epoch: int, max_epochs: int) -> None:
         """Switch fake quantization / observers / BN freezing for ``epoch``."""
@@ -128,7 +125,7 @@ class QATInt8(PT2EInt8):
         self.eligible = epoch >= select
 
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
-        layers = quantizable_layers(student)
+        layers = select_layers(student)
         if not layers:
             raise ConfigError(f"quant={self.name}: the student has no conv/linear layer to quantize")
         self.layer_names = list(layers)

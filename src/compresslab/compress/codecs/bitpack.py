@@ -79,7 +79,8 @@ def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---- compact containers ------------------------------------------------------------------
-_DTYPE_NAMES: dict[str, torch.dtype] = {
+#: the dtypes artifacts store, by name (names are looked up here, never with getattr on torch)
+DTYPES: dict[str, torch.dtype] = {
     str(d).removeprefix("torch."): d
     for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
               torch.int16, torch.int8, torch.uint8, torch.bool)
@@ -88,14 +89,19 @@ _DTYPE_NAMES: dict[str, torch.dtype] = {
 
 def dtype_from_name(name: str) -> torch.dtype:
     """``"float16"`` -> ``torch.float16`` (only the dtypes artifacts use; never getattr on torch)."""
-    if name not in _DTYPE_NAMES:
+    if name not in DTYPES:
         raise ValueError(f"unsupported dtype {name!r}")
-    return _DTYPE_NAMES[name]
+    return DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """``torch.float16`` -> ``"float16"``."""
     return str(dtype).removeprefix("torch.")
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """The bytes of ``t``'s elements (C order), whatever its dtype."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def flatten_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[list]]:

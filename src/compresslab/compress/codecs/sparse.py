@@ -15,8 +15,8 @@ index, so the artifact loads with ``torch.load(weights_only=True)``. "Zero" mean
 a bit pattern of all zeros, so ``-0.0`` and NaNs are kept as values and decoding is
 bit-exact for every dtype.
 
-The artifact format ``compresslab.sparse/1`` is registered in
-:data:`compresslab.artifact.ARTIFACT_LOADERS`; :func:`load_sparse_payload` decodes the state
+The artifact format ``compresslab.sparse/1`` (:func:`sparse_payload`) is listed in
+:data:`compresslab.artifact.ARTIFACT_LOADERS`; :func:`load_payload` decodes the state
 dict and rebuilds the dense model from the arch spec (through ``build_model``, so no
 pickled code runs).
 """
@@ -33,24 +33,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from compresslab.compress.codecs.bitpack import DTYPES as _DTYPES
+from compresslab.compress.codecs.bitpack import raw_bytes as _raw_bytes
+from compresslab.compress.codecs.spec import spec_fields
 from compresslab.models import build_model
 
-SPARSE_FORMAT = "compresslab.sparse/1"
+FORMAT = "compresslab.sparse/1"
 ENCODINGS = ("auto", "bitmask", "index", "dense")
 COMPRESSIONS = ("lzma", "zlib", "none")
 
-# dtypes an encoded tensor may have (names are looked up here, never with getattr on torch)
-_DTYPES: dict[str, torch.dtype] = {
-    str(d).removeprefix("torch."): d
-    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
-              torch.int16, torch.int8, torch.uint8, torch.bool)
-}
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _INDEX_DTYPES = (np.uint8, np.uint16, np.uint32, np.uint64)
-
-
-def _raw_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _from_bytes(buf: bytes, dtype: torch.dtype, count: int) -> torch.Tensor:
@@ -225,16 +218,13 @@ def sparse_payload(
     """The plain-data artifact payload (format ``compresslab.sparse/1``) of a pruned dense model."""
     enc = encode_state_dict(model.state_dict(), encoding=encoding, compression=compression, sparse_keys=sparse_keys)
     return {
-        "format": SPARSE_FORMAT,
-        "arch": dict(arch),
-        "input_shape": [int(v) for v in input_shape],
-        "num_classes": int(num_classes),
+        **spec_fields(FORMAT, arch, input_shape, num_classes),
         **enc,
         "meta": dict(meta or {}),
     }
 
 
-def load_sparse_payload(payload: Mapping[str, Any]) -> nn.Module:
+def load_payload(payload: Mapping[str, Any]) -> nn.Module:
     """Rebuild the dense model of a ``compresslab.sparse/1`` payload (zeros where pruned)."""
     model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
     model.load_state_dict(decode_state_dict(payload))
