@@ -18,10 +18,6 @@ KNOWN_CYCLIC = {
     "compresslab.cli", "compresslab.cluster", "compresslab.pipeline", "compresslab.train", "compresslab.teacher",
     "compresslab.track", "compresslab.track.results", "compresslab.measure", "compresslab.measure.core",
     "compresslab.measure.fresh", "compresslab.deploy.step", "compresslab.deploy.export", "compresslab.distill.module",
-    # quantization.layers <-> lowrank <-> tensor_lowrank, layers -> pruning.structured -> measure
-    "compresslab.compress.lowrank", "compresslab.compress.tensor_lowrank", "compresslab.compress.quantization.layers",
-    "compresslab.compress.quantization.pt2e", "compresslab.compress.pruning.common",
-    "compresslab.compress.pruning.structured",
     # track.report -> track.sweep -> measure.together -> track.sweep
     "compresslab.track.report", "compresslab.track.sweep", "compresslab.measure.together",
 }
