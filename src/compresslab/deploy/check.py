@@ -11,17 +11,14 @@ the export step with a message naming the model, the kind and the figures.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import torch
 
-RESULT_PREFIX = "COMPRESSLAB_EXPORT_CHECK "
+from compresslab.child_process import child_main, run_child
+
 
 
 class ExportCheckError(RuntimeError):
@@ -36,15 +33,8 @@ def run_check(pairs: Mapping[str, Mapping[str, str]], inputs: torch.Tensor, labe
         torch.save({"x": inputs.detach().cpu(), "y": labels.detach().cpu()}, data)
         request = {"pairs": {k: dict(v) for k, v in pairs.items()}, "data": str(data),
                    "batch_size": int(batch_size), "threads": torch.get_num_threads()}
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-m", "compresslab.deploy.check", json.dumps(request)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout or "(no output)").strip().splitlines()[-15:]
-            raise ExportCheckError(f"export check: the fresh process failed to load/run the ONNX files "
-                                   f"(exit code {proc.returncode}): {tail[-1]}\n" + "\n".join(tail[:-1]))
-        return json.loads(lines[-1][len(RESULT_PREFIX):])
+        return run_child("compresslab.deploy.check", request, timeout_s, lambda detail: ExportCheckError(
+            f"export check: the fresh process failed to load/run the ONNX files {detail}"))
 
 
 def compare(torch_logits: torch.Tensor, onnx_logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -102,10 +92,7 @@ def _child(request: dict) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """Child entry point: ``python -m compresslab.deploy.check '<json request>'``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m compresslab.deploy.check '<json request>' (called by the pipeline)")
-    print(RESULT_PREFIX + json.dumps(_child(json.loads(args[0]))), flush=True)
+    child_main("compresslab.deploy.check", _child, argv)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,6 @@ plain tensor files read with ``weights_only=True``.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from dataclasses import asdict
@@ -25,9 +21,9 @@ from typing import Mapping
 
 import torch
 
+from compresslab.child_process import child_main, run_child
 from compresslab.measure.latency import LatencySettings
 
-RESULT_PREFIX = "COMPRESSLAB_MEASURE_RESULT "
 
 
 def measure_in_fresh_process(
@@ -60,15 +56,8 @@ def measure_in_fresh_process(
             "latency": bool(latency),
             "backends": {b: {n: str(p) for n, p in f.items()} for b, f in (backends or {}).items()},
         }
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-        proc = subprocess.run([sys.executable, "-m", "compresslab.measure.fresh", json.dumps(request)],
-                              capture_output=True, text=True, timeout=timeout_s, env=env)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-        if proc.returncode != 0 or not lines:
-            tail = (proc.stderr or proc.stdout or "(no output)").strip().splitlines()[-15:]
-            raise RuntimeError(f"measuring the artifacts in a fresh process failed (exit code {proc.returncode}): "
-                               f"{tail[-1]}\n" + "\n".join(tail[:-1]))
-        metrics = json.loads(lines[-1][len(RESULT_PREFIX):])
+        metrics = run_child("compresslab.measure.fresh", request, timeout_s, lambda detail: RuntimeError(
+            f"measuring the artifacts in a fresh process failed {detail}"))
         outputs = torch.load(outputs_path, map_location="cpu", weights_only=True)
     return metrics, outputs
 
@@ -91,10 +80,7 @@ def _child(request: dict) -> dict[str, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     """Child entry point: ``python -m compresslab.measure.fresh '<json request>'``."""
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m compresslab.measure.fresh '<json request>' (called by the pipeline)")
-    print(RESULT_PREFIX + json.dumps(_child(json.loads(args[0]))), flush=True)
+    child_main("compresslab.measure.fresh", _child, argv)
 
 
 if __name__ == "__main__":
