@@ -56,7 +56,7 @@ from compresslab.compress.quantizers import (
     lsq_quantize,
     pact_quantize,
 )
-from compresslab.compress.swap import SwapHooks, restore_forward, swap_forward
+from compresslab.compress.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
 
 
@@ -321,10 +321,4 @@ class ActQuant(CompressionMethod):
 
 def strip_actquant(model: nn.Module) -> nn.Module:
     """Return the layers to their plain forward and drop the aq_* parameters/buffers."""
-    for module in model.modules():
-        restore_forward(module)
-        for key in QUANT_BUFFERS:
-            module._buffers.pop(key, None)
-        for key in QUANT_PARAMS:
-            module._parameters.pop(key, None)
-    return model
+    return strip_swaps(model, QUANT_BUFFERS, QUANT_PARAMS)

@@ -35,7 +35,7 @@ from compresslab.compress.codecs.bitpack import dtype_from_name
 from compresslab.compress.codecs.lowbit import encode_lowbit
 from compresslab.compress.common import fake_quant_affine, hide_epoch_from_selection, select_layers, ste
 from compresslab.compress.quantizers import parse_bits, quantize_weight
-from compresslab.compress.swap import SwapHooks, restore_forward, swap_forward
+from compresslab.compress.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
 
 
@@ -146,8 +146,4 @@ class LowBit(CompressionMethod):
 
 def strip_lowbit(student: nn.Module) -> nn.Module:
     """Return the student's layers to their plain forward (drops the activation-range buffers)."""
-    for module in student.modules():
-        restore_forward(module)
-        if "lowbit_act_range" in module._buffers:
-            del module._buffers["lowbit_act_range"]
-    return student
+    return strip_swaps(student, buffers=("lowbit_act_range",))

@@ -9,7 +9,7 @@ Used by the QAT, low-bit and LSQ/PACT methods during training and by their artif
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch.nn.functional as F
 from torch import nn
@@ -50,6 +50,18 @@ def restore_forward(module: nn.Module) -> None:
     module.__dict__.pop("_cl_quant", None)
     if base is not None:
         module.__class__ = base
+
+
+def strip_swaps(model: nn.Module, buffers: Sequence[str] = (), parameters: Sequence[str] = ()) -> nn.Module:
+    """:func:`restore_forward` on every module of ``model``, and drop the ``buffers`` / ``parameters``
+    (by attribute name) that the method registered on its layers; returns ``model``."""
+    for module in model.modules():
+        restore_forward(module)
+        for key in buffers:
+            module._buffers.pop(key, None)
+        for key in parameters:
+            module._parameters.pop(key, None)
+    return model
 
 
 def is_swapped(module: nn.Module) -> bool:

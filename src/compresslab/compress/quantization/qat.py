@@ -45,7 +45,7 @@ from compresslab.compress.common import (
     select_layers,
 )
 from compresslab.compress.quantization.ptq import PT2EInt8
-from compresslab.compress.swap import SwapHooks, restore_forward, swap_forward
+from compresslab.compress.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -147,10 +147,7 @@ class QATInt8(PT2EInt8):
 
 def strip_qat(student: nn.Module) -> nn.Module:
     """Remove the fake-quant forward and its buffers: the plain fp32 student is left."""
-    for module in student.modules():
-        restore_forward(module)
-        module._buffers.pop(_RANGE, None)
-    return student
+    return strip_swaps(student, buffers=(_RANGE,))
 
 
 class QATCallback(Callback):
