@@ -33,7 +33,7 @@ from compresslab.compress import CompressionMethod, build_methods
 from compresslab.config_utils import arch_spec, instantiate_node, recipe_kwargs
 from compresslab.data.regime import check_regime_config, check_student_regime
 from compresslab.deploy import step as deploy
-from compresslab.distill.module import check_cache_allowed
+from compresslab.distill.cache import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure import evaluate_accuracy, file_size, profile_many
