@@ -42,7 +42,7 @@ from bench_config import compose_run  # noqa: E402
 from compresslab.artifact import load_model_file, read_payload  # noqa: E402
 from compresslab.files import atomic_torch_save  # noqa: E402
 from compresslab.compress.fuse import fold_bn  # noqa: E402
-from compresslab.compress.quantization import pt2e  # noqa: E402
+from compresslab.compress.codecs import int8_pt2e  # noqa: E402
 from compresslab.compress.quantization import PTQInt8  # noqa: E402
 from compresslab.compress.quantization.ort_int8 import quantize_with_ort  # noqa: E402
 from compresslab.deploy.export import export_payload, onnx_bytes  # noqa: E402
@@ -124,7 +124,7 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True
-        reference_graph = pt2e.rebuild_converted(read_payload(int8_pt))
+        reference_graph = int8_pt2e.rebuild_converted(read_payload(int8_pt))
         from torchao.quantization.pt2e import allow_exported_model_train_eval
 
         allow_exported_model_train_eval(reference_graph)  # the accuracy loop and the engine call .eval()
