@@ -264,6 +264,7 @@ def test_run_exports_checks_and_times_onnxruntime(make_cfg):
     record = run_experiment(cfg)
     s, ref = record["student"], record["reference"]
     assert s["fuse_bn_folded"] == 4 and s["fuse_bn_left"] == 0 and s["fuse_max_abs_diff"] < 1e-5
+    assert s["fuse"]["fuse_bn_folded"] == 4 and record["axes"]["fuse"] == "bn"  # the block, not the name
     assert s["params"] < ref["params"]  # BN weights and biases gone, conv biases added
     assert s["onnx"]["kind"] == "fused" and s["onnx"]["top1_agreement"] == 1.0 and s["onnx"]["check_passed"]
     assert s["onnx"]["checked_in"] == "fresh_process" and ref["onnx"]["kind"] == "dense"

@@ -230,6 +230,8 @@ def test_method_reports_go_under_their_axis_and_a_key_two_axes_write_is_refused(
         add_method_reports({}, {"prune": {"bits": 8}, "quant": {"bits": 4}})
     with pytest.raises(RuntimeError, match="student.acc_top1 is reported by prune and by the shared metrics"):
         add_method_reports({"acc_top1": 0.9}, {"prune": {"acc_top1": 0.1}})
+    with pytest.raises(RuntimeError, match="student.fuse is reported by fuse and by an axis's block"):
+        add_method_reports({}, {"fuse": {"fuse": "bn"}})  # would have replaced the block student.fuse
 
 
 def test_a_new_axis_needs_only_its_config_group_and_one_constant(tmp_path, monkeypatch):

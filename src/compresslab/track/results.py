@@ -243,19 +243,21 @@ def add_ratios(rows: Mapping[str, dict | None]) -> None:
 
 def add_method_reports(student: dict, reports: Mapping[str, Mapping[str, Any]]) -> None:
     """Put each compression axis's report under ``student.<axis>``, and its keys flat in ``student``
-    too (schema version 1's place); a key that two axes, or an axis and a shared metric, both
-    write raises instead of one silently replacing the other."""
+    too (schema version 1's place). A key that two axes, or an axis and a shared metric, both write,
+    or one named like an axis (it would replace that axis's block), raises instead of one silently
+    replacing the other."""
     owner: dict[str, str] = {}
     for axis, report in reports.items():
         for key in report:
-            clash = owner.get(key) or ("the shared metrics" if key in student else None)
+            clash = (owner.get(key) or ("the shared metrics" if key in student else None)
+                     or ("an axis's block" if key in ablation_axes.AXES else None))
             if clash:
                 raise RuntimeError(f"results.json: student.{key} is reported by {axis} and by {clash}; "
                                    "rename one of them in its method's report()")
             owner[key] = f"axis {axis}"
-        student[axis] = dict(report)
     for axis, report in reports.items():
         student.update(report)
+        student[axis] = dict(report)
 
 
 def teacher_row(profile: Mapping[str, Any], size: Mapping[str, Any], accuracy: Mapping[str, Any],
