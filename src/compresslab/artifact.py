@@ -46,16 +46,29 @@ ARTIFACT_LOADERS = Allowlist(
 )
 
 
+def spec_fields(fmt: str, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> dict:
+    """The fields every model file starts with, as plain data: its ``format`` and the arch spec
+    (``arch``, ``input_shape``, ``num_classes``) it is rebuilt from."""
+    return {
+        "format": fmt,
+        "arch": dict(arch),
+        "input_shape": [int(v) for v in input_shape],
+        "num_classes": int(num_classes),
+    }
+
+
+def context_fields(fmt: str, context: Mapping[str, Any]) -> dict:
+    """:func:`spec_fields` from a method's export ``context`` (its ``arch``, ``input_shape``, ``num_classes``)."""
+    return spec_fields(fmt, context["arch"], context["input_shape"], context["num_classes"])
+
+
 def model_payload(
     model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
     meta: Mapping[str, Any] | None = None,
 ) -> dict:
     """The plain-data dict that describes a dense model file."""
     return {
-        "format": DENSE_FORMAT,
-        "arch": dict(arch),
-        "input_shape": [int(v) for v in input_shape],
-        "num_classes": int(num_classes),
+        **spec_fields(DENSE_FORMAT, arch, input_shape, num_classes),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
         "meta": dict(meta or {}),
     }

@@ -16,6 +16,6 @@ lists every ``FORMAT`` with its ``load_payload``.
 - :mod:`.fused` ``compresslab.fused/1``: BatchNorm folded into conv/linear
 - :mod:`.onnx_qdq` ``compresslab.onnx_qdq/1``: an ONNX Runtime QDQ model's bytes
 
-Codec helpers: :mod:`.bitpack` (bit-packing, dtype names, flat containers), :mod:`.huffman`,
-:mod:`.spec` (the format and arch-spec fields every payload starts with).
+Codec helpers: :mod:`.bitpack` (bit-packing, dtype names, flat containers), :mod:`.huffman`;
+the format and arch-spec fields every payload starts with are :func:`compresslab.artifact.spec_fields`.
 """

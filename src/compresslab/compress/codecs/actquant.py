@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compresslab.compress.codecs.bitpack import flatten_state, pack_bits, unflatten_state, unpack_bits
-from compresslab.compress.codecs.spec import context_fields
+from compresslab.artifact import context_fields
 from compresslab.compress.common import QUANTIZABLE
 from compresslab.compress.quantizers import (
     ACT_SCHEMES,

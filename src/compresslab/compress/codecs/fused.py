@@ -11,7 +11,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compresslab.compress.codecs.spec import context_fields
+from compresslab.artifact import context_fields
 from compresslab.compress.common import dense_state, set_module
 from compresslab.errors import CheckpointError
 from compresslab.models import build_model

@@ -20,7 +20,7 @@ from torch import nn
 
 from compresslab.compress.codecs.bitpack import dtype_from_name, dtype_name
 from compresslab.compress.codecs.sparse import decode_state_dict, encode_state_dict
-from compresslab.compress.codecs.spec import context_fields
+from compresslab.artifact import context_fields
 from compresslab.compress.quantization.pt2e import (
     example_input,
     graph_constants,

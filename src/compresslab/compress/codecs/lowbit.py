@@ -27,7 +27,7 @@ from compresslab.compress.codecs.bitpack import (
     unpack_bits,
     unpack_trits,
 )
-from compresslab.compress.codecs.spec import context_fields
+from compresslab.artifact import context_fields
 from compresslab.compress.common import fake_quant_affine
 from compresslab.compress.quantizers import dequantize_codes, quantize_weight
 from compresslab.compress.structure import build_structure, structure_of

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from compresslab.compress.codecs.spec import context_fields
+from compresslab.artifact import context_fields
 from compresslab.compress.common import dense_state
 from compresslab.compress.factorized import apply_plan, lowrank_plan
 from compresslab.errors import CheckpointError

@@ -22,7 +22,7 @@ from torch import nn
 
 from compresslab.compress.codecs import huffman
 from compresslab.compress.codecs.bitpack import dtype_from_name, dtype_name, raw_bytes
-from compresslab.compress.codecs.spec import context_fields
+from compresslab.artifact import context_fields
 from compresslab.compress.structure import build_structure, structure_of
 from compresslab.errors import CheckpointError
 

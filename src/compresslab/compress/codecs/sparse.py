@@ -35,7 +35,7 @@ from torch import nn
 
 from compresslab.compress.codecs.bitpack import DTYPES as _DTYPES
 from compresslab.compress.codecs.bitpack import raw_bytes as _raw_bytes
-from compresslab.compress.codecs.spec import spec_fields
+from compresslab.artifact import spec_fields
 from compresslab.models import build_model
 
 FORMAT = "compresslab.sparse/1"

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from compresslab.compress.codecs.spec import spec_fields
+from compresslab.artifact import spec_fields
 from compresslab.compress.common import dense_state
 from compresslab.compress.structure import build_structure, resize_to_state_dict
 
