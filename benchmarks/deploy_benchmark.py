@@ -41,10 +41,10 @@ from bench_config import compose_run  # noqa: E402
 
 from compresslab.artifact import load_model_file, read_payload  # noqa: E402
 from compresslab.files import atomic_torch_save  # noqa: E402
-from compresslab.compress.fuse import fold_bn  # noqa: E402
+from compresslab.compress.fuse.bn import fold_bn  # noqa: E402
 from compresslab.compress.codecs import int8_pt2e  # noqa: E402
-from compresslab.compress.quantization import PTQInt8  # noqa: E402
-from compresslab.compress.quantization.ort_int8 import quantize_with_ort  # noqa: E402
+from compresslab.compress.quant.ptq import PTQInt8  # noqa: E402
+from compresslab.compress.quant.ort_int8 import quantize_with_ort  # noqa: E402
 from compresslab.deploy.export import export_payload, onnx_bytes  # noqa: E402
 from compresslab.deploy.ort import OrtModel, optimized_ops  # noqa: E402
 from compresslab.measure.core import evaluate_accuracy  # noqa: E402

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 
 from compresslab.artifact import load_model_file
-from compresslab.compress.pruning import prune_channels
-from compresslab.compress.pruning.structured import structured_payload
+from compresslab.compress.prune import prune_channels
+from compresslab.compress.prune.structured import structured_payload
 from compresslab.measure import count_macs
 from compresslab.measure.core import mean_call_ms
 

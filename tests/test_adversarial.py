@@ -110,7 +110,7 @@ def test_the_report_never_builds_models_from_records(tmp_path, hub_repo):
 
 def test_every_artifact_format_and_zoo_model_is_in_its_allowlist():
     from compresslab.artifact import ARTIFACT_LOADERS
-    from compresslab.compress.codecs import actquant, fused, int8_pt2e, lowbit, lowrank, onnx_qdq, shared, sparse
+    from compresslab.compress.codecs import lsq_pact as actquant, fuse_bn as fused, int8 as int8_pt2e, lowbit, lowrank, ort_int8 as onnx_qdq, weight_sharing as shared, sparse
     from compresslab.compress.codecs import structured
     from compresslab.models.common import MODEL_FACTORIES
 

@@ -18,21 +18,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslab.artifact import load_model_file
-from compresslab.compress.act_quant import ActQuant
-from compresslab.compress.bit_allocation import allocate_bits
-from compresslab.compress.factorized import apply_plan, lowrank_plan
-from compresslab.compress.pruning import NetworkSlimming, StructuredPruning, prune_channels
-from compresslab.compress.pruning.channels import GroupNormRegularizer
-from compresslab.compress.pruning.slimming import L1BNPenalty, slim_channels
-from compresslab.compress.quantizers import dorefa_codes, dorefa_quantize, lsq_init_step, lsq_quantize, pact_quantize
-from compresslab.compress.tensor_decomp import (
+from compresslab.compress.quant.lsq_pact import ActQuant
+from compresslab.compress.quant.bit_allocation import allocate_bits
+from compresslab.compress.lowrank.factorized import apply_plan, lowrank_plan
+from compresslab.compress.prune import NetworkSlimming, StructuredPruning, prune_channels
+from compresslab.compress.prune.channels import GroupNormRegularizer
+from compresslab.compress.prune.slimming import L1BNPenalty, slim_channels
+from compresslab.compress.quant.quantizers import dorefa_codes, dorefa_quantize, lsq_init_step, lsq_quantize, pact_quantize
+from compresslab.compress.lowrank.tensor_decomp import (
     cp_factorize,
     energy_rank,
     evbmf_rank,
     tucker2_factorize,
     unfold,
 )
-from compresslab.compress.tensor_lowrank import TensorLowRank
+from compresslab.compress.lowrank.tucker_cp import TensorLowRank
 from compresslab.errors import ConfigError
 from compresslab.files import atomic_torch_save
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from compresslab.artifact import load_model_file, read_payload
-from compresslab.compress.codecs.fused import FORMAT as FUSED_FORMAT
-from compresslab.compress.codecs.fused import fused_payload
-from compresslab.compress.codecs.fused import load_payload as load_fused_payload
-from compresslab.compress.fuse import fold_bn
+from compresslab.compress.codecs.fuse_bn import FORMAT as FUSED_FORMAT
+from compresslab.compress.codecs.fuse_bn import fused_payload
+from compresslab.compress.codecs.fuse_bn import load_payload as load_fused_payload
+from compresslab.compress.fuse.bn import fold_bn
 from compresslab.deploy import check as chk
 from compresslab.deploy import step
 from compresslab.deploy.export import export_payload
@@ -125,8 +125,8 @@ def test_dense_export_has_a_dynamic_batch_and_matches_torch(lenet5_onnx):
 @pytest.fixture(scope="module")
 def int8_resnet8(tmp_path_factory):
     """A PT2E int8 artifact of resnet8 (random weights, BN statistics randomised) and its calibration."""
-    from compresslab.compress.codecs import int8_pt2e
-    from compresslab.compress.quantization import pt2e
+    from compresslab.compress.codecs import int8 as int8_pt2e
+    from compresslab.compress.quant import pt2e
 
     torch.manual_seed(0)
     model = _randomize_bn(build_model(RESNET8, [1, 8, 8], 10))
@@ -166,7 +166,7 @@ def test_int8_exports_as_qdq_with_our_scales(int8_resnet8):
 
 
 def test_interpreter_and_ort_int8(tmp_path):
-    from compresslab.compress.quantization.ort_int8 import quantize_with_ort
+    from compresslab.compress.quant.ort_int8 import quantize_with_ort
 
     torch.manual_seed(0)
     model = _randomize_bn(build_model(RESNET8, [1, 8, 8], 10))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from compresslab.artifact import atomic_torch_save, load_model_file
 from compresslab.compress.codecs import bitpack
-from compresslab.compress.lowbit import LowBit
-from compresslab.compress.quantizers import dequantize_codes, parse_bits, quantize_weight
+from compresslab.compress.quant.lowbit import LowBit
+from compresslab.compress.quant.quantizers import dequantize_codes, parse_bits, quantize_weight
 from compresslab.errors import ConfigError
 from compresslab.models import build_model
 from compresslab.pipeline import run_experiment

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from compresslab.artifact import atomic_torch_save, load_model_file
-from compresslab.compress.factorized import lowrank_plan
-from compresslab.compress.lowrank import (
+from compresslab.compress.lowrank.factorized import lowrank_plan
+from compresslab.compress.lowrank.svd import (
     DeferredLowRank,
     SVDLowRank,
     choose_rank,

@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from compresslab.artifact import load_model_file, read_payload
-from compresslab.compress.pruning import (
+from compresslab.compress.prune import (
     AGPPruning,
     L1ThresholdPruning,
     MagnitudePruning,
@@ -27,8 +27,8 @@ from compresslab.compress.pruning import (
     write_sensitivity,
 )
 from compresslab.compress.codecs.sparse import decode_state_dict, encode_state_dict, encoded_sizes
-from compresslab.compress.pruning.masks import agp_sparsity
-from compresslab.compress.pruning.unstructured_callback import UnstructuredPruningCallback
+from compresslab.compress.prune.masks import agp_sparsity
+from compresslab.compress.prune.unstructured_callback import UnstructuredPruningCallback
 from compresslab.errors import ConfigError
 from compresslab.models import MLP
 from compresslab.pipeline import run_experiment
@@ -203,7 +203,7 @@ class _WithTeacher(ClassifierModule):
 
 
 def test_pruning_callbacks_never_touch_the_teacher():
-    from compresslab.compress.pruning import StructuredPruning
+    from compresslab.compress.prune import StructuredPruning
 
     torch.manual_seed(0)
     teacher = MLP((12,), 3, hidden=[32, 16])

@@ -11,8 +11,8 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from compresslab.compress.pruning import MagnitudePruning
-from compresslab.compress.pruning.unstructured_callback import UnstructuredPruningCallback
+from compresslab.compress.prune import MagnitudePruning
+from compresslab.compress.prune.unstructured_callback import UnstructuredPruningCallback
 from compresslab.errors import ConfigError
 from compresslab.models import MLP
 from compresslab.train import ClassifierModule

@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from compresslab.artifact import load_model_file, read_payload
-from compresslab.compress.pruning import StructuredPruning, prune_channels, resize_to_state_dict
+from compresslab.compress.prune import StructuredPruning, prune_channels, resize_to_state_dict
 from compresslab.compress.codecs.structured import structured_payload
-from compresslab.compress.pruning.channels import cumulative_ratios, step_ratio
+from compresslab.compress.prune.channels import cumulative_ratios, step_ratio
 from compresslab.errors import ConfigError
 from compresslab.models import build_model
 from compresslab.pipeline import run_experiment

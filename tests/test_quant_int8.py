@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, read_payload
-from compresslab.compress.codecs import int8_pt2e
+from compresslab.compress.codecs import int8 as int8_pt2e
 from compresslab.compress.common import hide_epoch_from_selection
-from compresslab.compress.quantization import pt2e
-from compresslab.compress.quantization.qat import QATCallback, QATInt8, fake_quant_weight_int8, strip_qat
+from compresslab.compress.quant import pt2e
+from compresslab.compress.quant.qat import QATCallback, QATInt8, fake_quant_weight_int8, strip_qat
 from compresslab.errors import CheckpointError
 from compresslab.measure import evaluate_accuracy
 from compresslab.measure.core import count_macs, count_params
@@ -258,9 +258,9 @@ def test_distill_kd_prune_agp_qat_int8_end_to_end(make_cfg):
 
 def _artifacts(tmp_path) -> dict:
     """One artifact of each format of this package, with the in-process outputs."""
-    from compresslab.compress.lowbit import LowBit
-    from compresslab.compress.lowrank import SVDLowRank
-    from compresslab.compress.weight_sharing import WeightSharing
+    from compresslab.compress.quant.lowbit import LowBit
+    from compresslab.compress.lowrank.svd import SVDLowRank
+    from compresslab.compress.quant.weight_sharing import WeightSharing
 
     torch.manual_seed(0)
     lenet = {"_target_": "compresslab.models.LeNet5"}

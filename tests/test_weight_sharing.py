@@ -13,8 +13,8 @@ import torch
 
 from compresslab.artifact import atomic_torch_save, load_model_file
 from compresslab.compress.codecs import huffman
-from compresslab.compress.codecs.shared import decode_layer, encode_layer
-from compresslab.compress.weight_sharing import WeightSharing, kmeans_1d
+from compresslab.compress.codecs.weight_sharing import decode_layer, encode_layer
+from compresslab.compress.quant.weight_sharing import WeightSharing, kmeans_1d
 from compresslab.models import build_model
 from compresslab.pipeline import run_experiment
 

@@ -197,12 +197,12 @@ def reproduce_main(argv: list[str] | None = None) -> int:
 
 def sensitivity_main(argv: Sequence[str] | None = None) -> dict[str, str]:
     """``compresslab-sensitivity MODEL [overrides] --out DIR``: prune each layer of a saved model file
-    alone to a range of sparsities and tabulate the accuracy (:mod:`compresslab.compress.pruning.sensitivity`)."""
+    alone to a range of sparsities and tabulate the accuracy (:mod:`compresslab.compress.prune.sensitivity`)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     from compresslab.artifact import load_model_file
-    from compresslab.compress.pruning import sensitivity
+    from compresslab.compress.prune import sensitivity
     from compresslab.pipeline import build_datamodule
 
     parser = argparse.ArgumentParser(prog="compresslab-sensitivity",

@@ -4,7 +4,7 @@
   (and fix ``in_channels`` / ``out_channels`` / ``num_features`` ...), so a channel-pruned
   network (``prune=structured``) loads into the model built from its arch spec.
 - :func:`structure_of` / :func:`build_structure`: describe, then re-apply, the low-rank
-  factorization plan (:mod:`compresslab.compress.factorized`) and the channel-pruned shapes,
+  factorization plan (:mod:`compresslab.compress.lowrank.factorized`) and the channel-pruned shapes,
   so every artifact format composes with ``lowrank`` and ``prune=structured``.
 
 No pickled code: the description is plain data and the model comes from ``build_model``.
@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
-from compresslab.compress.factorized import apply_plan, lowrank_plan
+from compresslab.compress.lowrank.factorized import apply_plan, lowrank_plan
 from compresslab.models import build_model
 
 

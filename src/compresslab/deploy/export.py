@@ -124,7 +124,7 @@ def export_payload(payload: Mapping[str, Any], path: Path, calibration: Iterable
         data = payload_onnx_bytes(payload)
         info["exporter"] = "onnxruntime.quantization.quantize_static (stored in the artifact)"
     elif kind == "int8":
-        from compresslab.compress.codecs import int8_pt2e as pt2e
+        from compresslab.compress.codecs import int8 as pt2e
 
         converted = pt2e.rebuild_converted(payload)
         data = onnx_bytes(converted, example, opset)
@@ -259,7 +259,7 @@ def _observe(model, names: Sequence[str], calibration: Sequence[torch.Tensor]) -
 def _observer_qparams(values: Sequence[torch.Tensor]) -> tuple[float, int]:
     """(scale, zero point) from the activation observer of the x86 quantizer's default static config
     (the one ``ptq_int8``/``qat_int8`` calibrate with), fed ``values`` batch by batch."""
-    from compresslab.compress.quantization.pt2e import quantizer_for
+    from compresslab.compress.quant.pt2e import quantizer_for
 
     spec = quantizer_for("static").global_config.input_activation
     observer = spec.observer_or_fake_quant_ctr()

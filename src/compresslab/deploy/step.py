@@ -46,7 +46,7 @@ def export_enabled(cfg: DictConfig) -> bool:
 
 def validate(cfg: DictConfig) -> None:
     """Clear errors for impossible export/backend/fuse settings, before any training."""
-    from compresslab.compress.fuse import check_fuse_combination
+    from compresslab.compress.fuse.bn import check_fuse_combination
 
     check_fuse_combination(cfg)
     backends = list(cfg.measure.get("backends") or ["torch"])

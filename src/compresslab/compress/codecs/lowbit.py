@@ -1,7 +1,7 @@
 """``compresslab.lowbit/1``: low-bit weights (``quant=lowbit``; the weight-only int8 fallback of
 ``ptq_int8``) as bit-packed codes + per-channel scales.
 
-Each quantized layer's codes (:func:`~compresslab.compress.quantizers.quantize_weight`) are
+Each quantized layer's codes (:func:`~compresslab.compress.quant.quantizers.quantize_weight`) are
 packed at ``bits`` bits per weight (ternary: five weights per byte, base 3), its scales stored
 in fp16 when every layer's scales fit, fp32 otherwise; the other tensors (BN, biases, layers
 left out) are stored as they are, one flat tensor per dtype. :func:`load_payload` rebuilds a
@@ -29,9 +29,9 @@ from compresslab.compress.codecs.bitpack import (
 )
 from compresslab.artifact import context_fields
 from compresslab.compress.common import fake_quant_affine
-from compresslab.compress.quantizers import dequantize_codes, quantize_weight
+from compresslab.compress.quant.quantizers import dequantize_codes, quantize_weight
 from compresslab.compress.structure import build_structure, structure_of
-from compresslab.compress.swap import SwapHooks, swap_forward
+from compresslab.compress.quant.swap import SwapHooks, swap_forward
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.lowbit/1"

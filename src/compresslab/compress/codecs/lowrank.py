@@ -1,6 +1,6 @@
 """``compresslab.lowrank/1``: a factorized student (``lowrank=svd``, ``lowrank=tucker``,
 ``lowrank=cp``) as its arch spec, the plan of factorized layers
-(:func:`~compresslab.compress.factorized.lowrank_plan`: per layer its kind and rank) and the
+(:func:`~compresslab.compress.lowrank.factorized.lowrank_plan`: per layer its kind and rank) and the
 state dict. :func:`load_payload` rebuilds the factorized layers before ``load_state_dict``.
 """
 
@@ -12,7 +12,7 @@ from torch import nn
 
 from compresslab.artifact import context_fields
 from compresslab.compress.common import dense_state
-from compresslab.compress.factorized import apply_plan, lowrank_plan
+from compresslab.compress.lowrank.factorized import apply_plan, lowrank_plan
 from compresslab.errors import CheckpointError
 from compresslab.models import build_model
 

@@ -1,4 +1,4 @@
-"""The Lightning callback of ``quant=lsq`` / ``quant=pact`` (:class:`~compresslab.compress.act_quant.ActQuant`):
+"""The Lightning callback of ``quant=lsq`` / ``quant=pact`` (:class:`~compresslab.compress.quant.lsq_pact.ActQuant`):
 QAT switched on at ``start_epoch`` (after the sensitivity-based bit allocation, when configured),
 earlier epochs kept out of the val selection, PACT's α L2-regularized. Its state (the allocated
 bits, the sensitivity table) is part of Lightning's checkpoint, so a resumed run keeps them.

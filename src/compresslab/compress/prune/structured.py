@@ -1,6 +1,6 @@
 """Structured (filter/channel) pruning that physically removes channels, with Torch-Pruning's
 dependency graph (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023).
-``prune=slimming`` (:mod:`compresslab.compress.pruning.slimming`) builds on this module.
+``prune=slimming`` (:mod:`compresslab.compress.prune.slimming`) builds on this module.
 
 Removing output channels of a conv also removes the matching BN entries, the next
 layer's input channels, and — through the dependency graph — keeps residual additions
@@ -13,7 +13,7 @@ globally. One-shot or iterative (``steps`` > 1, evenly spaced between ``start`` 
 with fine-tuning in between). The classifier's outputs and the ``exclude``d layers are never
 pruned.
 
-The pruning step and the importances are :mod:`compresslab.compress.pruning.channels`. Saving: the
+The pruning step and the importances are :mod:`compresslab.compress.prune.channels`. Saving: the
 artifact is the original arch spec plus the pruned state dict (``compresslab.structured/1``,
 :mod:`compresslab.compress.codecs.structured`), rebuilt by
 :func:`~compresslab.compress.structure.resize_to_state_dict` (every parameter/buffer gets its saved
@@ -35,7 +35,7 @@ from torch import nn
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.structured import structured_payload
 from compresslab.compress.common import CONV_LINEAR, dense_state, hide_epoch_from_selection
-from compresslab.compress.pruning.channels import (
+from compresslab.compress.prune.channels import (
     GRADIENT_IMPORTANCES,
     IMPORTANCES,
     GroupNormRegularizer,
@@ -43,7 +43,7 @@ from compresslab.compress.pruning.channels import (
     prune_channels,
     step_ratio,
 )
-from compresslab.compress.pruning.common import (
+from compresslab.compress.prune.common import (
     ScheduleTicks,
     check_fraction,
     check_schedule_fits,

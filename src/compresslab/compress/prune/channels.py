@@ -1,6 +1,6 @@
 """One channel-pruning step with Torch-Pruning's dependency graph (Fang et al., "DepGraph: Towards
 Any Structural Pruning", CVPR 2023), the importance criteria, and DepGraph's group-norm
-regularizer: the algorithm of ``prune=structured`` (:mod:`compresslab.compress.pruning.structured`).
+regularizer: the algorithm of ``prune=structured`` (:mod:`compresslab.compress.prune.structured`).
 """
 
 from __future__ import annotations

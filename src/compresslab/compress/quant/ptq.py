@@ -7,8 +7,8 @@ ranges calibrated on ``num_calibration_batches`` training batches, run on oneDNN
 kernels. Dynamic quantization computes activation ranges at run time per batch and
 quantizes Linear layers only (what pays off in MLPs and classifier heads).
 
-The PT2E flow lives in :mod:`compresslab.compress.quantization.pt2e`, the artifact in
-:mod:`compresslab.compress.codecs.int8_pt2e`. When the int8 path cannot be taken the method
+The PT2E flow lives in :mod:`compresslab.compress.quant.pt2e`, the artifact in
+:mod:`compresslab.compress.codecs.int8`. When the int8 path cannot be taken the method
 falls back — never silently: the results
 carry ``quant_backend`` and ``fallback_reason``:
 
@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.codecs import int8_pt2e
+from compresslab.compress.codecs import int8 as int8_pt2e
 from compresslab.compress.common import select_layers
-from compresslab.compress.quantization import pt2e
+from compresslab.compress.quant import pt2e
 from compresslab.compress.structure import structure_of
 from compresslab.errors import ConfigError
 
@@ -134,7 +134,7 @@ class PT2EInt8(CompressionMethod):
 
     def _weight_only_fallback(self, context: dict[str, Any]) -> dict:
         from compresslab.compress.codecs.lowbit import encode_lowbit
-        from compresslab.compress.lowbit import strip_lowbit
+        from compresslab.compress.quant.lowbit import strip_lowbit
 
         student = strip_lowbit(self.float_student)
         names = list(select_layers(student))

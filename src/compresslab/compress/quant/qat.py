@@ -24,7 +24,7 @@ statistics freeze (BN layers run in eval mode) at ``freeze_bn_epoch``. Only epoc
 schedule in place (from the latest of the three epochs on, reported as ``qat_select_from_epoch``)
 are eligible as the val-selected checkpoint: the artifact comes from the converged QAT model.
 
-The layers are patched in place (see :func:`~compresslab.compress.swap.swap_forward`),
+The layers are patched in place (see :func:`~compresslab.compress.quant.swap.swap_forward`),
 so pruning callbacks and distillation hooks keep working: ``distill=kd prune=agp quant=qat_int8``
 composes. At the end the fake-quant state is removed and the trained fp32 student goes through
 the same PT2E conversion as ``ptq_int8`` (activation ranges calibrated on training batches),
@@ -44,8 +44,8 @@ from compresslab.compress.common import (
     resolve_epoch,
     select_layers,
 )
-from compresslab.compress.quantization.ptq import PT2EInt8
-from compresslab.compress.swap import SwapHooks, strip_swaps, swap_forward
+from compresslab.compress.quant.ptq import PT2EInt8
+from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)

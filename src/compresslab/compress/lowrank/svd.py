@@ -18,7 +18,7 @@ would not reduce its parameters. ``when=before`` factorizes the freshly built st
 (it is trained factorized); ``when=after`` trains dense and factorizes the trained weights
 at ``start_epoch`` (negative: counted from the end), the remaining epochs fine-tuning the
 factors (with KD when ``distill`` is set, since the pipeline's training module is used).
-The factorized layers are :mod:`compresslab.compress.factorized`; the artifact
+The factorized layers are :mod:`compresslab.compress.lowrank.factorized`; the artifact
 (:mod:`compresslab.compress.codecs.lowrank`) stores the arch spec, the factorization plan
 (per-layer kind and rank) and the state dict, and rebuilds the factorized model before
 ``load_state_dict``.
@@ -35,7 +35,7 @@ from torch import nn
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.lowrank import lowrank_payload
 from compresslab.compress.common import hide_epoch_from_selection, resolve_epoch, select_layers, set_module
-from compresslab.compress.factorized import build_svd_factors
+from compresslab.compress.lowrank.factorized import build_svd_factors
 from compresslab.errors import ConfigError
 
 

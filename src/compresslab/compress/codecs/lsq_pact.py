@@ -18,7 +18,7 @@ from torch import nn
 from compresslab.compress.codecs.bitpack import flatten_state, pack_bits, unflatten_state, unpack_bits
 from compresslab.artifact import context_fields
 from compresslab.compress.common import QUANTIZABLE
-from compresslab.compress.quantizers import (
+from compresslab.compress.quant.quantizers import (
     ACT_SCHEMES,
     FP32,
     dorefa_codes,
@@ -29,7 +29,7 @@ from compresslab.compress.quantizers import (
     qrange,
 )
 from compresslab.compress.structure import build_structure, structure_of
-from compresslab.compress.swap import SwapHooks, swap_forward
+from compresslab.compress.quant.swap import SwapHooks, swap_forward
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.actquant/1"

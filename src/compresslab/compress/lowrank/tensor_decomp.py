@@ -1,10 +1,10 @@
 """Tensor decompositions of a convolution kernel, computed with tensorly, and their rank selection
-(the algorithms of ``lowrank=tucker`` / ``lowrank=cp``, :mod:`compresslab.compress.tensor_lowrank`).
+(the algorithms of ``lowrank=tucker`` / ``lowrank=cp``, :mod:`compresslab.compress.lowrank.tucker_cp`).
 
 - :func:`tucker2_factorize`: Tucker-2 (Kim et al., ICLR 2016) with ``partial_tucker`` on the two
-  channel modes (HOOI from an SVD start), as a :class:`~compresslab.compress.factorized.Tucker2Conv`.
+  channel modes (HOOI from an SVD start), as a :class:`~compresslab.compress.lowrank.factorized.Tucker2Conv`.
 - :func:`cp_factorize`: CP (Lebedev et al., ICLR 2015) with ``parafac`` (ALS), as a
-  :class:`~compresslab.compress.factorized.CPConv`.
+  :class:`~compresslab.compress.lowrank.factorized.CPConv`.
 - ranks: :func:`evbmf_rank` (global analytic VBMF, Nakajima et al., JMLR 2013), :func:`energy_rank`,
   on the mode unfoldings (:func:`unfold`).
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compresslab.compress.factorized import CPConv, Tucker2Conv
+from compresslab.compress.lowrank.factorized import CPConv, Tucker2Conv
 
 
 def factor_params(conv: nn.Conv2d, kind: str, rank: Any) -> int:

@@ -1,9 +1,9 @@
 """The factorized layers of the low-rank methods and their plain-data plan.
 
-- ``lowrank=svd`` (:mod:`compresslab.compress.lowrank`): :class:`LowRankLinear`,
+- ``lowrank=svd`` (:mod:`compresslab.compress.lowrank.svd`): :class:`LowRankLinear`,
   :class:`LowRankConv` (channel decomposition) and :class:`LowRankSpatialConv2d` (spatial
   decomposition), two layers each.
-- ``lowrank=tucker`` / ``lowrank=cp`` (:mod:`compresslab.compress.tensor_lowrank`):
+- ``lowrank=tucker`` / ``lowrank=cp`` (:mod:`compresslab.compress.lowrank.tucker_cp`):
   :class:`Tucker2Conv` (three layers) and :class:`CPConv` (four layers).
 
 :func:`lowrank_plan` describes the factorized layers of a model as ``{layer: {"kind", "rank"}}``;

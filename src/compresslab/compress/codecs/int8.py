@@ -5,7 +5,7 @@ the arch spec (+ low-rank plan), the converted graph's constants (int8 weights, 
 and zero points, fp32 folded biases) and the activation quantization parameters of each
 quantize/dequantize node, in graph order. :func:`load_payload` rebuilds the converted graph by
 running the same deterministic export/prepare/convert
-(:mod:`compresslab.compress.quantization.pt2e`) on a freshly built model, checks that the graph
+(:mod:`compresslab.compress.quant.pt2e`) on a freshly built model, checks that the graph
 has exactly the saved constants and q/dq nodes, overwrites them, and lowers it. Rebuild +
 lowering take seconds (reported as ``int8_load_time_s``); latency is measured after warm-up.
 """
@@ -21,7 +21,7 @@ from torch import nn
 from compresslab.compress.codecs.bitpack import dtype_from_name, dtype_name
 from compresslab.compress.codecs.sparse import decode_state_dict, encode_state_dict
 from compresslab.artifact import context_fields
-from compresslab.compress.quantization.pt2e import (
+from compresslab.compress.quant.pt2e import (
     example_input,
     graph_constants,
     graph_qparams,

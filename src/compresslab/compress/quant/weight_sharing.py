@@ -14,7 +14,7 @@ Huffman Coding", ICLR 2016).
    ``sparse``: relative index (the gap of zeros before each stored weight, capped at
    ``2^gap_bits - 1`` with filler zero entries, as in the paper's Fig. 2) + centroid index;
    ``dense``: a centroid index (or the zero symbol) for every weight. The gap and index
-   streams are Huffman coded (:mod:`compresslab.compress.codecs.shared`).
+   streams are Huffman coded (:mod:`compresslab.compress.codecs.weight_sharing`).
    Codebooks are fp32. The tensors that are not shared (biases, BN parameters and statistics)
    are stored in ``unshared_dtype`` (fp16 by default; the model is rounded to it in
    ``finalize``, so the accuracy measured on the artifact includes that rounding).
@@ -34,7 +34,7 @@ from torch import nn
 
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.bitpack import dtype_from_name
-from compresslab.compress.codecs.shared import encode_shared
+from compresslab.compress.codecs.weight_sharing import encode_shared
 from compresslab.compress.common import hide_epoch_from_selection, leaf_weight, resolve_epoch, select_layers
 from compresslab.errors import ConfigError
 

@@ -9,7 +9,7 @@ ORT fuses fully on x86 (uint8 activations, int8 per-channel weights: "U8S8"); OR
 S8S8 per-tensor, is ``activation_type=int8 per_channel=false`` and leaves convolutions in fp32 (see
 docs/deployment.md).
 
-Artifact ``compresslab.onnx_qdq/1`` (:mod:`compresslab.compress.codecs.onnx_qdq`): the arch spec and
+Artifact ``compresslab.onnx_qdq/1`` (:mod:`compresslab.compress.codecs.ort_int8`): the arch spec and
 the quantized ONNX model's bytes; its real int8 speed is ONNX Runtime's.
 """
 
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.codecs.onnx_qdq import onnx_qdq_payload
-from compresslab.compress.quantization.ptq import calibration_batches
+from compresslab.compress.codecs.ort_int8 import onnx_qdq_payload
+from compresslab.compress.quant.ptq import calibration_batches
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)

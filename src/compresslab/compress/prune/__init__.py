@@ -6,13 +6,13 @@ Their artifact formats are :mod:`compresslab.compress.codecs.sparse` and
 :mod:`compresslab.compress.codecs.structured`.
 """
 
-from compresslab.compress.pruning.channels import prune_channels
-from compresslab.compress.pruning.magnitude import MagnitudePruning
-from compresslab.compress.pruning.masks import agp_sparsity, magnitude_masks
-from compresslab.compress.pruning.sensitivity import SensitivityAnalysis, layer_sensitivity, write_sensitivity
-from compresslab.compress.pruning.slimming import NetworkSlimming
-from compresslab.compress.pruning.structured import StructuredPruning
-from compresslab.compress.pruning.unstructured import AGPPruning, L1ThresholdPruning, UnstructuredPruning
+from compresslab.compress.prune.channels import prune_channels
+from compresslab.compress.prune.magnitude import MagnitudePruning
+from compresslab.compress.prune.masks import agp_sparsity, magnitude_masks
+from compresslab.compress.prune.sensitivity import SensitivityAnalysis, layer_sensitivity, write_sensitivity
+from compresslab.compress.prune.slimming import NetworkSlimming
+from compresslab.compress.prune.structured import StructuredPruning
+from compresslab.compress.prune.unstructured import AGPPruning, L1ThresholdPruning, UnstructuredPruning
 from compresslab.compress.structure import resize_to_state_dict
 
 __all__ = [

@@ -26,8 +26,8 @@ loss is measured; bits are then lowered greedily — the layer whose next-lower 
 least loss per byte saved goes first — until the quantized layers' weights average
 ``sensitivity.budget_bits`` bits. The most sensitive layers keep the most bits.
 
-The quantizer formulas are :mod:`compresslab.compress.quantizers`; the artifact
-(``compresslab.actquant/1``, :mod:`compresslab.compress.codecs.actquant`) stores each quantized
+The quantizer formulas are :mod:`compresslab.compress.quant.quantizers`; the artifact
+(``compresslab.actquant/1``, :mod:`compresslab.compress.codecs.lsq_pact`) stores each quantized
 layer's weight codes bit-packed at its own width with the quantizers' parameters, and reloads
 computing exactly what the trained model computed.
 """
@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
-from compresslab.compress.act_quant_callback import ActQuantCallback
+from compresslab.compress.quant.lsq_pact_callback import ActQuantCallback
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.bit_allocation import allocate_bits
-from compresslab.compress.codecs.actquant import QUANT_BUFFERS, QUANT_PARAMS, encode_actquant
+from compresslab.compress.quant.bit_allocation import allocate_bits
+from compresslab.compress.codecs.lsq_pact import QUANT_BUFFERS, QUANT_PARAMS, encode_actquant
 from compresslab.compress.common import select_layers
-from compresslab.compress.quantizers import (
+from compresslab.compress.quant.quantizers import (
     ACT_BITS,
     ACT_SCHEMES,
     FP32,
@@ -56,7 +56,7 @@ from compresslab.compress.quantizers import (
     lsq_quantize,
     pact_quantize,
 )
-from compresslab.compress.swap import SwapHooks, strip_swaps, swap_forward
+from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
 
 

@@ -13,7 +13,7 @@ runs real int8 compute in eager mode without code generation.
 
 The artifact format (``compresslab.int8_pt2e/1``: plain data, no serialized graph) and its
 loader, which runs this same deterministic flow on a freshly built model and installs the
-saved constants, are :mod:`compresslab.compress.codecs.int8_pt2e`.
+saved constants, are :mod:`compresslab.compress.codecs.int8`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Which pairs: the model is traced with ``torch.export``; a conv/linear node is fo
 BatchNorm node that is its *only* user, both being module calls (``nn_module_stack``), each
 module called once. Anything else (a conv output also used elsewhere, a BN after an add) stays.
 
-Artifact ``compresslab.fused/1`` (:mod:`compresslab.compress.codecs.fused`): the arch spec, the
+Artifact ``compresslab.fused/1`` (:mod:`compresslab.compress.codecs.fuse_bn`): the arch spec, the
 folded ``[layer, bn]`` module paths and the state dict.
 
 Scope: a plain fp32 student (``prune``/``lowrank``/``quant`` = none; distillation is fine). The int8
@@ -28,9 +28,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.codecs.fused import BATCHNORMS as _BNS
-from compresslab.compress.codecs.fused import LAYERS as _LAYERS
-from compresslab.compress.codecs.fused import fused_payload
+from compresslab.compress.codecs.fuse_bn import BATCHNORMS as _BNS
+from compresslab.compress.codecs.fuse_bn import LAYERS as _LAYERS
+from compresslab.compress.codecs.fuse_bn import fused_payload
 from compresslab.compress.common import set_module
 from compresslab.errors import ConfigError
 _LAYER_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default",

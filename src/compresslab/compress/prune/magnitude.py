@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from compresslab.compress.common import dense_state
-from compresslab.compress.pruning.unstructured import UnstructuredPruning
+from compresslab.compress.prune.unstructured import UnstructuredPruning
 from compresslab.errors import ConfigError
 
 

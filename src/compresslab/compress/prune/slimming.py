@@ -30,8 +30,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from compresslab.compress.common import matches
-from compresslab.compress.pruning.channels import ignored_modules
-from compresslab.compress.pruning.structured import StructuredPruning
+from compresslab.compress.prune.channels import ignored_modules
+from compresslab.compress.prune.structured import StructuredPruning
 from compresslab.errors import ConfigError
 
 ROOT_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

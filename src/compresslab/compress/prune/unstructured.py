@@ -1,7 +1,7 @@
 """Unstructured (weight-level) pruning as a Lightning callback: automated gradual pruning and
 regularize-then-cut here, one-shot / iterative magnitude pruning with rewinding in
-:mod:`compresslab.compress.pruning.magnitude`, the callback in
-:mod:`compresslab.compress.pruning.unstructured_callback`.
+:mod:`compresslab.compress.prune.magnitude`, the callback in
+:mod:`compresslab.compress.prune.unstructured_callback`.
 
 Masks are boolean tensors kept by the callback, keyed by the name of the layer inside
 ``pl_module.model`` (the student: the callback never looks at anything else on the
@@ -13,7 +13,7 @@ crashed run resumed from ``last.ckpt`` continues with the same masks at the same
 of the schedule. The network's own state dict is never reparametrized (no
 ``weight_orig``/``weight_mask``), so the best checkpoint reloads into the plain student.
 
-The masks are :mod:`compresslab.compress.pruning.masks`; the artifact is the real sparse encoding
+The masks are :mod:`compresslab.compress.prune.masks`; the artifact is the real sparse encoding
 of :mod:`compresslab.compress.codecs.sparse`.
 """
 
@@ -32,7 +32,7 @@ from compresslab.artifact import model_payload
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.sparse import COMPRESSIONS, ENCODINGS, serialized_size, sparse_payload
 from compresslab.compress.common import CONV_LINEAR, select_layers
-from compresslab.compress.pruning.common import (
+from compresslab.compress.prune.common import (
     check_fraction,
     check_schedule_fits,
     check_scope,
@@ -41,8 +41,8 @@ from compresslab.compress.pruning.common import (
     schedule_points,
     write_table,
 )
-from compresslab.compress.pruning.masks import agp_sparsity, magnitude_masks, threshold_masks
-from compresslab.compress.pruning.unstructured_callback import UnstructuredPruningCallback
+from compresslab.compress.prune.masks import agp_sparsity, magnitude_masks, threshold_masks
+from compresslab.compress.prune.unstructured_callback import UnstructuredPruningCallback
 from compresslab.compress.structure import rebuildable_from_spec
 from compresslab.errors import ConfigError
 from compresslab.measure import count_macs

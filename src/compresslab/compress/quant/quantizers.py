@@ -1,11 +1,11 @@
 """The quantizer formulas of the low-bit methods, as pure functions: what the methods compute
 with during training and what their artifacts store (the tests compare them with the papers).
 
-- ``quant=lowbit`` (:mod:`compresslab.compress.lowbit`): uniform symmetric per-channel
+- ``quant=lowbit`` (:mod:`compresslab.compress.quant.lowbit`): uniform symmetric per-channel
   quantization with an MSE-searched clipping scale (Banner et al., NeurIPS 2019), ternary
   (TWN, Li, Zhang & Liu 2016), binary (BinaryConnect / XNOR-Net scale):
   :func:`quantize_weight` / :func:`dequantize_codes`.
-- ``quant=lsq`` / ``quant=pact`` (:mod:`compresslab.compress.act_quant`): LSQ (Esser et al.,
+- ``quant=lsq`` / ``quant=pact`` (:mod:`compresslab.compress.quant.lsq_pact`): LSQ (Esser et al.,
   ICLR 2020) :func:`lsq_quantize`, PACT (Choi et al. 2018) :func:`pact_quantize` and DoReFa
   weights (Zhou et al. 2016) :func:`dorefa_quantize`.
 """

@@ -1,6 +1,6 @@
 """Tensor decompositions of convolution kernels, ``lowrank=tucker`` / ``lowrank=cp``: the method
-and its callback (the decompositions and rank selection: :mod:`compresslab.compress.tensor_decomp`;
-the factorized layers: :mod:`compresslab.compress.factorized`).
+and its callback (the decompositions and rank selection: :mod:`compresslab.compress.lowrank.tensor_decomp`;
+the factorized layers: :mod:`compresslab.compress.lowrank.factorized`).
 
 - ``lowrank=tucker`` — Tucker-2 (Kim et al., "Compression of Deep Convolutional Neural Networks
   for Fast and Low Power Mobile Applications", ICLR 2016). A ``T x S x kh x kw`` kernel becomes
@@ -44,9 +44,9 @@ from torch import nn
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.lowrank import lowrank_payload
 from compresslab.compress.common import hide_epoch_from_selection, resolve_epoch, select_layers, set_module
-from compresslab.compress.factorized import TENSOR_MODULES, CPConv, Tucker2Conv
-from compresslab.compress.swap import is_swapped
-from compresslab.compress.tensor_decomp import (
+from compresslab.compress.lowrank.factorized import TENSOR_MODULES, CPConv, Tucker2Conv
+from compresslab.compress.quant.swap import is_swapped
+from compresslab.compress.lowrank.tensor_decomp import (
     cp_factorize,
     energy_rank,
     evbmf_rank,

@@ -19,7 +19,7 @@ Activations entering the quantized layers can be fake-quantized too (``act_bits`
 per-tensor asymmetric on an EMA of the observed range). Compute is *simulated*: the
 artifact (:mod:`compresslab.compress.codecs.lowbit`) stores packed codes + scales, and its
 loader rebuilds a working model with the dequantized weights (fp32 kernels). The quantizer
-formulas are :mod:`compresslab.compress.quantizers`.
+formulas are :mod:`compresslab.compress.quant.quantizers`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.bitpack import dtype_from_name
 from compresslab.compress.codecs.lowbit import encode_lowbit
 from compresslab.compress.common import fake_quant_affine, hide_epoch_from_selection, select_layers, ste
-from compresslab.compress.quantizers import parse_bits, quantize_weight
-from compresslab.compress.swap import SwapHooks, strip_swaps, swap_forward
+from compresslab.compress.quant.quantizers import parse_bits, quantize_weight
+from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
 
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.common import CONV_LINEAR, select_layers
-from compresslab.compress.pruning.common import write_table
-from compresslab.compress.pruning.masks import magnitude_masks
+from compresslab.compress.prune.common import write_table
+from compresslab.compress.prune.masks import magnitude_masks
 from compresslab.errors import ConfigError
 from compresslab.measure import evaluate_accuracy
 

@@ -1,5 +1,5 @@
 """The Lightning callback of the unstructured pruning methods
-(:class:`~compresslab.compress.pruning.unstructured.UnstructuredPruning`): it keeps the masks,
+(:class:`~compresslab.compress.prune.unstructured.UnstructuredPruning`): it keeps the masks,
 applies the method's schedule to ``pl_module.model`` and keeps pruned weights at exactly zero.
 Its ``state_dict`` (masks, schedule position, rewind snapshot: plain tensors) is part of
 Lightning's checkpoint, so a resumed run continues with the same masks.
@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from compresslab.compress.common import dense_state, hide_epoch_from_selection
-from compresslab.compress.pruning.common import ScheduleTicks, layer_table, log_scalars, log_table
-from compresslab.compress.pruning.masks import sparsity_of
+from compresslab.compress.prune.common import ScheduleTicks, layer_table, log_scalars, log_table
+from compresslab.compress.prune.masks import sparsity_of
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
