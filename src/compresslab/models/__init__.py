@@ -7,6 +7,7 @@ from compresslab.models.resnet_cifar import CifarResNet, resnet8x4, resnet32x4
 from compresslab.models.simple import CNN1D, MLP, ConvNet, LeNet5
 from compresslab.models.tv import torchvision_model
 from compresslab.models.vgg import VGG
+from compresslab.models.vit import DeiT, ViT
 from compresslab.models.wrn import WideResNet
 
 __all__ = [
@@ -22,4 +23,6 @@ __all__ = [
     "VGG",
     "MobileNetV2",
     "torchvision_model",
+    "ViT",
+    "DeiT",
 ]

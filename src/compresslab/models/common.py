@@ -9,6 +9,7 @@ from torch import nn
 
 from compresslab.allowlist import Allowlist, with_module_aliases
 from compresslab.errors import ConfigError
+from compresslab.models.attention import explicit_attention
 
 #: The model factories an arch spec may name: defining module -> names defined there.
 #: Each is accepted as ``compresslab.models.<Name>`` and as ``<defining module>.<Name>``.
@@ -19,6 +20,7 @@ MODEL_DEFINITIONS = {
     "compresslab.models.vgg": ("VGG",),
     "compresslab.models.mobilenetv2": ("MobileNetV2",),
     "compresslab.models.tv": ("torchvision_model",),
+    "compresslab.models.vit": ("ViT", "DeiT"),
 }
 MODEL_FACTORIES = Allowlist(
     "architecture _target_",
@@ -55,11 +57,14 @@ def build_model(arch: Mapping[str, Any], input_shape: Sequence[int], num_classes
     The spec is plain data (it is stored inside artifacts next to the state dict). Its
     ``_target_`` is looked up in :data:`MODEL_FACTORIES`, an explicit allowlist of the zoo's
     factories, never resolved by walking attributes, so rebuilding a model from a file
-    cannot reach any other callable.
+    cannot reach any other callable. Every ``nn.MultiheadAttention`` of the model (torchvision's
+    ViTs) becomes an equivalent :class:`~compresslab.models.attention.ExplicitAttention`, so
+    the compression methods reach its q/k/v/out projections and artifacts rebuild that structure.
     """
     spec = dict(arch)
     factory = MODEL_FACTORIES.resolve(spec.pop("_target_", None))
-    return factory(input_shape=tuple(int(v) for v in input_shape), num_classes=int(num_classes), **spec)
+    model = factory(input_shape=tuple(int(v) for v in input_shape), num_classes=int(num_classes), **spec)
+    return explicit_attention(model)
 
 
 def init_weights(module: nn.Module) -> None:
