@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from compresslab.errors import ConfigError
+
 #: Every conv (1-3-d, transposed too) and linear layer: the layers pruning acts on.
 CONV_LINEAR = (nn.Linear, _ConvNd)
 #: Layer types whose weights the quantization / weight-sharing / low-rank methods act on.
@@ -54,8 +56,14 @@ def select_layers(model: nn.Module, exclude: Sequence[str] = (), *, types: tuple
     ``types``: the layer types (:data:`QUANTIZABLE`; pruning: :data:`CONV_LINEAR`).
     ``exclude``: module-name patterns left out (see :func:`matches`). ``keep_first_last``: the
     first and last layer of ``types`` are left out too (when there are more than two).
-    ``include_classifier=False`` leaves out :func:`classifier_name`'s layer.
+    ``include_classifier=False`` leaves out :func:`classifier_name`'s layer. A model with an
+    ``nn.MultiheadAttention`` is refused (its weights are not read through its Linears).
     """
+    mha = [n for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)]
+    if mha:
+        raise ConfigError(f"the model's nn.MultiheadAttention {mha} reads in_proj_weight and out_proj.weight "
+                          "directly, so no method working on Linear layers reaches them; convert it first with "
+                          "compresslab.models.attention.explicit_attention(model) (build_model does it).")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, types)}
     if keep_first_last and len(layers) > 2:
         names = list(layers)

@@ -37,6 +37,7 @@ from compresslab.compress.common import fake_quant_affine, hide_epoch_from_selec
 from compresslab.compress.quant.quantizers import parse_bits, quantize_weight
 from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
+from compresslab.models.attention import explicit_attention
 
 
 class _LowBitState:
@@ -114,6 +115,7 @@ class LowBit(CompressionMethod):
         self._report: dict[str, Any] = {}
 
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
+        student = explicit_attention(student)  # q/k/v/out as Linears the swap reaches
         layers = select_layers(student, self.exclude, keep_first_last=self.keep_first_last)
         if not layers:
             raise ConfigError(f"quant={self.name}: the student has no conv/linear layer to quantize")

@@ -58,6 +58,7 @@ from compresslab.compress.quant.quantizers import (
 )
 from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
+from compresslab.models.attention import explicit_attention
 
 
 # ---- per-layer quantization (swapped forward) --------------------------------------------------------
@@ -216,13 +217,14 @@ class ActQuant(CompressionMethod):
         return out
 
     def validate_student(self, student: nn.Module, datamodule) -> None:
-        self.plan(student)
+        self.plan(explicit_attention(student))
 
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
         deferred = student.__dict__.get("_cl_deferred_lowrank")
         if deferred:
             raise ConfigError(f"quant={self.name} with lowrank={deferred}: the decomposition replaces the conv layers "
                               "during the fit and would drop their quantizers; run them in separate jobs")
+        student = explicit_attention(student)  # q/k/v/out as Linears the swap reaches
         self.layer_bits = self.plan(student)
         modules = dict(student.named_modules())
         for name, (wb, ab) in self.layer_bits.items():

@@ -47,6 +47,7 @@ from compresslab.compress.common import (
 from compresslab.compress.quant.ptq import PT2EInt8
 from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
+from compresslab.models.attention import explicit_attention
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
 _RANGE = "qat_act_range"
@@ -125,6 +126,7 @@ class QATInt8(PT2EInt8):
         self.eligible = epoch >= select
 
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
+        student = explicit_attention(student)  # q/k/v/out as Linears the swap reaches
         layers = select_layers(student)
         if not layers:
             raise ConfigError(f"quant={self.name}: the student has no conv/linear layer to quantize")
