@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from functools import partial
 
 import pytest
@@ -139,22 +137,49 @@ def test_vit_lowbit_2_artifact_has_at_most_4_values_per_channel_in_every_attenti
 
 
 @pytest.mark.slow
-def test_deit_artifact_keeps_its_distillation_head_and_reloads_in_a_fresh_process(make_cfg, tmp_path):
+def test_deit_artifact_keeps_its_distillation_head_and_reloads_in_a_fresh_process(make_cfg):
     from compresslab.pipeline import run_experiment
 
-    cfg = make_cfg(["student=deit_tiny", "teacher=convnet", "distill=deit", "student.arch.depth=1"])
+    cfg = make_cfg(["student=deit_tiny", "teacher=convnet", "distill=deit", "student.arch.depth=1",
+                    "teacher.arch.channels=[4,8]", "measure.fresh_process=true"])
     result = run_experiment(cfg)
     assert result["status"] == "completed", result.get("error")
-    path = result["student"]["artifact"]
-    model = load_model_file(path).eval()
+    student = result["student"]
+    assert student["measured_in"] == "fresh_process" and student["fresh_process_max_abs_diff"] == 0.0
+    model = load_model_file(student["artifact"])
     assert isinstance(model, DeiT) and model.head_dist.weight.abs().sum() > 0
-    x = torch.randn(4, 1, 8, 8)
-    torch.save(x, tmp_path / "x.pt")
-    code = ("import sys, torch; from compresslab.artifact import load_model_file; "
-            "m = load_model_file(sys.argv[1]).eval(); x = torch.load(sys.argv[2]); "
-            "print(type(m).__name__, m.head_dist.out_features); torch.save(m(x), sys.argv[3])")
-    out = subprocess.run([sys.executable, "-c", code, path, str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["DeiT", "10"]
-    with torch.no_grad():
-        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x), rtol=0, atol=0)
+    assert student["params"] == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_deit_loss_sends_labels_to_the_class_head_and_the_teacher_to_the_distillation_head(kind):
+    from compresslab.distill.deit import DeiTDistillation
+
+    torch.manual_seed(0)
+    student = DeiT((1, 8, 8), 10, depth=1, heads=2, width=16)
+    nn.init.normal_(student.heads.head.weight)
+    nn.init.normal_(student.head_dist.weight)
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    module = DeiTDistillation(student, teacher, 10, kind=kind)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    total, logits, terms = module.distill_terms(x, y)
+    z = student.encoder(torch.cat([student.class_token.expand(6, -1, -1), student.dist_token.expand(6, -1, -1),
+                                   student._process_input(x)], 1))
+    z_cls, z_dist, z_t = student.heads(z[:, 0]), student.head_dist(z[:, 1]), teacher(x)
+    ce = nn.functional.cross_entropy(z_cls, y)
+    if kind == "hard":
+        expected = 0.5 * ce + 0.5 * nn.functional.cross_entropy(z_dist, z_t.argmax(1))
+    else:  # (1 - 0.1) CE + 0.1 tau^2 KL(p_t || p_s), tau = 3
+        p_t = torch.softmax(z_t / 3, 1)
+        kl = (p_t * (p_t.log() - torch.log_softmax(z_dist / 3, 1))).sum(1).mean()
+        expected = 0.9 * ce + 0.1 * 9 * kl
+    torch.testing.assert_close(total, expected)
+    torch.testing.assert_close(logits, (z_cls + z_dist) / 2)
+    # a student without a distillation token: both terms on its output (class token only)
+    vit = ViT((1, 8, 8), 10, depth=1, heads=2, width=16)
+    total, logits, _ = DeiTDistillation(vit, teacher, 10, kind="hard").distill_terms(x, y)
+    out = vit(x)
+    expected = 0.5 * nn.functional.cross_entropy(out, y) + 0.5 * nn.functional.cross_entropy(out, z_t.argmax(1))
+    torch.testing.assert_close(total, expected)
+    with pytest.raises(ConfigError, match="distill.kind"):
+        DeiTDistillation(vit, teacher, 10, kind="medium")
