@@ -40,6 +40,8 @@ ARTIFACT_LOADERS = Allowlist(
         "compresslab.shared/1": ("compresslab.compress.codecs.weight_sharing", "load_payload"),
         "compresslab.fused/1": ("compresslab.compress.codecs.fuse_bn", "load_payload"),
         "compresslab.onnx_qdq/1": ("compresslab.compress.codecs.ort_int8", "load_payload"),
+        "compresslab.nm/1": ("compresslab.compress.codecs.nm", "load_payload"),
+        "compresslab.weight_only/1": ("compresslab.compress.codecs.weight_only", "load_payload"),
     },
     f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
     error=CheckpointError,

@@ -2,7 +2,8 @@
 
 - :func:`resize_to_state_dict`: give every parameter/buffer the shape it has in a state dict
   (and fix ``in_channels`` / ``out_channels`` / ``num_features`` ...), so a channel-pruned
-  network (``prune=structured``) loads into the model built from its arch spec.
+  network (``prune=structured``) loads into the model built from its arch spec; an attention
+  module's ``num_heads`` follows its q projection's width (``prune=heads``).
 - :func:`structure_of` / :func:`build_structure`: describe, then re-apply, the low-rank
   factorization plan (:mod:`compresslab.compress.lowrank.factorized`) and the channel-pruned shapes,
   so every artifact format composes with ``lowrank`` and ``prune=structured``.
@@ -54,6 +55,8 @@ def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     ``prefix``); values are left uninitialized for ``load_state_dict`` to fill. Returns the names
     of the modules that changed."""
     changed = []
+    heads = {n: (m.num_heads, m.q_proj.out_features) for n, m in model.named_modules()
+             if isinstance(getattr(m, "num_heads", None), int) and isinstance(getattr(m, "q_proj", None), nn.Linear)}
     for mname, module in model.named_modules():
         base = prefix + (f"{mname}." if mname else "")
         old = {k: getattr(module, k, None) for k in ("groups", "in_channels", "out_channels")}
@@ -71,6 +74,11 @@ def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 touched = True
         if touched:
             _fix_attributes(module, old)
+            changed.append(mname)
+    for mname, (num_heads, width) in heads.items():  # head-pruned attention: heads follow q_proj's width
+        module = model.get_submodule(mname)
+        if module.q_proj.out_features != width:
+            module.num_heads = module.q_proj.out_features // (width // num_heads)
             changed.append(mname)
     return changed
 

@@ -63,6 +63,10 @@ KINDS: dict[str, tuple[str, str, bool]] = {
     "compresslab.shared/1": ("weight_shared", "dequantized fp32 (codebooks/Huffman have no ONNX Runtime form)", True),
     "compresslab.int8_pt2e/1": ("int8", "int8 QDQ (PT2E scales and zero points)", False),
     "compresslab.onnx_qdq/1": ("ort_int8", "int8 QDQ (ONNX Runtime quantize_static)", False),
+    "compresslab.nm/1": ("nm", "fp32 dense kernels (ONNX Runtime has no N:M sparse kernel; zeros are stored and "
+                               "multiplied)", True),
+    "compresslab.weight_only/1": ("weight_only", "dequantized fp32 (the exporter folds torchao's int8/int4 "
+                                                 "weight-only tensors into fp32 constants)", False),
 }
 
 

@@ -22,7 +22,10 @@ def count_params(model: nn.Module) -> dict:
     total = nonzero = 0
     for p in model.parameters():
         total += p.numel()
-        nonzero += int(torch.count_nonzero(p.detach()))
+        t = p.detach()
+        if _inner_tensors(t) != [t]:  # a quantized tensor subclass (torchao weight-only): its values
+            t = t.dequantize()
+        nonzero += int(torch.count_nonzero(t))
     return {"params": total, "params_nonzero": nonzero, "sparsity": 1.0 - nonzero / total if total else 0.0}
 
 
@@ -140,7 +143,8 @@ def weight_bytes(model: nn.Module) -> int:
     """Bytes of the tensors a forward pass reads as weights: parameters and buffers (a packed or
     quantized model counts its stored dtype), scalar counters excluded."""
     seen, total = set(), 0
-    for t in itertools.chain(model.parameters(), model.buffers(), _graph_constants(model)):
+    tensors = itertools.chain(model.parameters(), model.buffers(), _graph_constants(model))
+    for t in itertools.chain.from_iterable(_inner_tensors(t) for t in tensors):
         if t.dim() > 0 and id(t) not in seen:
             seen.add(id(t))
             try:
@@ -158,8 +162,19 @@ def _graph_constants(model: nn.Module) -> list[torch.Tensor]:
 def tensor_dtypes(model: nn.Module) -> list[str]:
     """The distinct dtypes of a model's parameters and buffers (e.g. ``["float32", "int8"]``);
     scalar buffers (BatchNorm's ``num_batches_tracked`` counter) are not model data and are left out."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
     return sorted({str(t.dtype).removeprefix("torch.")
-                   for t in itertools.chain(model.parameters(), model.buffers()) if t.dim() > 0})
+                   for t in itertools.chain.from_iterable(_inner_tensors(t) for t in tensors) if t.dim() > 0})
+
+
+def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold a tensor's data: itself, or the inner tensors of a wrapper
+    subclass (``__tensor_flatten__``: torchao's quantized weights hold int8 codes and scales)."""
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [x for n in names for x in _inner_tensors(getattr(t, n))]
 
 
 def profile(model: nn.Module, example_b1: torch.Tensor, example_bn: torch.Tensor,

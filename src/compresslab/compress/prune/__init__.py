@@ -1,5 +1,6 @@
-"""Pruning: unstructured masks (magnitude, AGP, regularize-then-cut, lottery rewinding) and
-structured channel removal (torch-pruning's criteria; Network Slimming), as Lightning callbacks on the student; sensitivity analysis.
+"""Pruning: unstructured masks (magnitude, AGP, regularize-then-cut, lottery rewinding, N:M) and
+structured channel removal (torch-pruning's criteria; Network Slimming; attention heads), as Lightning callbacks on the
+student; sensitivity analysis.
 
 Configs live in ``conf/prune/``; each names one of these :class:`CompressionMethod` classes.
 Their artifact formats are :mod:`compresslab.compress.codecs.sparse` and
@@ -7,7 +8,9 @@ Their artifact formats are :mod:`compresslab.compress.codecs.sparse` and
 """
 
 from compresslab.compress.prune.channels import prune_channels
+from compresslab.compress.prune.heads import HeadPruning
 from compresslab.compress.prune.magnitude import MagnitudePruning
+from compresslab.compress.prune.nm import NMPruning
 from compresslab.compress.prune.masks import agp_sparsity, magnitude_masks
 from compresslab.compress.prune.sensitivity import SensitivityAnalysis, layer_sensitivity, write_sensitivity
 from compresslab.compress.prune.slimming import NetworkSlimming
@@ -17,8 +20,10 @@ from compresslab.compress.structure import resize_to_state_dict
 
 __all__ = [
     "AGPPruning",
+    "HeadPruning",
     "L1ThresholdPruning",
     "MagnitudePruning",
+    "NMPruning",
     "NetworkSlimming",
     "SensitivityAnalysis",
     "StructuredPruning",

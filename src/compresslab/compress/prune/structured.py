@@ -128,7 +128,7 @@ class StructuredPruningCallback(ScheduleTicks):
         log_table(trainer, "prune/channels", self.method.channel_table(pl_module.model))
 
     def _batches(self, trainer: pl.Trainer, device) -> list:
-        if self.method.importance not in GRADIENT_IMPORTANCES:
+        if self.method.importance not in self.method.gradient_importances:
             return []
         dm = getattr(trainer, "datamodule", None)
         loader = dm.train_dataloader() if dm is not None else trainer.train_dataloader
@@ -175,6 +175,10 @@ class StructuredPruning(CompressionMethod):
     gradients score channels for ``importance=taylor``.
     """
 
+    #: the ``importance`` values accepted, and those scored from gradients of training batches
+    importances: tuple[str, ...] = IMPORTANCES
+    gradient_importances: tuple[str, ...] = GRADIENT_IMPORTANCES
+
     def __init__(
         self,
         name: str,
@@ -195,8 +199,8 @@ class StructuredPruning(CompressionMethod):
     ) -> None:
         super().__init__(name)
         self.ratio = check_fraction("ratio", ratio)
-        if importance not in IMPORTANCES:
-            raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
+        if importance not in self.importances:
+            raise ConfigError(f"prune.importance must be one of {self.importances}, got {importance!r}")
         self.importance = importance
         self.scope = check_scope(scope)
         if importance == "lamp" and self.scope != "global":
