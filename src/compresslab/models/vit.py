@@ -67,7 +67,23 @@ class ViT(VisionTransformer):
             self.conv_proj = nn.Conv2d(c, int(width), kernel_size=patch, stride=patch)
             nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / (c * patch * patch)))
             nn.init.zeros_(self.conv_proj.bias)
+        # torchvision zero-initialises the head; timm/DeiT draw it like every Linear (truncated normal,
+        # std 0.02). Exact zeros would read as pruned weights to weight sharing and the sparse codecs.
+        nn.init.trunc_normal_(self.heads.head.weight, std=0.02)
         explicit_attention(self)
+
+    def channel_pruning_ignored(self) -> list[nn.Module]:
+        """Layers whose output channels ``prune=structured`` keeps (read by its ``ignored_modules``):
+        the residual stream's writers (patch embedding, attention output, MLP output), whose width the
+        class/distillation tokens and the position embedding share outside any module, the q/k/v
+        projections, whose widths are whole heads (``prune=heads`` removes those), and the heads.
+        Channel pruning therefore narrows the MLP hidden layers."""
+        keep: list[nn.Module] = [self.conv_proj, self.heads]
+        for block in self.encoder.layers:
+            attn = block.self_attention
+            keep += [attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj, block.mlp[-2]]
+        head_dist = getattr(self, "head_dist", None)
+        return keep + ([head_dist] if head_dist is not None else [])
 
 
 class DeiT(ViT):
@@ -83,7 +99,7 @@ class DeiT(ViT):
         self.encoder.pos_embedding = nn.Parameter(torch.empty(1, pos.shape[1] + 1, self.hidden_dim).normal_(std=0.02))
         self.seq_length += 1
         self.head_dist = nn.Linear(self.hidden_dim, int(num_classes))
-        nn.init.zeros_(self.head_dist.weight)
+        nn.init.trunc_normal_(self.head_dist.weight, std=0.02)
         nn.init.zeros_(self.head_dist.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

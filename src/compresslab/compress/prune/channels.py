@@ -42,9 +42,12 @@ def _importance(kind: str):
 
 
 def ignored_modules(model: nn.Module, exclude: Sequence[str] = ()) -> list[nn.Module]:
-    """The classifier plus every module whose name matches an ``exclude`` pattern."""
+    """The classifier, every module whose name matches an ``exclude`` pattern, and the layers the
+    model itself asks to keep (``channel_pruning_ignored()``, e.g. a ViT's residual-stream writers)."""
     head = classifier_name(model)
-    return [m for n, m in model.named_modules() if n and (n == head or matches(n, exclude))]
+    kept = getattr(model, "channel_pruning_ignored", None)
+    own = {id(m) for m in kept()} if callable(kept) else set()
+    return [m for n, m in model.named_modules() if n and (n == head or matches(n, exclude) or id(m) in own)]
 
 
 def prune_channels(
