@@ -23,7 +23,7 @@ def count_params(model: nn.Module) -> dict:
     for p in model.parameters():
         total += p.numel()
         t = p.detach()
-        if _inner_tensors(t) != [t]:  # a quantized tensor subclass (torchao weight-only): its values
+        if _is_wrapper(t):  # a quantized tensor subclass (torchao weight-only): its values
             t = t.dequantize()
         nonzero += int(torch.count_nonzero(t))
     return {"params": total, "params_nonzero": nonzero, "sparsity": 1.0 - nonzero / total if total else 0.0}
@@ -167,11 +167,15 @@ def tensor_dtypes(model: nn.Module) -> list[str]:
                    for t in itertools.chain.from_iterable(_inner_tensors(t) for t in tensors) if t.dim() > 0})
 
 
+def _is_wrapper(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a wrapper tensor subclass (``__tensor_flatten__``), not a plain tensor/parameter."""
+    return type(t) not in (torch.Tensor, nn.Parameter) and hasattr(type(t), "__tensor_flatten__")
+
+
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors that hold a tensor's data: itself, or the inner tensors of a wrapper
     subclass (``__tensor_flatten__``: torchao's quantized weights hold int8 codes and scales)."""
-    flatten = getattr(type(t), "__tensor_flatten__", None)
-    if flatten is None or type(t) in (torch.Tensor, nn.Parameter):
+    if not _is_wrapper(t):
         return [t]
     names, _ = t.__tensor_flatten__()
     return [x for n in names for x in _inner_tensors(getattr(t, n))]
