@@ -20,6 +20,7 @@ from compresslab.reproduce.suite import _compose
 
 CLAIMS = ["hinton_omitted_class", "hinton_soft_targets", "han_pruning", "zhu_gupta_agp", "frankle_lottery",
           "deep_compression", "jacob_int8", "ternary_binary"]
+CLAIMS += ["deit_distillation"]  # issue 26: DeiT hard token vs soft vs no distillation (order 11)
 CLAIMS += ["michel_heads"]  # issue 26: attention heads by importance vs random (order 12)
 KEYS = {"claim", "paper", "metric", "paper_value", "ours_mean", "ours_std", "seeds", "verdict", "figure"}
 
