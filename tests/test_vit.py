@@ -183,3 +183,26 @@ def test_deit_loss_sends_labels_to_the_class_head_and_the_teacher_to_the_distill
     torch.testing.assert_close(total, expected)
     with pytest.raises(ConfigError, match="distill.kind"):
         DeiTDistillation(vit, teacher, 10, kind="medium")
+
+
+def test_vit_layers_every_method_selects_and_channel_pruning_narrows_only_the_mlps():
+    from compresslab.compress.prune.channels import ignored_modules, prune_channels
+
+    torch.manual_seed(0)
+    vit = build_model({"_target_": "compresslab.models.ViT", "depth": 2, "width": 16, "heads": 2}, (1, 8, 8), 10)
+    names = list(select_layers(vit))
+    for i in range(2):
+        assert all(f"encoder.layers.encoder_layer_{i}.self_attention.{p}" in names for p in PROJ)
+    ignored = {id(m) for m in ignored_modules(vit)}
+    block = vit.encoder.layers[0]
+    assert all(id(getattr(block.self_attention, p)) in ignored for p in PROJ) and id(block.mlp[0]) not in ignored
+    prune_channels(vit, torch.randn(2, 1, 8, 8), 0.5, importance="l1", scope="layer")
+    assert block.mlp[0].out_features == 16 and block.mlp[3].in_features == 16  # MLP 32 -> 16
+    assert block.self_attention.q_proj.out_features == 16 and vit(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_ort_int8_refuses_a_vit_before_training():
+    from compresslab.compress.quant.ort_int8 import OrtInt8
+
+    with pytest.raises(ConfigError, match="ort_int8"):
+        OrtInt8("ort_int8").validate_student(ViT((1, 8, 8), 10, depth=1), None)

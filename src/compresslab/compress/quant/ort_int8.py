@@ -28,6 +28,7 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.ort_int8 import onnx_qdq_payload
 from compresslab.compress.quant.ptq import calibration_batches
 from compresslab.errors import ConfigError
+from compresslab.models.attention import ExplicitAttention
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,14 @@ class OrtInt8(CompressionMethod):
         self.calibrate_method = calibrate_method
         self.model_bytes: bytes | None = None
         self._report: dict[str, Any] = {}
+
+    def validate_student(self, student: nn.Module, datamodule) -> None:
+        """Refuse attention models: the artifact's ONNX-to-torch interpreter has no ``Shape``/``Gather``
+        ops, which the exported attention reshapes use (the run would fail after training)."""
+        if any(isinstance(m, ExplicitAttention) for m in student.modules()):
+            raise ConfigError("quant=ort_int8 does not support attention models (a ViT): its artifact loader "
+                              "interprets the ONNX graph with a fixed set of ops that the attention reshapes "
+                              "leave. Use quant=ptq_int8, qat_int8 or dynamic_int8 for int8 ViTs.")
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         calibration = calibration_batches(datamodule, self.num_calibration_batches, self.calibration_split)
