@@ -242,7 +242,7 @@ def test_resnet20_dependency_graph_and_structured_pruning():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2", "vit_tiny", "deit_tiny"])
 def test_torch_export(name):
     model = build_model(arch(name), (3, 32, 32), 10).eval()
     x = torch.randn(2, 3, 32, 32)
