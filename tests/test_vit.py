@@ -115,18 +115,23 @@ def test_vit_and_deit_build_for_each_input_size_and_deit_averages_its_two_heads(
     assert explicit_attention(block) is block and isinstance(block.self_attention, ExplicitAttention)
     torch.testing.assert_close(block(z), ref, atol=1e-5, rtol=1e-5)
 
+
 def _distinct_per_row(w: torch.Tensor) -> int:
     return max(len(torch.unique(row)) for row in w.flatten(1))
 
 
-@pytest.mark.slow
-def test_vit_lowbit_2_artifact_has_at_most_4_values_per_channel_in_every_attention_projection(make_cfg):
+def _completed_run(make_cfg, overrides: list[str]) -> dict:
     from compresslab.pipeline import run_experiment
 
-    cfg = make_cfg(["student=vit_tiny", "teacher=none", "quant=lowbit", "quant.bits=2",
-                    "student.arch.depth=2", "student.arch.width=32"])
-    result = run_experiment(cfg)
+    result = run_experiment(make_cfg(overrides))
     assert result["status"] == "completed", result.get("error")
+    return result
+
+
+@pytest.mark.slow
+def test_vit_lowbit_2_artifact_has_at_most_4_values_per_channel_in_every_attention_projection(make_cfg):
+    result = _completed_run(make_cfg, ["student=vit_tiny", "teacher=none", "quant=lowbit", "quant.bits=2",
+                                       "student.arch.depth=2", "student.arch.width=32"])
     model = load_model_file(result["student"]["artifact"])
     projections = [(n, m) for n, m in model.named_modules() if n.rpartition(".")[2] in PROJ]
     assert len(projections) == 4 * 2
@@ -138,12 +143,8 @@ def test_vit_lowbit_2_artifact_has_at_most_4_values_per_channel_in_every_attenti
 
 @pytest.mark.slow
 def test_deit_artifact_keeps_its_distillation_head_and_reloads_in_a_fresh_process(make_cfg):
-    from compresslab.pipeline import run_experiment
-
-    cfg = make_cfg(["student=deit_tiny", "teacher=convnet", "distill=deit", "student.arch.depth=1",
-                    "teacher.arch.channels=[4,8]", "measure.fresh_process=true"])
-    result = run_experiment(cfg)
-    assert result["status"] == "completed", result.get("error")
+    result = _completed_run(make_cfg, ["student=deit_tiny", "teacher=convnet", "distill=deit", "student.arch.depth=1",
+                                       "teacher.arch.channels=[4,8]", "measure.fresh_process=true"])
     student = result["student"]
     assert student["measured_in"] == "fresh_process" and student["fresh_process_max_abs_diff"] == 0.0
     model = load_model_file(student["artifact"])
