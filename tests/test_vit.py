@@ -207,3 +207,12 @@ def test_ort_int8_refuses_a_vit_before_training():
 
     with pytest.raises(ConfigError, match="ort_int8"):
         OrtInt8("ort_int8").validate_student(ViT((1, 8, 8), 10, depth=1), None)
+
+
+def test_macs_count_the_attention_products():
+    from compresslab.measure.core import count_macs
+
+    model = _Attn()
+    model.attn = ExplicitAttention(16, 2, batch_first=True)
+    n, tokens, d = 3, 5, 16  # 4 projections + q·kᵀ + attention·v, per sample
+    assert count_macs(model, torch.randn(n, tokens, d)) == n * (4 * tokens * d * d + 2 * tokens * tokens * d)

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 from torch.utils.benchmark import Timer
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from compresslab.measure.latency import LatencySettings, measure_latencies, summarize, time_interleaved
 
@@ -29,12 +29,21 @@ def count_params(model: nn.Module) -> dict:
     return {"params": total, "params_nonzero": nonzero, "sparsity": 1.0 - nonzero / total if total else 0.0}
 
 
+#: torch's flop counter knows the fused attention kernels of CUDA but not the CPU one that
+#: ``F.scaled_dot_product_attention`` runs here (the q·kᵀ and attention·v products of a ViT)
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example`` (per the batch given)."""
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION)
     with counter:
         model(example)
     model.train(was_training)
