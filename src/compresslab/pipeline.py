@@ -42,6 +42,7 @@ from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
+from compresslab.search.pruning import pruned_epoch, search_callbacks
 from compresslab.teacher import obtain_teacher
 from compresslab.track import base_record, write_results
 from compresslab.track.results import add_ratios, student_row, teacher_row, unresolved_record, write_final_results
@@ -308,7 +309,8 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         logger = make_logger(cfg, run_dir, record["axes"])
 
         teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)
-        student, fit = fit_student(cfg, dm, methods, teacher, trainer_factory, logger, run_dir, extra_callbacks)
+        student, fit = fit_student(cfg, dm, methods, teacher, trainer_factory, logger, run_dir,
+                                   [*extra_callbacks, *search_callbacks(cfg)])
         if not is_rank_zero():  # DDP ranks > 0 took part in the fits; rank 0 exports and measures
             failed = False
             return record
@@ -322,7 +324,9 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         return record
     except BaseException as exc:
         run_error = exc
-        record["status"] = "failed"
+        record["status"] = "failed" if pruned_epoch(exc) is None else "pruned"  # a search's pruner stopped it
+        if pruned_epoch(exc) is not None:
+            record["pruned_at_epoch"] = pruned_epoch(exc)
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
         raise
