@@ -47,7 +47,8 @@ from compresslab.teacher import obtain_teacher
 from compresslab.track import base_record, write_results
 from compresslab.track.results import add_ratios, student_row, teacher_row, unresolved_record, write_final_results
 from compresslab.track.console import print_summary
-from compresslab.track.wandb_glue import finish, log_final, make_logger
+from compresslab.track.loggers import config_callbacks, make_loggers
+from compresslab.track.wandb_glue import finish, log_final
 from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
 
 log = logging.getLogger(__name__)
@@ -306,11 +307,11 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         perf = cfg.get("performance") or {}
         speed = PerformanceOptions(perf.get("channels_last", "auto"), perf.get("compile", False))
         trainer_factory = partial(_trainer_with, cfg.trainer, [speed], **trainer_adjustments(cfg.trainer))
-        logger = make_logger(cfg, run_dir, record["axes"])
+        logger = make_loggers(cfg, run_dir, record["axes"])
 
         teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)
         student, fit = fit_student(cfg, dm, methods, teacher, trainer_factory, logger, run_dir,
-                                   [*extra_callbacks, *search_callbacks(cfg)])
+                                   [*extra_callbacks, *search_callbacks(cfg), *config_callbacks(cfg)])
         if not is_rank_zero():  # DDP ranks > 0 took part in the fits; rank 0 exports and measures
             failed = False
             return record

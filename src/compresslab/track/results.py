@@ -264,7 +264,7 @@ def teacher_row(profile: Mapping[str, Any], size: Mapping[str, Any], accuracy: M
                 info: Mapping[str, Any]) -> dict:
     """The ``teacher`` row: its profile, file size, test accuracy and how it was obtained."""
     return {**profile, **size, **accuracy, "acc_top1_last": info.get("acc_top1_last"),
-            "train_time_s": info.get("train_time_s"), "source": info["source"]}
+            "train_time_s": info.get("train_time_s"), "source": info["source"], "file": info.get("path")}
 
 
 #: the student fit's figures (``train.fit_with_checkpoints``) copied into the student row, as named there
