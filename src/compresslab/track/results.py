@@ -4,7 +4,8 @@
 Schema version 2 (later versions extend it, never break it)::
 
     schema_version: 2
-    status: "completed" | "failed" | "running"      error: str | null      stage (unresolved runs)
+    status: "completed" | "failed" | "running" | "pruned" (a search's pruner stopped it; pruned_at_epoch)
+    error: str | null      stage (unresolved runs)
     axes: {<each of compresslab.axes.AXES>: the chosen option's name, seed}
     config: resolved Hydra config               run_dir, run_id, started_at, finished_at
     teacher / reference / student: one row per model (reference: the dense fp32 student, same
