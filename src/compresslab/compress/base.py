@@ -21,6 +21,7 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from compresslab import axes
+from compresslab.config_schema import check_options
 from compresslab.config_utils import instantiate_node
 from compresslab.errors import ConfigError
 
@@ -28,6 +29,9 @@ class CompressionMethod:
     """Base class with pass-through hooks; subclasses override what their method needs."""
 
     axis: str = ""
+    #: the dataclass schema of the method's options (:mod:`compresslab.config_schema`): their types,
+    #: enums and ranges, checked by :func:`build_methods` before the method is built
+    options: type | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -60,7 +64,10 @@ class CompressionMethod:
 
 
 def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
-    """Instantiate the configured method of each compression axis, in axis order."""
+    """Instantiate the configured method of each compression axis, in axis order, after checking
+    its options against the class's ``options`` schema (messages name ``<axis>.<key>``)."""
+    from hydra.utils import get_class
+
     methods = []
     for axis in axes.COMPRESSION_AXES:
         node = cfg.get(axis)
@@ -68,6 +75,12 @@ def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
             continue
         if "_target_" not in node:
             raise ConfigError(f"{axis}={node.get('name')} has no _target_; see conf/{axis}/ for the methods")
+        try:
+            schema = getattr(get_class(node._target_), "options", None)
+        except Exception as exc:  # noqa: BLE001 - hydra wraps the import error
+            raise ConfigError(f"{axis}={node.get('name')}: _target_ {node._target_} cannot be imported ({exc})") from exc
+        if schema is not None:
+            check_options(schema, node, axis)
         method = instantiate_node(node, name=node.name)
         if not isinstance(method, CompressionMethod):
             raise ConfigError(f"{axis}: {node._target_} is not a compresslab CompressionMethod")

@@ -65,16 +65,6 @@ def check_regime_values(train_fraction, exclude_classes, unlabeled_fraction, sub
     return f, sorted(set(labels)), u, int(subset_seed)
 
 
-def check_regime_config(dataset_cfg) -> None:
-    """:func:`check_regime_values` on a ``dataset`` config node (before the datamodule is built, so the
-    message is a plain ConfigError rather than an instantiation error)."""
-    get = dataset_cfg.get
-    exclude = get("exclude_classes", None)
-    if exclude is not None and not isinstance(exclude, (int, str)):
-        exclude = list(exclude)
-    check_regime_values(get("train_fraction", 1.0), exclude, get("unlabeled_fraction", 0.0), get("subset_seed", 0))
-
-
 def dataset_targets(dataset: Dataset) -> torch.Tensor:
     """The labels of every sample of ``dataset`` as a long tensor, without loading the inputs
     where the dataset keeps them apart (``targets`` of torchvision datasets, TensorDatasets)."""

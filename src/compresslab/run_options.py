@@ -1,0 +1,134 @@
+"""The run-level numeric and enum options (``seed``, ``dataset.*``, the training recipes,
+``measure.*``, ``eval.*``, ``objective.*``), declared once as :mod:`compresslab.config_schema`
+dataclasses and checked by :func:`check_run_options` before any data is loaded or model trained.
+
+Each schema lists only the keys it checks (``partial``): a dataset or recipe node carries other
+settings too (``_target_``, ``root``, ``arch``, the scheduler). Rules that join several keys
+(a teacher's epochs only matter when it trains; class-bias labels against the number of classes;
+``measure.backends`` against ``export``) stay in ``pipeline.validate`` and its helpers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional, Union
+
+from compresslab.config_schema import check_options, option
+
+#: the largest seed numpy (and so Lightning's seed_everything) accepts
+MAX_SEED = 2**32 - 1
+#: the student's scalar figures in results.json that ``objective.metric`` may name
+OBJECTIVE_METRICS = (
+    "acc_top1", "acc_top1_last", "acc_top1_fit", "val_acc_top1", "acc_top1_bias", "val_acc_top1_bias",
+    "size_bytes", "size_ratio", "weight_bytes", "params", "params_nonzero", "sparsity", "macs",
+    "latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "latency_ms_bN_p90", "speedup", "speedup_b1",
+    "deployed_speedup", "deployed_speedup_b1", "expected_speedup_macs", "expected_speedup_bytes",
+    "speedup_vs_expected", "train_time_s",
+)
+
+
+@dataclass
+class TopLevelOptions:
+    """Keys at the root of the config."""
+
+    partial: ClassVar[bool] = True
+    seed: int = option(ge=0, le=MAX_SEED)
+
+
+@dataclass
+class OptimizerOptions:
+    """``<role>.optimizer`` (any ``torch.optim`` partial; only its learning rate is checked here)."""
+
+    partial: ClassVar[bool] = True
+    lr: float = option(gt=0)
+
+
+@dataclass
+class RecipeOptions:
+    """``teacher.*`` / ``student.*`` training recipe."""
+
+    partial: ClassVar[bool] = True
+    epochs: int = option(ge=1, hint="an untrained model is not a result; for a trained teacher pass teacher.ckpt")
+    label_smoothing: float = option(ge=0, lt=1)
+    optimizer: OptimizerOptions = option()
+
+
+@dataclass
+class DatasetOptions:
+    """``dataset.*`` of every datamodule (keys a datamodule does not have are simply absent)."""
+
+    partial: ClassVar[bool] = True
+    batch_size: int = option(ge=1, hint="per device")
+    eval_batch_size: int = option(ge=1)
+    num_workers: int = option(ge=0)
+    val_fraction: float = option(gt=0, lt=1, hint="share of the training split held out for validation")
+    test_fraction: float = option(gt=0, lt=1, hint="share of the samples held out for testing")
+    split_seed: int = option(ge=0, le=MAX_SEED)
+    num_samples: int = option(ge=1)
+    train_fraction: float = option(gt=0, le=1, hint="class-stratified share of the training split")
+    unlabeled_fraction: float = option(ge=0, le=1)
+    subset_seed: int = option(ge=0, le=MAX_SEED)
+    exclude_classes: Union[int, list[int]] = option(ge=0, hint="class labels")
+
+
+@dataclass
+class ReliabilityOptions:
+    """``measure.reliability``: the noise gate (docs/measurement.md)."""
+
+    max_spread: float = option(gt=0)
+    max_twin_deviation: float = option(gt=0)
+    max_ci_width: float = option(gt=0)
+    max_other_cpu: float = option(gt=0, le=1)
+
+
+@dataclass
+class MeasureOptions:
+    """``measure.*``: the latency engine."""
+
+    latency_warmup: int = option(ge=0)
+    latency_rounds: int = option(ge=1)
+    latency_round_ms: float = option(gt=0)
+    latency_batch: int = option(ge=1)
+    clock: Literal["cpu", "wall"] = option()
+    threads: Optional[int] = option(ge=1, hint="null: threads_b1 / threads_bN")
+    threads_b1: Union[int, Literal["auto"]] = option(ge=1)
+    threads_bN: Union[int, Literal["auto"]] = option(ge=1)
+    reliability: ReliabilityOptions = option()
+    defer: Union[bool, Literal["auto"]] = option()
+    fresh_process: bool = option()
+    backends: list[str] = option(hint="torch, onnxruntime")
+
+
+@dataclass
+class EvalOptions:
+    """``eval.*``: the class bias added at evaluation time."""
+
+    class_bias: Optional[dict[str, Union[float, Literal["val"]]]] = option(hint="{label: value | val}")
+    class_bias_grid: list[float] = option()
+
+
+@dataclass
+class ObjectiveOptions:
+    """``objective.*``: what a job returns to a sweeper."""
+
+    metric: Literal[OBJECTIVE_METRICS] = option()
+    max_size_bytes: Optional[float] = option(gt=0)
+    max_latency_ms: Optional[float] = option(gt=0)
+    penalty: float = option()
+
+
+#: the config nodes checked on every run, with their schema
+RUN_NODES = {"dataset": DatasetOptions, "student": RecipeOptions, "measure": MeasureOptions,
+             "eval": EvalOptions, "objective": ObjectiveOptions}
+
+
+def check_run_options(cfg: Any) -> None:
+    """Check the run-level options of the composed ``cfg`` (a ConfigError naming the key, the
+    value and the allowed range); the teacher's recipe only when the teacher will be trained."""
+    check_options(TopLevelOptions, {"seed": cfg.get("seed")} if "seed" in cfg else {}, "")
+    for key, schema in RUN_NODES.items():
+        if cfg.get(key) is not None:
+            check_options(schema, cfg[key], key)
+    teacher = cfg.get("teacher")
+    if teacher is not None and teacher.get("arch") is not None and not teacher.get("ckpt"):
+        check_options(RecipeOptions, teacher, "teacher")
