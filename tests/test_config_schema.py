@@ -214,6 +214,10 @@ RUN_CASES = [  # (key, bad value, the start of the message)
     ("dataset.split_seed", -3, "dataset.split_seed=-3 is not allowed"),
     ("objective.metric", "accuracy", "objective.metric='accuracy' is not allowed: expected one of 'acc_top1', "
                                      "'acc_top1_last'"),
+    ("scaling.lr", "cubic", "scaling.lr='cubic' is not allowed: expected one of 'none', 'linear', 'sqrt'"),
+    ("performance.channels_last", "yes", "performance.channels_last='yes' is not allowed: expected true or false or "
+                                         "'auto'"),
+    ("resume", "no", "resume='no' is not allowed: expected true or false"),
     ("objective.max_size_bytes", -5, "objective.max_size_bytes=-5 is not allowed: expected null or a finite number > 0"),
 ]
 

@@ -1,5 +1,5 @@
 """The run-level numeric and enum options (``seed``, ``dataset.*``, the training recipes,
-``measure.*``, ``eval.*``, ``objective.*``), declared once as :mod:`compresslab.config_schema`
+``measure.*``, ``eval.*``, ``objective.*``, ``scaling``, ``performance``), declared once as :mod:`compresslab.config_schema`
 dataclasses and checked by :func:`check_run_options` before any data is loaded or model trained.
 
 Each schema lists only the keys it checks (``partial``): a dataset or recipe node carries other
@@ -33,6 +33,22 @@ class TopLevelOptions:
 
     partial: ClassVar[bool] = True
     seed: int = option(ge=0, le=MAX_SEED)
+    resume: bool = option()
+
+
+@dataclass
+class ScalingOptions:
+    """``scaling.*``: the learning-rate rule across processes."""
+
+    lr: Literal["none", "linear", "sqrt"] = option()
+
+
+@dataclass
+class PerformanceOptions:
+    """``performance.*``: speed options of every fit."""
+
+    channels_last: Union[bool, Literal["auto"]] = option()
+    compile: bool = option()
 
 
 @dataclass
@@ -119,13 +135,14 @@ class ObjectiveOptions:
 
 #: the config nodes checked on every run, with their schema
 RUN_NODES = {"dataset": DatasetOptions, "student": RecipeOptions, "measure": MeasureOptions,
-             "eval": EvalOptions, "objective": ObjectiveOptions}
+             "eval": EvalOptions, "objective": ObjectiveOptions, "scaling": ScalingOptions,
+             "performance": PerformanceOptions}
 
 
 def check_run_options(cfg: Any) -> None:
     """Check the run-level options of the composed ``cfg`` (a ConfigError naming the key, the
     value and the allowed range); the teacher's recipe only when the teacher will be trained."""
-    check_options(TopLevelOptions, {"seed": cfg.get("seed")} if "seed" in cfg else {}, "")
+    check_options(TopLevelOptions, {k: cfg[k] for k in ("seed", "resume") if k in cfg}, "")
     for key, schema in RUN_NODES.items():
         if cfg.get(key) is not None:
             check_options(schema, cfg[key], key)
