@@ -209,7 +209,7 @@ RUN_CASES = [  # (key, bad value, the start of the message)
     ("dataset.train_fraction", 0, "dataset.train_fraction=0 is not allowed: expected a finite number in (0, 1]"),
     ("dataset.unlabeled_fraction", -0.1, "dataset.unlabeled_fraction=-0.1 is not allowed"),
     ("dataset.batch_size", 0, "dataset.batch_size=0 is not allowed: expected an integer >= 1"),
-    ("dataset.eval_batch_size", True, "dataset.eval_batch_size=true is not allowed: expected an integer >= 1"),
+    ("dataset.eval_batch_size", True, "dataset.eval_batch_size=true is not allowed: expected null or an integer >= 1"),
     ("dataset.num_workers", -1, "dataset.num_workers=-1 is not allowed: expected an integer >= 0"),
     ("dataset.split_seed", -3, "dataset.split_seed=-3 is not allowed"),
     ("objective.metric", "accuracy", "objective.metric='accuracy' is not allowed: expected one of 'acc_top1', "

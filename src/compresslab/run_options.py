@@ -1,5 +1,6 @@
 """The run-level numeric and enum options (``seed``, ``dataset.*``, the training recipes,
-``measure.*``, ``eval.*``, ``objective.*``, ``scaling``, ``performance``), declared once as :mod:`compresslab.config_schema`
+``measure.*``, ``eval.*``, ``objective.*``, ``scaling``, ``performance``; ``dataset.*`` is
+:class:`compresslab.data.options.DatasetOptions`, which the datamodules check too), declared once as :mod:`compresslab.config_schema`
 dataclasses and checked by :func:`check_run_options` before any data is loaded or model trained.
 
 Each schema lists only the keys it checks (``partial``): a dataset or recipe node carries other
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Optional, Union
 
 from compresslab.config_schema import check_options, option
+from compresslab.data.options import MAX_SEED, DatasetOptions
 
-#: the largest seed numpy (and so Lightning's seed_everything) accepts
-MAX_SEED = 2**32 - 1
 #: the student's scalar figures in results.json that ``objective.metric`` may name
 OBJECTIVE_METRICS = (
     "acc_top1", "acc_top1_last", "acc_top1_fit", "val_acc_top1", "acc_top1_bias", "val_acc_top1_bias",
@@ -67,24 +67,6 @@ class RecipeOptions:
     epochs: int = option(ge=1, hint="an untrained model is not a result; for a trained teacher pass teacher.ckpt")
     label_smoothing: float = option(ge=0, lt=1)
     optimizer: OptimizerOptions = option()
-
-
-@dataclass
-class DatasetOptions:
-    """``dataset.*`` of every datamodule (keys a datamodule does not have are simply absent)."""
-
-    partial: ClassVar[bool] = True
-    batch_size: int = option(ge=1, hint="per device")
-    eval_batch_size: int = option(ge=1)
-    num_workers: int = option(ge=0)
-    val_fraction: float = option(gt=0, lt=1, hint="share of the training split held out for validation")
-    test_fraction: float = option(gt=0, lt=1, hint="share of the samples held out for testing")
-    split_seed: int = option(ge=0, le=MAX_SEED)
-    num_samples: int = option(ge=1)
-    train_fraction: float = option(gt=0, le=1, hint="class-stratified share of the training split")
-    unlabeled_fraction: float = option(ge=0, le=1)
-    subset_seed: int = option(ge=0, le=MAX_SEED)
-    exclude_classes: Union[int, list[int]] = option(ge=0, hint="class labels")
 
 
 @dataclass
