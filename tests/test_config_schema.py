@@ -146,6 +146,7 @@ def test_every_bad_option_value_is_refused_naming_the_key_and_what_is_allowed(ax
                                        "weight_bits"),
     ("lowrank=svd lowrank.min_rank=0", "lowrank.min_rank=0 is not allowed: expected an integer >= 1"),
     ("prune=structured prune.start=2.5", "prune.start=2.5 is not allowed: expected an integer >= 0"),
+    ("fuse=bn +fuse.mode=all", "fuse.mode: not an option here; fuse takes no options"),
 ])
 def test_method_messages_read_as_written(override, message):
     cfg = compose_config(Path("/nonexistent"), ["logger=none", *override.split()], fast=False)

@@ -168,8 +168,8 @@ def check_options(schema: type, node: Any, prefix: str) -> None:
     if not partial:
         unknown = sorted(str(k) for k in node if k not in fields and k not in NOT_OPTIONS)
         if unknown:
-            raise ConfigError(f"{', '.join(_key(prefix, k) for k in unknown)}: not an option here; the options of "
-                              f"{where} are {', '.join(fields)}")
+            allowed = f"the options of {where} are {', '.join(fields)}" if fields else f"{where} takes no options"
+            raise ConfigError(f"{', '.join(_key(prefix, k) for k in unknown)}: not an option here; {allowed}")
     for name, spec in fields.items():
         if name in node:
             _check_value(_key(prefix, name), node[name], hints[name], spec.metadata)
