@@ -114,3 +114,13 @@ def test_two_sweep_processes_share_one_study_and_pruned_trials_are_recorded(tmp_
     assert {f["number"] for f in front} <= {t.number for t in study.trials if t.state.name == "COMPLETE"}
     report_main([str(a), "--no-plots"])
     assert "2 complete, 2 pruned; Pareto front" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", ["student.accuracy", "students.acc_top1", "acc_top1", "student.acc_top1.x"])
+def test_an_unknown_objective_path_is_refused_naming_the_figures(path):
+    from compresslab.search.study import parse_objectives
+
+    with pytest.raises(ConfigError, match=r"hydra.sweeper.objectives\." + path.replace(".", r"\.")):
+        parse_objectives({path: "maximize"})
+    assert parse_objectives({"student.acc_top1": "maximize", "student.prune.sparsity": "maximize"})[1] == [
+        "maximize", "maximize"]

@@ -20,7 +20,12 @@ from typing import Any, Mapping
 
 import optuna
 
+from compresslab.axes import COMPRESSION_AXES
 from compresslab.errors import ConfigError
+from compresslab.run_options import OBJECTIVE_METRICS
+
+#: the rows of results.json an objective can read
+ROWS = ("student", "teacher", "reference")
 
 #: The file beside the jobs that says which study a search dir belongs to (read by compresslab-report).
 STUDY_FILE = "search.yaml"
@@ -62,9 +67,26 @@ def parse_objectives(objectives: Mapping[str, str]) -> tuple[list[str], list[str
     for path, direction in objectives.items():
         if str(direction) not in DIRECTIONS:
             raise ConfigError(f"hydra.sweeper.objectives.{path}={direction!r}: use maximize or minimize")
+        check_objective_path(str(path))
         paths.append(str(path))
         directions.append(str(direction))
     return paths, directions
+
+
+def check_objective_path(path: str) -> None:
+    """A ConfigError unless ``path`` names a results.json figure: ``<row>.<figure>`` with a row of
+    :data:`ROWS` and a figure of :data:`compresslab.run_options.OBJECTIVE_METRICS`, or
+    ``student.<axis>.<key>`` (a method's own report)."""
+    parts = path.split(".")
+    row, figure = parts[0], parts[1] if len(parts) > 1 else None
+    if row not in ROWS or figure is None:
+        raise ConfigError(f"hydra.sweeper.objectives.{path}: not a results.json figure; name one as "
+                          f"<row>.<figure> with a row of {', '.join(ROWS)}, e.g. student.acc_top1")
+    if figure in (*COMPRESSION_AXES, "backends") and len(parts) >= 3:
+        return  # a method's report (student.prune.sparsity) or a backend's figures (student.backends.onnxruntime.x)
+    if len(parts) != 2 or figure not in OBJECTIVE_METRICS:
+        raise ConfigError(f"hydra.sweeper.objectives.{path}: unknown figure {'.'.join(parts[1:])!r}; "
+                          f"the figures are {', '.join(OBJECTIVE_METRICS)} (or student.<axis>.<key>, <row>.backends.<backend>.<figure>)")
 
 
 def dotted(record: Mapping[str, Any], path: str) -> Any:
