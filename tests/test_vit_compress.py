@@ -4,7 +4,6 @@ saved artifacts hold the promised structure."""
 
 from __future__ import annotations
 
-import itertools
 import json
 
 import pytest

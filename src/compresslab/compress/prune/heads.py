@@ -36,10 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from compresslab.compress.common import matches
+from compresslab.compress.prune.options import HEAD_IMPORTANCES, HeadOptions
 from compresslab.compress.prune.structured import StructuredPruning
 from compresslab.errors import ConfigError
 
-HEAD_IMPORTANCES = ("gradient", "magnitude", "random")
 _PROJ = ("q_proj", "k_proj", "v_proj")
 
 
@@ -183,7 +183,7 @@ class HeadPruning(StructuredPruning):
     pruning time (null: after training, no fine-tuning); ``seed``: the random ranking's seed;
     ``taylor_batches``: training batches scored for ``gradient``."""
 
-    importances = HEAD_IMPORTANCES
+    options = HeadOptions
     gradient_importances = ("gradient",)
 
     def __init__(self, name: str, ratio: float = 0.5, importance: str = "gradient", scope: str = "layer",

@@ -31,6 +31,7 @@ from torch import nn
 
 from compresslab.compress.codecs.nm import nm_payload, nm_pattern_ok
 from compresslab.compress.prune.common import write_table
+from compresslab.compress.prune.options import NMOptions
 from compresslab.compress.prune.unstructured import UnstructuredPruning
 from compresslab.compress.structure import rebuildable_from_spec
 from compresslab.errors import ConfigError
@@ -73,6 +74,8 @@ class NMPruning(UnstructuredPruning):
     ``start``: time (in ``unit``) of the first pruning step; ``steps``: 1 for one-shot, k > 1
     for k steps ``every`` units apart lowering the kept count from ``m`` to ``n`` (each step
     prunes within the previous mask), fine-tuning in between and after."""
+
+    options = NMOptions
 
     def __init__(self, name: str, n: int = 2, m: int = 4, start: int = 1, steps: int = 1, every: int = 1,
                  **kwargs: Any) -> None:

@@ -124,3 +124,41 @@ class SensitivityOptions:
     max_batches: Optional[int] = option(ge=1, hint="null: the whole split")
     include_classifier: bool = option()
     tolerance: float = option(ge=0)
+
+
+#: head rankings of ``prune=heads``
+HEAD_IMPORTANCES = ("gradient", "magnitude", "random")
+
+
+@dataclass
+class HeadOptions:
+    """``prune=heads``."""
+
+    ratio: float = option(ge=0, lt=1, hint="share of the attention heads removed")
+    importance: Literal[HEAD_IMPORTANCES] = option()
+    scope: Scope = option()
+    start: Optional[int] = option(ge=0, hint="null: prune after training, no fine-tuning")
+    steps: int = option(ge=1)
+    end: Optional[int] = option(ge=0, hint="null: start + steps - 1")
+    unit: Unit = option()
+    seed: int = option(ge=0)
+    taylor_batches: int = option(ge=1, hint="training batches scored for importance=gradient")
+    exclude: list[str] = option(hint="attention-module name patterns never pruned")
+    select_after_pruning: bool = option()
+    epochs: Optional[int] = option(ge=1, hint=EPOCHS_HINT)
+
+
+@dataclass
+class NMOptions:
+    """``prune=nm`` (the final sparsity is 1 - n/m, not an option)."""
+
+    n: int = option(ge=1, hint="nonzeros kept in every group of m")
+    m: int = option(ge=2, le=256)
+    start: int = option(ge=0)
+    steps: int = option(ge=1)
+    every: int = option(ge=1)
+    unit: Unit = option()
+    include_classifier: bool = option()
+    exclude: list[str] = option(hint="module-name patterns left dense")
+    select_after_pruning: bool = option()
+    epochs: Optional[int] = option(ge=1, hint=EPOCHS_HINT)

@@ -101,3 +101,13 @@ class WeightSharingOptions:
     exclude: list[str] = option(hint="module-name patterns left unshared")
     layout: Literal["auto", "sparse", "dense"] = option()
     unshared_dtype: Literal["float16", "bfloat16", "float32"] = option()
+
+
+@dataclass
+class WeightOnlyOptions:
+    """``quant=weight_only``."""
+
+    bits: Literal[8, 4] = option()
+    group_size: Optional[int] = option(ge=1, hint="input weights per scale; null = one scale per output channel")
+    include_classifier: bool = option()
+    exclude: list[str] = option(hint="Linear name patterns left fp32")

@@ -29,6 +29,7 @@ from torch import nn
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.weight_only import packed_bytes, weight_only_payload
 from compresslab.compress.common import select_layers
+from compresslab.compress.quant.options import WeightOnlyOptions
 from compresslab.compress.structure import rebuildable_from_spec
 from compresslab.errors import ConfigError
 
@@ -60,6 +61,8 @@ class WeightOnlyQuant(CompressionMethod):
     channel). ``include_classifier``: quantize the output layer too. ``exclude``: Linear
     name patterns left fp32.
     """
+
+    options = WeightOnlyOptions
 
     def __init__(self, name: str, bits: int = 8, group_size: int | None = 32, include_classifier: bool = True,
                  exclude: Sequence[str] = ()) -> None:
