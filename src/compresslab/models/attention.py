@@ -87,9 +87,10 @@ class ExplicitAttention(nn.Module):
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         n, lq, ls = query.shape[0], query.shape[1], key.shape[1]
         h = self.num_heads
-        q = self.q_proj(query).view(n, lq, h, -1).transpose(1, 2)
-        k = self.k_proj(key).view(n, ls, h, -1).transpose(1, 2)
-        v = self.v_proj(value).view(n, ls, h, -1).transpose(1, 2)
+        # the projections see 2-D (tokens, features) inputs: the x86 int8 lowering matches a 2-D linear
+        q = self.q_proj(query.reshape(n * lq, -1)).view(n, lq, h, -1).transpose(1, 2)
+        k = self.k_proj(key.reshape(n * ls, -1)).view(n, ls, h, -1).transpose(1, 2)
+        v = self.v_proj(value.reshape(n * ls, -1)).view(n, ls, h, -1).transpose(1, 2)
         mask = _additive_mask(attn_mask, key_padding_mask, is_causal, n, h, lq, ls, q.dtype)
         p = self.dropout if self.training else 0.0
         if need_weights:
@@ -100,7 +101,7 @@ class ExplicitAttention(nn.Module):
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
             weights = None
-        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, -1))
+        out = self.out_proj(out.transpose(1, 2).reshape(n * lq, -1)).view(n, lq, -1)
         if not self.batch_first:
             out = out.transpose(0, 1)
         if not batched:
