@@ -4,7 +4,8 @@
 Each quantized weight is stored as plain tensors: its integer codes (int8 as ``int8``; int4 as
 two codes per byte, :func:`~compresslab.compress.codecs.bitpack.pack_bits` of ``code + 8``), its
 per-group (or per-channel) fp32 scales and, when the mapping is asymmetric, its zero points.
-No torchao tensor subclass is pickled: :func:`load_payload` builds the model from the arch spec,
+No torchao tensor subclass is pickled: :func:`load_payload` builds the model from the arch spec
+(and the low-rank plan / pruned shapes of an earlier axis),
 loads the dense tensors, and re-creates each weight as the torchao tensor that ``quantize_``
 made (``Int8Tensor`` for int8, ``IntxUnpackedToInt8Tensor`` for int4) from the stored codes and
 scales, so the loaded model runs torchao's own weight-only Linear path.
@@ -21,7 +22,7 @@ from compresslab.artifact import context_fields
 from compresslab.compress.codecs.bitpack import pack_bits, unpack_bits
 from compresslab.compress.common import dense_state
 from compresslab.errors import CheckpointError
-from compresslab.models import build_model
+from compresslab.compress.structure import build_structure
 
 FORMAT = "compresslab.weight_only/1"
 #: torchao tensor types this format stores (bits -> class name), and nothing else
@@ -77,12 +78,15 @@ def decode_weight(rec: Mapping[str, Any]) -> torch.Tensor:
 
 
 def weight_only_payload(model: nn.Module, context: Mapping[str, Any], layers: Sequence[str], bits: int,
-                        meta: Mapping[str, Any] | None = None) -> dict:
-    """The plain-data artifact of a zoo model whose ``layers`` carry torchao weight-only weights."""
+                        structure: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None) -> dict:
+    """The plain-data artifact of a zoo model whose ``layers`` carry torchao weight-only weights
+    (``structure``: :func:`~compresslab.compress.structure.structure_of` the student, when an
+    earlier axis factorized or pruned it)."""
     keys = {f"{name}.weight" for name in layers}
     dense = dense_state({k: v for k, v in model.state_dict().items() if k not in keys})
     return {
         **context_fields(FORMAT, context),
+        "structure": dict(structure or {}),
         "state_dict": dense,
         "quantized": {name: encode_weight(model.get_submodule(name).weight, bits) for name in layers},
         "meta": dict(meta or {}),
@@ -101,7 +105,8 @@ def packed_bytes(payload: Mapping[str, Any]) -> int:
 
 def load_payload(payload: Mapping[str, Any]) -> nn.Module:
     """Rebuild the model of a :data:`FORMAT` payload with torchao weight-only Linear weights."""
-    model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+    model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"],
+                            payload.get("structure"))
     quantized = payload["quantized"]
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     left = sorted(set(missing) - {f"{name}.weight" for name in quantized})

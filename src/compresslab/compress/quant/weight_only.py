@@ -30,7 +30,7 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.weight_only import packed_bytes, weight_only_payload
 from compresslab.compress.common import select_layers
 from compresslab.compress.quant.options import WeightOnlyOptions
-from compresslab.compress.structure import rebuildable_from_spec
+from compresslab.compress.structure import rebuildable_from_spec, structure_of
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -113,10 +113,11 @@ class WeightOnlyQuant(CompressionMethod):
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
-        if not rebuildable_from_spec(student, context):
+        structure = structure_of(student, context)  # a low-rank plan / pruned shapes from an earlier axis
+        if not rebuildable_from_spec(student, {**context, "structure": structure}):
             raise ConfigError(f"quant={self.name}: the student's modules no longer match its arch spec (another "
                               "method changed the structure); weight-only int8/int4 is saved as spec + weights")
-        payload = weight_only_payload(student, context, self._layers, self.bits,
+        payload = weight_only_payload(student, context, self._layers, self.bits, structure=structure,
                                       meta={"quant": self.name, "bits": self.bits, "group_size": self.group_size})
         packed = packed_bytes(payload)
         self._report.update({"linear_packed_bytes": packed,
