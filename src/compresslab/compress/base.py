@@ -13,13 +13,13 @@ adds nothing. The pipeline calls, for every method, in the order of
    method's numbers for results.json are computed here (or in :meth:`report`), never in
    :meth:`export`, so a method reports the same keys whether or not another method claims the file;
 4. :meth:`side_files` (every method, after all finalizes): the method's own tables and plots
-   (per-layer sparsity, sensitivity CSV/PNG) under ``<run dir>/<axis>/``; the paths it returns
+   (per-layer sparsity, sensitivity CSV/PNG) in the run dir; the paths it returns
    land in its report;
 5. :meth:`export`, **pure**: a plain-data payload (or None) and nothing else: no files, no report
    changes. The last method (in axis order) that returns a payload claims the artifact; its codec
    (:mod:`compresslab.compress.codecs`) stores every tensor through the shared sparse layer, so a
    pruned student's zeros stack with the claiming method's own encoding, and the pipeline records
-   under ``student.encodings`` which methods' :attr:`encoding` the file stacks and which it cannot;
+   under ``student.encodings`` which methods' :attr:`codec_kind` the file stacks and which it cannot;
 6. :meth:`report`: the method's numbers, written to ``student.<axis>`` with plain keys.
 
 What a method hands the ONNX export besides its payload is part of this contract too:
@@ -53,14 +53,15 @@ class ExportContext(TypedDict):
 class CompressionMethod:
     """Base class with pass-through hooks; subclasses override what their method needs.
 
-    ``encoding``: the name of the encoding this method contributes to the artifact
-    (``sparse``, ``structured``, ``lowrank``, ``int8``, ``lowbit``, ``shared``, ``fused``...),
-    or None for a method that leaves the stored tensors as they are (sensitivity analysis).
-    The pipeline checks it against what the saved file stacks (``student.encodings``).
+    ``codec_kind``: the :attr:`compresslab.artifact.Codec.kind` of the encoding this method
+    contributes to the artifact (``sparse``, ``structured``, ``lowrank``, ``int8``, ``lowbit``,
+    ``actquant``, ``weight_shared``, ``ort_int8``, ``fused``), or None for a method that leaves the
+    stored tensors as they are (sensitivity analysis). The pipeline checks it against what the
+    saved file stacks (``student.encodings``).
     """
 
     axis: str = ""
-    encoding: str | None = None
+    codec_kind: str | None = None
     context: ExportContext | None = None
 
     def __init__(self, name: str) -> None:
@@ -87,9 +88,9 @@ class CompressionMethod:
         """Transform the trained student and compute this method's report (default: unchanged)."""
         return student
 
-    def side_files(self, out_dir: Path) -> dict[str, str]:
-        """Write this method's side files (tables, plots) under ``out_dir`` (``<run dir>/<axis>``);
-        return ``{report key: path}``, added to its report (default: none)."""
+    def side_files(self, run_dir: Path) -> dict[str, str]:
+        """Write this method's side files (tables, plots) under ``run_dir`` (pruning methods: in
+        ``<run dir>/pruning/``); return ``{report key: path}``, added to its report (default: none)."""
         return {}
 
     def export(self, student: nn.Module, context: ExportContext) -> dict | None:

@@ -22,11 +22,13 @@ from torch import nn
 
 from compresslab.compress.codecs import huffman
 from compresslab.compress.codecs.bitpack import dtype_from_name, dtype_name, raw_bytes
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
 from compresslab.compress.structure import build_structure, structure_of
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.shared/1"
+CODEC = Codec(FORMAT, kind="weight_shared", lossless=True,
+              onnx_weights="dequantized fp32 (codebooks/Huffman have no ONNX Runtime form)")
 
 
 # ---- encoding ----------------------------------------------------------------------------
