@@ -66,7 +66,7 @@ def _digest(path: Path) -> str:
 
 def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     """(results.json path, record) of every completed run under ``paths`` whose artifacts exist."""
-    from compresslab.track.results import collect_job_results
+    from compresslab.records import collect_job_results
 
     out = []
     for root in paths:
@@ -182,7 +182,7 @@ def measure_together(paths: Sequence[Path], settings: LatencySettings | None = N
     """Time the artifacts of every completed run under ``paths`` in this process, interleaved,
     and (``write``) add the ``measured_together`` block to each run's results.json.
     Returns ``{"session": ..., "runs": {results.json: block}, "skipped": [...]}``."""
-    from compresslab.track.results import write_results
+    from compresslab.records import write_results
 
     runs = completed_runs(paths)
     if not runs:

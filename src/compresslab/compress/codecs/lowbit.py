@@ -128,9 +128,8 @@ def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, b
     }
     bits_per_weight = 8 * enc_bytes / max(1, n_weights)
     stats = {
-        "quant_method": "lowbit",
-        "quant_scheme": scheme if scheme != "uniform" else f"uniform{bits}",
-        "quant_backend": "bitpacked_dequantized_fp32",
+        "scheme": scheme if scheme != "uniform" else f"uniform{bits}",
+        "backend": "bitpacked_dequantized_fp32",
         "compute": "simulated",
         "fallback_reason": None,
         "lowbit_layers": len(layers),

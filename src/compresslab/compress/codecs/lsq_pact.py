@@ -95,7 +95,7 @@ def encode_actquant(student: nn.Module, scheme: str, context: Mapping[str, Any])
         "dense_index": dense_index,
     }
     stats = {
-        "quant_backend": "bitpacked_dequantized_fp32",
+        "backend": "bitpacked_dequantized_fp32",
         "compute": "simulated",
         "bits_per_layer": per_layer,
         "quantized_layers_fp32_bytes": fp32_bytes,

@@ -216,8 +216,7 @@ def encode_shared(student: nn.Module, method: "WeightSharing", context: dict[str
     }
     b0, b1, b2, b3 = (totals[k] for k in ("b0", "b1", "b2", "b3"))
     stats = {
-        "quant_method": "weight_sharing",
-        "quant_backend": "huffman_decoded_fp32",
+        "backend": "huffman_decoded_fp32",
         "compute": "simulated",
         "fallback_reason": None,
         "dc_layers": len(rows),

@@ -38,6 +38,8 @@ _CALIBRATION = ("MinMax", "Entropy", "Percentile")
 class OrtInt8(CompressionMethod):
     """Static int8 by ``onnxruntime.quantization.quantize_static`` (QDQ)."""
 
+    codec_kind = 'ort_int8'
+
     def __init__(self, name: str, num_calibration_batches: int = 16, calibration_split: str = "train",
                  activation_type: str = "uint8", weight_type: str = "int8", per_channel: bool = True,
                  calibrate_method: str = "MinMax") -> None:
@@ -79,9 +81,8 @@ class OrtInt8(CompressionMethod):
             fp32 = student.cpu().eval()(x)
         ort_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         self._report.update({
-            "quant_method": self.name,
-            "quant_mode": "static",
-            "quant_backend": "onnxruntime_quantize_static",
+            "mode": "static",
+            "backend": "onnxruntime_quantize_static",
             "compute": "simulated",  # in torch; int8 kernels in ONNX Runtime
             "ort_quant_format": "QDQ",
             "ort_activation_type": self.activation_type,
