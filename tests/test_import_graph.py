@@ -1,6 +1,6 @@
 """The import graph of ``src/`` (function-level imports included), built from the source with ``ast``:
-it has no cycle (issue #14), and this test keeps it so. docs/architecture.md says which layer may
-import which.
+it has no cycle (issue #14), and every import goes sideways or down the layer order that
+docs/architecture.md states in its ``layers`` block (issue #23): a back-edge fails like a cycle does.
 """
 
 from __future__ import annotations
@@ -8,7 +8,12 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import re
+
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src"
+ARCHITECTURE = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 
 def module_names(root: Path) -> dict[str, Path]:
     """Dotted module name -> file, for every ``.py`` under ``root`` (packages by their ``__init__``)."""
@@ -122,3 +127,67 @@ def test_the_graph_covers_the_package():
     graph = import_graph(SRC, "compresslab")
     assert len(graph) > 100 and "compresslab.pipeline" in graph["compresslab.cli"]
     assert "compresslab.compress.codecs.sparse" in graph
+
+
+# ---- the layer order ---------------------------------------------------------------------------
+def read_layers(text: str) -> dict[str, int]:
+    """``{top-level module or package: layer}`` from the fenced ```` ```layers ```` block of a page:
+    one line per layer, ``<number>  <name> <name> ...``, higher numbers above lower ones."""
+    match = re.search(r"```layers\n(.*?)```", text, re.S)
+    assert match, "docs/architecture.md has no ```layers block"
+    layers = {}
+    for line in match.group(1).splitlines():
+        number, *names = line.split()
+        for name in names:
+            layers[name.rstrip("/").removesuffix(".py")] = int(number)
+    return layers
+
+
+def layer_violations(graph: dict[str, set[str]], layers: dict[str, int], prefix: str) -> list[str]:
+    """Every import that goes up the layer order (``a -> b`` with b's layer above a's), and every
+    module whose top-level name has no layer (a new package must be placed in the order)."""
+    def top(module: str) -> str:
+        return module[len(prefix) + 1:].split(".")[0] if module != prefix else ""
+
+    found = []
+    for mod in sorted(m for m in graph if m.startswith(prefix + ".")):
+        if top(mod) not in layers:
+            found.append(f"{mod}: {top(mod)!r} has no layer in the docs' layers block")
+            continue
+        for target in sorted(graph[mod]):
+            if target != prefix and top(target) in layers and layers[top(target)] > layers[top(mod)]:
+                found.append(f"{mod} (layer {layers[top(mod)]}) imports {target} (layer {layers[top(target)]})")
+    return found
+
+
+def test_src_imports_only_sideways_or_down_the_documented_layers():
+    layers = read_layers(ARCHITECTURE.read_text(encoding="utf-8"))
+    found = layer_violations(import_graph(SRC, "compresslab"), layers, "compresslab")
+    assert not found, "imports against docs/architecture.md's layer order:\n" + "\n".join(found)
+
+
+def test_a_planted_back_edge_fails_the_layer_check(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "low").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "low" / "__init__.py").write_text("")
+    (pkg / "high.py").write_text("from pkg.low import leaf\n")
+    (pkg / "low" / "leaf.py").write_text("import os\n")
+    layers = read_layers("```layers\n1  high\n0  low/\n```")
+    assert layer_violations(import_graph(tmp_path, "pkg"), layers, "pkg") == []
+    (pkg / "low" / "leaf.py").write_text("def f():\n    from ..high import thing\n")  # function-level, relative
+    assert layer_violations(import_graph(tmp_path, "pkg"), layers, "pkg") == [
+        "pkg.low.leaf (layer 0) imports pkg.high (layer 1)"]
+    (pkg / "new.py").write_text("")
+    assert "pkg.new: 'new' has no layer in the docs' layers block" in layer_violations(
+        import_graph(tmp_path, "pkg"), layers, "pkg")
+
+
+@pytest.mark.parametrize("low,high", [("compresslab.measure.core", "compresslab.track.results"),
+                                      ("compresslab.compress.codecs.ort_int8", "compresslab.deploy.export"),
+                                      ("compresslab.runtime.ort", "compresslab.measure.backends")])
+def test_the_back_edges_issue_23_removed_would_fail_again(low, high):
+    graph = import_graph(SRC, "compresslab")
+    assert high not in graph[low]
+    graph[low].add(high)
+    assert layer_violations(graph, read_layers(ARCHITECTURE.read_text(encoding="utf-8")), "compresslab")
