@@ -18,8 +18,8 @@ from compresslab.compress.fuse.bn import fold_bn
 from compresslab.deploy import check as chk
 from compresslab.deploy import step
 from compresslab.deploy.export import export_payload
-from compresslab.deploy.interpret import OnnxGraphModule
-from compresslab.deploy.ort import OrtModel, make_session, optimized_ops
+from compresslab.runtime.interpret import OnnxGraphModule
+from compresslab.runtime.ort import OrtModel, make_session, optimized_ops
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure.core import profile_many
 from compresslab.measure.latency import LatencySettings
@@ -263,8 +263,8 @@ def test_run_exports_checks_and_times_onnxruntime(make_cfg):
                     "measure.backends=[torch,onnxruntime]", "measure.fresh_process=true"])
     record = run_experiment(cfg)
     s, ref = record["student"], record["reference"]
-    assert s["fuse_bn_folded"] == 4 and s["fuse_bn_left"] == 0 and s["fuse_max_abs_diff"] < 1e-5
-    assert s["fuse"]["fuse_bn_folded"] == 4 and record["axes"]["fuse"] == "bn"  # the block, not the name
+    assert s["fuse"]["bn_folded"] == 4 and s["fuse"]["bn_left"] == 0 and s["fuse"]["max_abs_diff"] < 1e-5
+    assert record["axes"]["fuse"] == "bn" and "bn_folded" not in s  # only the block (schema v3)
     assert s["params"] < ref["params"]  # BN weights and biases gone, conv biases added
     assert s["onnx"]["kind"] == "fused" and s["onnx"]["top1_agreement"] == 1.0 and s["onnx"]["check_passed"]
     assert s["onnx"]["checked_in"] == "fresh_process" and ref["onnx"]["kind"] == "dense"

@@ -297,17 +297,18 @@ class _MasksAtStart(Callback):
 def test_agp_run_saves_sparse_artifact_reloadable_in_fresh_process(make_cfg, tmp_path):
     record = run_experiment(make_cfg(AGP_FAST + ["prune.final_sparsity=0.9"]))
     st = record["student"]
-    assert st["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
-    assert st["schedule_done"] and st["selected_weights"] == "val-best"
-    # schema 2: the method's own report under student.<axis>, the same values kept flat
-    assert record["schema_version"] == 2
-    assert st["prune"]["sparsity_prunable"] == st["sparsity_prunable"] and st["prune"]["prune_method"] == "agp"
+    assert st["prune"]["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
+    assert st["prune"]["schedule_done"] and st["prune"]["selected_weights"] == "val-best"
+    # schema 3: the method's own report only under student.<axis>, plain keys
+    assert record["schema_version"] == 3 and record["axes"]["prune"] == "agp"
+    assert "sparsity_prunable" not in st and "prune_method" not in st["prune"]
     assert "acc_top1" not in st["prune"] and "quant" not in st
+    assert st["encodings"] == {"format": "compresslab.sparse/1", "stacks": ["sparse"], "not_stacked": {}}
     artifact = Path(st["artifact"])
     payload = read_payload(artifact)
     assert payload["format"] == "compresslab.sparse/1"
     assert st["size_bytes"] < 0.35 * record["reference"]["size_bytes"]
-    assert st["size_bytes"] < 0.35 * st["dense_size_bytes"]
+    assert st["size_bytes"] < 0.35 * st["prune"]["dense_size_bytes"]
     # the per-layer table on disk agrees with the reloaded weights
     model = load_model_file(artifact)
     rows = (tmp_path / "run" / "pruning" / "layer_sparsity.csv").read_text().splitlines()
@@ -390,8 +391,8 @@ def test_sensitivity_mode_through_the_pipeline(make_cfg, tmp_path):
     record = run_experiment(make_cfg(["teacher=none", "student=lenet300", "prune=sensitivity",
                                       "prune.sparsities=[0.0,0.5,0.95]"]))
     st = record["student"]
-    assert Path(st["sensitivity_png"]).exists() and st["sensitivity_split"] == "val"
-    lines = Path(st["sensitivity_csv"]).read_text().splitlines()
+    assert Path(st["prune"]["sensitivity_png"]).exists() and st["prune"]["sensitivity_split"] == "val"
+    lines = Path(st["prune"]["sensitivity_csv"]).read_text().splitlines()
     assert len(lines) == 1 + 3 * 3  # two hidden layers + classifier, 3 sparsities
     assert st["sparsity"] < 0.01  # the saved student is not pruned
     summary = json.loads((tmp_path / "run" / "results.json").read_text())["student"]
