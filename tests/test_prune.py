@@ -304,6 +304,9 @@ def test_agp_run_saves_sparse_artifact_reloadable_in_fresh_process(make_cfg, tmp
     assert "sparsity_prunable" not in st and "prune_method" not in st["prune"]
     assert "acc_top1" not in st["prune"] and "quant" not in st
     assert st["encodings"] == {"format": "compresslab.sparse/1", "stacks": ["sparse"], "not_stacked": {}}
+    from test_stacking import AGP_KEYS
+
+    assert set(st["prune"]) == AGP_KEYS  # what the stacked run (tests/test_stacking.py) reports too
     artifact = Path(st["artifact"])
     payload = read_payload(artifact)
     assert payload["format"] == "compresslab.sparse/1"

@@ -106,3 +106,25 @@ def test_lowrank_factors_go_through_the_sparse_layer(tmp_path):
     x = torch.randn(5, *SHAPE)
     assert torch.equal(loaded(x), model(x))
     assert codec_of(read_payload(tmp_path / "a.pt")["format"]).kind == "lowrank"
+
+
+#: what ``prune=agp`` alone reports under student.prune (its finalize and side files, tests/test_prune.py)
+AGP_KEYS = {"macs_before", "params_before", "final_sparsity_target", "sparsity_prunable", "prunable_params",
+            "prunable_nonzero", "macs_after", "macs_nonzero", "macs_nonzero_ratio", "selected_weights",
+            "schedule_done", "schedule_history", "layer_sparsity", "dense_size_bytes", "encoded_size_bytes",
+            "encoded_raw_bytes", "encoded_vs_dense", "encoding_layouts", "compression", "layer_sparsity_table"}
+
+
+def test_agp_with_ptq_int8_stacks_reloads_in_a_fresh_process_and_reports_what_agp_alone_does(make_cfg):
+    from compresslab.pipeline import run_experiment
+
+    record = run_experiment(make_cfg(["teacher=none", "student=lenet300", "prune=agp", "prune.unit=step",
+                                      "prune.start=0", "prune.end=2", "prune.frequency=1", "prune.final_sparsity=0.9",
+                                      "quant=ptq_int8", "quant.num_calibration_batches=2",
+                                      "measure.fresh_process=true"]))
+    s = record["student"]
+    assert s["encodings"] == {"format": "compresslab.int8_pt2e/1", "stacks": ["int8", "sparse"], "not_stacked": {}}
+    assert s["measured_in"] == "fresh_process" and s["fresh_process_max_abs_diff"] <= 1e-5
+    assert set(s["prune"]) == AGP_KEYS  # agp's report although int8 claimed the file
+    assert s["size_ratio"] > 1.3 / s["prune"]["encoded_vs_dense"]  # int8 nonzeros beat agp's own fp32 sparse file
+    assert record["schema_version"] == 3 and not {"sparsity_prunable", "backend", "compute"} & set(s)

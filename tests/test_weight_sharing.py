@@ -161,6 +161,9 @@ def test_weight_shared_artifact_decodes_to_the_same_weights(tmp_path):
     assert r["dc_params_nonzero"] == sum(int((m.weight != 0).sum()) for m in model.modules()
                                           if isinstance(m, torch.nn.Linear))
     assert r["dc_per_layer"]["features.1"]["layout"] == "sparse" and r["dc_total_ratio"] > 20
+    from compresslab.compress.codecs.stacking import stacked_encodings
+
+    assert stacked_encodings(payload) == ["weight_shared", "sparse"]  # recorded as stacked (student.encodings)
     atomic_torch_save(payload, tmp_path / "ws.pt")
     loaded = load_model_file(tmp_path / "ws.pt")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):

@@ -73,7 +73,9 @@ class Codec:
     ``onnx_form(payload, request) -> (onnx bytes, extra info)``: the codec's own ONNX form; None
     exports the module :func:`model_from_payload` builds with the generic exporter
     (:func:`compresslab.runtime.onnx_export.onnx_bytes`). Extra info may override ``lossless`` /
-    ``weights`` / ``exporter`` for one payload.
+    ``weights`` / ``exporter`` for one payload. ``holds_sparse(payload) -> bool``: only for a codec
+    with a sparse layout of its own that the shared layer's records do not show (Deep Compression's
+    relative index, described by rows of integers): whether this payload uses it.
     """
 
     format: str
@@ -81,6 +83,7 @@ class Codec:
     lossless: bool
     onnx_weights: str
     onnx_form: Callable[[Mapping[str, Any], OnnxRequest], tuple[bytes, dict]] | None = None
+    holds_sparse: Callable[[Mapping[str, Any]], bool] | None = None
 
 
 DENSE_CODEC = Codec(format="compresslab.dense/1", kind="dense", lossless=True, onnx_weights="fp32")

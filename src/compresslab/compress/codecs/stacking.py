@@ -2,7 +2,8 @@
 
 ``stacks`` lists the encodings the file actually holds, its codec's ``kind`` first, then
 ``sparse`` when the shared sparse layer (:mod:`.sparse`) stored any tensor in a bitmask / index
-layout (or a codec dropped zero codes, or Deep Compression's relative-index layout was chosen),
+layout (or a codec dropped zero codes, or the codec's own ``holds_sparse`` says so: Deep
+Compression's relative-index layout),
 ``lowrank`` / ``structured`` when the payload's structure carries a factorization plan or
 channel-pruned shapes. ``not_stacked`` names each configured method whose ``codec_kind`` the file
 does not hold, with the reason, so a dropped encoding is never silent.
@@ -31,14 +32,16 @@ def _holds_sparse(obj: Any) -> bool:
 
 def stacked_encodings(payload: Mapping[str, Any]) -> list[str]:
     """The encodings a payload stacks (see the module doc); [] for a plain dense file."""
-    kind = codec_of(payload.get("format")).kind
+    codec = codec_of(payload.get("format"))
+    kind = codec.kind
     found = [] if kind == "dense" else [kind]
     structure = payload.get("structure") or {}
     if (structure.get("lowrank") or payload.get("plan")) and "lowrank" not in found:
         found.append("lowrank")
     if structure.get("resized") and "structured" not in found:
         found.append("structured")
-    if kind != "sparse" and _holds_sparse(payload):
+    own = codec.holds_sparse(payload) if codec.holds_sparse is not None else False
+    if kind != "sparse" and (own or _holds_sparse(payload)):
         found.append("sparse")
     return found
 

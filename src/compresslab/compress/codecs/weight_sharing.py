@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,9 +27,6 @@ from compresslab.compress.structure import build_structure, structure_of
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.shared/1"
-CODEC = Codec(FORMAT, kind="weight_shared", lossless=True,
-              onnx_weights="dequantized fp32 (codebooks/Huffman have no ONNX Runtime form)")
-
 
 # ---- encoding ----------------------------------------------------------------------------
 def _streams(symbols: np.ndarray, zero_symbol: int, gap_bits: int) -> tuple[list[int], list[int]]:
@@ -258,3 +255,14 @@ def load_payload(payload: dict) -> nn.Module:
     except RuntimeError as exc:
         raise CheckpointError(f"weight-shared artifact does not match its architecture: {exc}") from exc
     return model.eval()
+
+
+def uses_relative_index(payload: Mapping[str, Any]) -> bool:
+    """Whether any layer of a :data:`FORMAT` payload took the sparse (relative-index) layout."""
+    at = _FIELDS.index("layout")
+    return any(int(row[at]) == _LAYOUTS.index("sparse") for row in payload.get("layers", []))
+
+
+CODEC = Codec(FORMAT, kind="weight_shared", lossless=True,
+              onnx_weights="dequantized fp32 (codebooks/Huffman have no ONNX Runtime form)",
+              holds_sparse=uses_relative_index)
