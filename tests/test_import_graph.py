@@ -101,15 +101,21 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
+def write_package(root: Path, files: dict[str, str]) -> Path:
+    """A package ``pkg`` under ``root`` with the given ``{relative path: source}`` files."""
+    for rel, text in files.items():
+        path = root / "pkg" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root / "pkg"
+
+
 def test_the_graph_builder_sees_function_level_and_relative_imports(tmp_path):
-    pkg = tmp_path / "pkg"
-    (pkg / "sub").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sub" / "__init__.py").write_text("")
-    (pkg / "a.py").write_text("from pkg.sub import b\n")
-    (pkg / "sub" / "b.py").write_text("def f():\n    from .. import c\n")  # function-level, relative
-    (pkg / "c.py").write_text("import pkg.a\nimport os\n")
-    (pkg / "d.py").write_text("from pkg import a\n")  # imports into the cycle, not part of it
+    pkg = write_package(tmp_path, {
+        "__init__.py": "", "sub/__init__.py": "", "a.py": "from pkg.sub import b\n",
+        "sub/b.py": "def f():\n    from .. import c\n",  # function-level, relative
+        "c.py": "import pkg.a\nimport os\n",
+        "d.py": "from pkg import a\n"})  # imports into the cycle, not part of it
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.c"} and graph["pkg.c"] == {"pkg.a"}
     assert cycles(graph) == [{"pkg.a", "pkg.sub.b", "pkg.c"}]
@@ -167,12 +173,8 @@ def test_src_imports_only_sideways_or_down_the_documented_layers():
 
 
 def test_a_planted_back_edge_fails_the_layer_check(tmp_path):
-    pkg = tmp_path / "pkg"
-    (pkg / "low").mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "low" / "__init__.py").write_text("")
-    (pkg / "high.py").write_text("from pkg.low import leaf\n")
-    (pkg / "low" / "leaf.py").write_text("import os\n")
+    pkg = write_package(tmp_path, {"__init__.py": "", "low/__init__.py": "", "high.py": "from pkg.low import leaf\n",
+                                   "low/leaf.py": "import os\n"})
     layers = read_layers("```layers\n1  high\n0  low/\n```")
     assert layer_violations(import_graph(tmp_path, "pkg"), layers, "pkg") == []
     (pkg / "low" / "leaf.py").write_text("def f():\n    from ..high import thing\n")  # function-level, relative
