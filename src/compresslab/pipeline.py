@@ -7,7 +7,8 @@ completed or failed — leaves ``<run dir>/results.json``.
 
 After :func:`validate`, a run is five named stages: ``obtain_teacher``
 (:mod:`compresslab.teacher`: cached, from a checkpoint, or trained), :func:`fit_student`,
-:func:`export_student` (finalize, save the artifact and the reference, export ONNX),
+:func:`export_student` (every method's finalize and side files, save the artifact in the
+claiming method's codec, what it stacks, the reference, export ONNX),
 :func:`measure_models` and :func:`record_rows` (the rows of :mod:`compresslab.track.results`).
 """
 
