@@ -352,9 +352,9 @@ def test_crashed_pruning_run_resumes_with_the_same_masks_and_schedule_position(m
     assert record["student"]["resumed_from"] == str(last)
     assert probe.applied_t == 1
     assert all(torch.equal(probe.masks[k].cpu(), state["masks"][k]) for k in state["masks"])
-    hist = record["student"]["schedule_history"]
+    hist = record["student"]["prune"]["schedule_history"]
     assert [h["t"] for h in hist] == [0, 1, 2, 3]  # each point applied once, none skipped or repeated
-    assert record["student"]["sparsity_prunable"] == pytest.approx(0.8, abs=0.005)
+    assert record["student"]["prune"]["sparsity_prunable"] == pytest.approx(0.8, abs=0.005)
     assert record["student"]["best_epoch"] >= 3  # val selection only after the schedule ended
 
 
@@ -363,7 +363,7 @@ def test_distill_kd_with_agp_in_one_run(make_cfg):
         pytest.skip("distill=kd is not available")
     record = run_experiment(make_cfg(["student=lenet300", "distill=kd", *AGP_FAST[2:]]))
     assert record["status"] == "completed" and record["axes"]["distill"] == "kd"
-    assert record["student"]["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
+    assert record["student"]["prune"]["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
     assert record["teacher"]["sparsity"] < 0.05  # the teacher was not pruned
 
 
