@@ -399,7 +399,7 @@ def test_sensitivity_mode_through_the_pipeline(make_cfg, tmp_path):
     assert len(lines) == 1 + 3 * 3  # two hidden layers + classifier, 3 sparsities
     assert st["sparsity"] < 0.01  # the saved student is not pruned
     summary = json.loads((tmp_path / "run" / "results.json").read_text())["student"]
-    assert summary["most_sensitive_layer"] in {"features.1", "features.3", "classifier"}
+    assert summary["prune"]["most_sensitive_layer"] in {"features.1", "features.3", "classifier"}
 
 
 @pytest.mark.parametrize("name, cls, checks", [

@@ -208,7 +208,7 @@ def test_prune_agp_then_weight_sharing_pipeline(make_cfg):
     assert s["shared_during_training"] is True
     assert s["dc_params_ratio"] > 5  # the pruned zeros were kept zero through sharing and encoding
     assert s["dc_total_ratio"] == pytest.approx(s["dc_pruning_ratio"] * s["dc_sharing_ratio"] * s["dc_huffman_ratio"])
-    model = load_model_file(s["artifact"])
+    model = load_model_file(record["student"]["artifact"])
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             assert len(torch.unique(m.weight[m.weight != 0])) <= 32
