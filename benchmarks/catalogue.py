@@ -195,7 +195,7 @@ def rows_from_runs(args, selected: list[Job], done: dict[str, dict]) -> list[dic
             t = tog.get("student") or {}
             row.update(acc=st.get("acc_top1"), val_acc=st.get("val_acc_top1"), size_bytes=st.get("size_bytes"),
                        size_ratio=st.get("size_ratio"), params=st.get("params"), macs=st.get("macs"),
-                       bits=st.get("bits_per_layer"), ranks=st.get("lowrank_ranks"),
+                       bits=(st.get("quant") or {}).get("bits_per_layer"), ranks=(st.get("lowrank") or {}).get("ranks"),
                        **_timing(t))
         rows.append(row)
     by_name = {r["method"]: r for r in rows}

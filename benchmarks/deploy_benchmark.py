@@ -45,8 +45,9 @@ from compresslab.compress.fuse.bn import fold_bn  # noqa: E402
 from compresslab.compress.codecs import int8_pt2e  # noqa: E402
 from compresslab.compress.quant.ptq import PTQInt8  # noqa: E402
 from compresslab.compress.quant.ort_int8 import quantize_with_ort  # noqa: E402
-from compresslab.deploy.export import export_payload, onnx_bytes  # noqa: E402
-from compresslab.deploy.ort import OrtModel, optimized_ops  # noqa: E402
+from compresslab.deploy.export import export_payload  # noqa: E402
+from compresslab.runtime.onnx_export import onnx_bytes  # noqa: E402
+from compresslab.runtime.ort import OrtModel, optimized_ops  # noqa: E402
 from compresslab.measure.core import evaluate_accuracy  # noqa: E402
 from compresslab.measure.latency import LatencySettings, measure_latencies, physical_cores  # noqa: E402
 from compresslab.pipeline import build_datamodule, run_experiment  # noqa: E402
@@ -113,7 +114,7 @@ def contenders(student_pt: Path, dm, work: Path, compile_int8: bool) -> tuple[di
     files = {"ort fp32": onnx_bytes(fp32, example), "ort fp32 fuse=bn": onnx_bytes(fused, example)}
     for name, complete in (("ort int8 ours (exact PT2E QDQ)", False), ("ort int8 ours (QDQ completed)", True)):
         out = work / f"int8_{'completed' if complete else 'exact'}.onnx"
-        export_payload(read_payload(int8_pt), out, calibration, complete_int8=complete)
+        export_payload(read_payload(int8_pt), out, calibration, {"int8_complete_qdq": complete})
         files[name] = out.read_bytes()
     files["ort int8 ort_int8 S8S8 default"] = quantize_with_ort(fp32, shape, calibration, "int8", "int8", False)
     files["ort int8 ort_int8 U8S8 per-channel"] = quantize_with_ort(fp32, shape, calibration)

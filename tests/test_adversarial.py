@@ -274,7 +274,7 @@ def test_kd_structured_pruning_and_int8_in_one_run_measured_in_a_fresh_process(m
                                       "prune.start=1", "measure.fresh_process=true"]))
     student = record["student"]
     assert record["status"] == "completed" and student["measured_in"] == "fresh_process"
-    assert student["compute"] == "int8" and student["params"] < record["reference"]["params"]
+    assert student["quant"]["compute"] == "int8" and student["params"] < record["reference"]["params"]
     assert student["fresh_process_max_abs_diff"] < 1e-4
     assert read_payload(student["artifact"])["structure"]["resized"]  # the pruned shapes travel in the file
 

@@ -14,12 +14,12 @@ from compresslab.artifact import load_model_file, read_payload
 from compresslab.compress.codecs.fuse_bn import FORMAT as FUSED_FORMAT
 from compresslab.compress.codecs.fuse_bn import fused_payload
 from compresslab.compress.codecs.fuse_bn import load_payload as load_fused_payload
-from compresslab.compress.fuse.bn import fold_bn
+from compresslab.compress.fuse.bn import check_fuse_combination, fold_bn
 from compresslab.deploy import check as chk
 from compresslab.deploy import step
 from compresslab.deploy.export import export_payload
-from compresslab.deploy.interpret import OnnxGraphModule
-from compresslab.deploy.ort import OrtModel, make_session, optimized_ops
+from compresslab.runtime.interpret import OnnxGraphModule
+from compresslab.runtime.ort import OrtModel, make_session, optimized_ops
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.measure.core import profile_many
 from compresslab.measure.latency import LatencySettings
@@ -139,11 +139,11 @@ def int8_resnet8(tmp_path_factory):
 
 def test_int8_exports_as_qdq_with_our_scales(int8_resnet8):
     tmp, payload, converted, calibration = int8_resnet8
-    from compresslab.deploy.export import complete_qdq
+    from compresslab.compress.codecs.int8_onnx import complete_qdq
 
-    exact = export_payload(payload, tmp / "exact.onnx", calibration, complete_int8=False)
+    exact = export_payload(payload, tmp / "exact.onnx", calibration, {"int8_complete_qdq": False})
     full_bytes, added = complete_qdq((tmp / "exact.onnx").read_bytes(), calibration)
-    (tmp / "full.onnx").write_bytes(full_bytes)  # what export_payload(complete_int8=True) writes
+    (tmp / "full.onnx").write_bytes(full_bytes)  # what export_payload with int8_complete_qdq=true writes
     assert exact["int8_added_qdq"] == 0 and added == 3  # one per residual add of resnet8
     ops_exact, ops_full = optimized_ops(tmp / "exact.onnx"), optimized_ops(tmp / "full.onnx")
     n_conv = 7 + 2  # resnet8 on 8x8: 7 3x3 convs + 2 1x1 shortcut convs
@@ -249,8 +249,8 @@ def test_validate_refuses_impossible_settings(make_cfg):
         step.validate(make_cfg(["export.onnx=true", "measure.backends=[torch,tensorrt]"]))
     with pytest.raises(ConfigError, match="must include torch"):
         step.validate(make_cfg(["export.onnx=true", "measure.backends=[onnxruntime]"]))
-    with pytest.raises(ConfigError, match="fold BatchNorm themselves"):
-        step.validate(make_cfg(["fuse=bn", "quant=ptq_int8"]))
+    with pytest.raises(ConfigError, match="fold BatchNorm themselves"):  # the method's check, in pipeline.validate
+        check_fuse_combination(make_cfg(["fuse=bn", "quant=ptq_int8"]))
     with pytest.raises(ConfigError, match="opset"):
         step.validate(make_cfg(["export.onnx=true", "export.opset=9"]))
     step.validate(make_cfg(["export=onnx", "measure.backends=[torch,onnxruntime]", "fuse=bn"]))
@@ -263,8 +263,8 @@ def test_run_exports_checks_and_times_onnxruntime(make_cfg):
                     "measure.backends=[torch,onnxruntime]", "measure.fresh_process=true"])
     record = run_experiment(cfg)
     s, ref = record["student"], record["reference"]
-    assert s["fuse_bn_folded"] == 4 and s["fuse_bn_left"] == 0 and s["fuse_max_abs_diff"] < 1e-5
-    assert s["fuse"]["fuse_bn_folded"] == 4 and record["axes"]["fuse"] == "bn"  # the block, not the name
+    assert s["fuse"]["bn_folded"] == 4 and s["fuse"]["bn_left"] == 0 and s["fuse"]["max_abs_diff"] < 1e-5
+    assert record["axes"]["fuse"] == "bn" and "bn_folded" not in s  # only the block (schema v3)
     assert s["params"] < ref["params"]  # BN weights and biases gone, conv biases added
     assert s["onnx"]["kind"] == "fused" and s["onnx"]["top1_agreement"] == 1.0 and s["onnx"]["check_passed"]
     assert s["onnx"]["checked_in"] == "fresh_process" and ref["onnx"]["kind"] == "dense"

@@ -120,6 +120,7 @@ def test_straight_through_gradient_reaches_the_latent_weights(bits):
 def test_bitpacked_artifact_sizes_and_exact_reload(bits, target, tmp_path):
     torch.manual_seed(0)
     method = LowBit("lowbit", bits=bits)
+    method.bind(CTX)  # the pipeline's context: the report is computed at finalize
     model = method.prepare(build_model(LENET5, SHAPE, 10), None)
     model = method.finalize(model.eval(), None)
     payload = method.export(model, CTX)
@@ -164,7 +165,8 @@ def test_activation_quantization_is_saved_and_reapplied(tmp_path):
 def test_lowbit_pipeline_reports_simulated_compute_and_real_file_size(make_cfg):
     record = run_experiment(make_cfg(["quant=binary", "teacher=none"]))
     s = record["student"]
-    assert s["compute"] == "simulated" and s["quant_scheme"] == "binary" and s["fallback_reason"] is None
-    assert s["size_ratio_quantized_layers"] >= 25
+    assert s["quant"]["compute"] == "simulated" and s["quant"]["scheme"] == "binary"
+    assert s["quant"]["fallback_reason"] is None
+    assert s["quant"]["size_ratio_quantized_layers"] >= 25
     assert s["size_bytes"] < record["reference"]["size_bytes"] / 8  # the saved file really is small
     assert record["axes"]["quant"] == "binary"

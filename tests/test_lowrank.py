@@ -111,10 +111,10 @@ def test_lowrank_artifact_rebuilds_the_factorized_model(tmp_path):
     model = method.prepare(build_model(arch, SHAPE, 10), None).eval()
     plan = lowrank_plan(model)
     report = method.report()
-    assert plan and set(report["lowrank_ranks"]) == set(plan)
-    assert all(plan[n]["rank"] == r for n, r in report["lowrank_ranks"].items())
-    assert all(e >= 0.8 for e in report["lowrank_energy_kept"].values())
-    assert report["lowrank_layer_params_after"] < report["lowrank_layer_params_before"]
+    assert plan and set(report["ranks"]) == set(plan)
+    assert all(plan[n]["rank"] == r for n, r in report["ranks"].items())
+    assert all(e >= 0.8 for e in report["energy_kept"].values())
+    assert report["layer_params_after"] < report["layer_params_before"]
     payload = method.export(model, {"arch": arch, "input_shape": list(SHAPE), "num_classes": 10})
     atomic_torch_save(payload, tmp_path / "lr.pt")
     loaded = load_model_file(tmp_path / "lr.pt")
@@ -128,9 +128,9 @@ def test_svd_after_training_pipeline_reports_ranks_and_finetunes(make_cfg):
     record = run_experiment(make_cfg(["lowrank=svd", "lowrank.when=after", "teacher=none", "student.epochs=2",
                                       "lowrank.start_epoch=1",
                                       "lowrank.rank_ratio=0.25"]))
-    s = record["student"]
-    assert s["lowrank_finetuned"] is True and s["lowrank_ranks"]
-    assert s["lowrank_layer_params_after"] < s["lowrank_layer_params_before"]
+    s, lr = record["student"], record["student"]["lowrank"]
+    assert lr["finetuned"] is True and lr["ranks"]
+    assert lr["layer_params_after"] < lr["layer_params_before"]
     assert s["params"] < record["reference"]["params"] and s["macs"] < record["reference"]["macs"]
     plan = lowrank_plan(load_model_file(s["artifact"]))
-    assert {n: p["rank"] for n, p in plan.items()} == s["lowrank_ranks"]
+    assert {n: p["rank"] for n, p in plan.items()} == lr["ranks"]

@@ -217,21 +217,22 @@ def test_cli_failure_exits_nonzero_with_failed_results(tmp_path):
     assert json.loads((run_dir / "results.json").read_text())["status"] == "failed"
 
 
-def test_method_reports_go_under_their_axis_and_a_key_two_axes_write_is_refused():
+def test_method_reports_go_under_their_axis_only_and_two_axes_may_use_the_same_plain_key():
     from compresslab.track.results import add_method_reports
 
     student = {"acc_top1": 0.9}
-    add_method_reports(student, {"prune": {"prune_method": "agp", "sparsity_prunable": 0.5},
-                                 "quant": {"quant_method": "ptq_int8"}})
-    assert student["prune"] == {"prune_method": "agp", "sparsity_prunable": 0.5}
-    assert student["quant"] == {"quant_method": "ptq_int8"}
-    assert student["sparsity_prunable"] == 0.5 and student["acc_top1"] == 0.9
-    with pytest.raises(RuntimeError, match="student.bits is reported by quant and by axis prune"):
-        add_method_reports({}, {"prune": {"bits": 8}, "quant": {"bits": 4}})
-    with pytest.raises(RuntimeError, match="student.acc_top1 is reported by prune and by the shared metrics"):
-        add_method_reports({"acc_top1": 0.9}, {"prune": {"acc_top1": 0.1}})
-    with pytest.raises(RuntimeError, match="student.fuse is reported by fuse and by an axis's block"):
-        add_method_reports({}, {"fuse": {"fuse": "bn"}})  # would have replaced the block student.fuse
+    add_method_reports(student, {"prune": {"sparsity_prunable": 0.5, "bits": 8},
+                                 "quant": {"backend": "pt2e_x86_onednn", "bits": 4}})
+    assert student["prune"] == {"sparsity_prunable": 0.5, "bits": 8}
+    assert student["quant"] == {"backend": "pt2e_x86_onednn", "bits": 4}
+    assert set(student) == {"acc_top1", "prune", "quant"}  # schema v3: no flat copies
+    with pytest.raises(RuntimeError, match="the axis 'acc_top1' would replace student.acc_top1"):
+        add_method_reports({"acc_top1": 0.9}, {"acc_top1": {"x": 1}})
+    # what v2's flat copies had to refuse cannot happen any more: a report key never replaces a
+    # shared figure or another axis's block
+    student = {"acc_top1": 0.9}
+    add_method_reports(student, {"prune": {"acc_top1": 0.1}, "fuse": {"fuse": "bn"}})
+    assert student == {"acc_top1": 0.9, "prune": {"acc_top1": 0.1}, "fuse": {"fuse": "bn"}}
 
 
 def test_a_new_axis_needs_only_its_config_group_and_one_constant(tmp_path, monkeypatch):
@@ -262,5 +263,6 @@ def test_a_new_axis_needs_only_its_config_group_and_one_constant(tmp_path, monke
                                            "student.epochs=3"])
     record = run_experiment(cfg)
     assert record["axes"]["prune2"] == "magnitude" and record["axes"]["prune"] == "none"
-    assert record["student"]["prune2"]["prune_method"] == "magnitude"
+    assert record["student"]["prune2"]["sparsity_prunable"] > 0.5  # the magnitude method's report, under its axis
+    assert record["student"]["encodings"]["stacks"] == ["sparse"]
     assert record["student"]["sparsity"] > 0.5

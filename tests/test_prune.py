@@ -297,17 +297,21 @@ class _MasksAtStart(Callback):
 def test_agp_run_saves_sparse_artifact_reloadable_in_fresh_process(make_cfg, tmp_path):
     record = run_experiment(make_cfg(AGP_FAST + ["prune.final_sparsity=0.9"]))
     st = record["student"]
-    assert st["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
-    assert st["schedule_done"] and st["selected_weights"] == "val-best"
-    # schema 2: the method's own report under student.<axis>, the same values kept flat
-    assert record["schema_version"] == 2
-    assert st["prune"]["sparsity_prunable"] == st["sparsity_prunable"] and st["prune"]["prune_method"] == "agp"
+    assert st["prune"]["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
+    assert st["prune"]["schedule_done"] and st["prune"]["selected_weights"] == "val-best"
+    # schema 3: the method's own report only under student.<axis>, plain keys
+    assert record["schema_version"] == 3 and record["axes"]["prune"] == "agp"
+    assert "sparsity_prunable" not in st and "prune_method" not in st["prune"]
     assert "acc_top1" not in st["prune"] and "quant" not in st
+    assert st["encodings"] == {"format": "compresslab.sparse/1", "stacks": ["sparse"], "not_stacked": {}}
+    from test_stacking import AGP_KEYS
+
+    assert set(st["prune"]) == AGP_KEYS  # what the stacked run (tests/test_stacking.py) reports too
     artifact = Path(st["artifact"])
     payload = read_payload(artifact)
     assert payload["format"] == "compresslab.sparse/1"
     assert st["size_bytes"] < 0.35 * record["reference"]["size_bytes"]
-    assert st["size_bytes"] < 0.35 * st["dense_size_bytes"]
+    assert st["size_bytes"] < 0.35 * st["prune"]["dense_size_bytes"]
     # the per-layer table on disk agrees with the reloaded weights
     model = load_model_file(artifact)
     rows = (tmp_path / "run" / "pruning" / "layer_sparsity.csv").read_text().splitlines()
@@ -348,9 +352,9 @@ def test_crashed_pruning_run_resumes_with_the_same_masks_and_schedule_position(m
     assert record["student"]["resumed_from"] == str(last)
     assert probe.applied_t == 1
     assert all(torch.equal(probe.masks[k].cpu(), state["masks"][k]) for k in state["masks"])
-    hist = record["student"]["schedule_history"]
+    hist = record["student"]["prune"]["schedule_history"]
     assert [h["t"] for h in hist] == [0, 1, 2, 3]  # each point applied once, none skipped or repeated
-    assert record["student"]["sparsity_prunable"] == pytest.approx(0.8, abs=0.005)
+    assert record["student"]["prune"]["sparsity_prunable"] == pytest.approx(0.8, abs=0.005)
     assert record["student"]["best_epoch"] >= 3  # val selection only after the schedule ended
 
 
@@ -359,7 +363,7 @@ def test_distill_kd_with_agp_in_one_run(make_cfg):
         pytest.skip("distill=kd is not available")
     record = run_experiment(make_cfg(["student=lenet300", "distill=kd", *AGP_FAST[2:]]))
     assert record["status"] == "completed" and record["axes"]["distill"] == "kd"
-    assert record["student"]["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
+    assert record["student"]["prune"]["sparsity_prunable"] == pytest.approx(0.9, abs=0.005)
     assert record["teacher"]["sparsity"] < 0.05  # the teacher was not pruned
 
 
@@ -390,12 +394,12 @@ def test_sensitivity_mode_through_the_pipeline(make_cfg, tmp_path):
     record = run_experiment(make_cfg(["teacher=none", "student=lenet300", "prune=sensitivity",
                                       "prune.sparsities=[0.0,0.5,0.95]"]))
     st = record["student"]
-    assert Path(st["sensitivity_png"]).exists() and st["sensitivity_split"] == "val"
-    lines = Path(st["sensitivity_csv"]).read_text().splitlines()
+    assert Path(st["prune"]["sensitivity_png"]).exists() and st["prune"]["sensitivity_split"] == "val"
+    lines = Path(st["prune"]["sensitivity_csv"]).read_text().splitlines()
     assert len(lines) == 1 + 3 * 3  # two hidden layers + classifier, 3 sparsities
     assert st["sparsity"] < 0.01  # the saved student is not pruned
     summary = json.loads((tmp_path / "run" / "results.json").read_text())["student"]
-    assert summary["most_sensitive_layer"] in {"features.1", "features.3", "classifier"}
+    assert summary["prune"]["most_sensitive_layer"] in {"features.1", "features.3", "classifier"}
 
 
 @pytest.mark.parametrize("name, cls, checks", [

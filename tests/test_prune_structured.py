@@ -169,8 +169,8 @@ def test_iterative_structured_run_resumes_from_pruned_checkpoint(make_cfg, tmp_p
     record = run_experiment(cfg)  # fresh student has 16 channels: the load pre-hook resizes it
     st = record["student"]
     assert st["resumed_from"] == str(last) and st["epochs_run"] == 3
-    assert st["params_reduction"] >= 0.4 and st["macs_ratio"] > 2
-    assert st["params"] == st["params_after"] < 0.6 * record["reference"]["params"]
+    assert st["prune"]["params_reduction"] >= 0.4 and st["prune"]["macs_ratio"] > 2
+    assert st["params"] == st["prune"]["params_after"] < 0.6 * record["reference"]["params"]
     assert read_payload(Path(st["artifact"]))["format"] == "compresslab.structured/1"
     assert st["size_bytes"] < 0.6 * record["reference"]["size_bytes"]
     model = load_model_file(Path(st["artifact"]))

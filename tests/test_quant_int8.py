@@ -226,18 +226,18 @@ def test_hide_epoch_from_selection_sets_worst_monitored_value():
 def test_ptq_int8_pipeline_run_reports_int8_backend_and_measures_the_artifact(make_cfg):
     cfg = make_cfg(["quant=ptq_int8", "quant.num_calibration_batches=2", "teacher=none", "measure.fresh_process=true"])
     record = run_experiment(cfg)
-    s = record["student"]
-    assert s["quant_backend"] == "pt2e_x86_onednn" and s["compute"] == "int8" and s["fallback_reason"] is None
+    s, q = record["student"], record["student"]["quant"]
+    assert q["backend"] == "pt2e_x86_onednn" and q["compute"] == "int8" and q["fallback_reason"] is None
     # timed in a fresh process that rebuilt and lowered the int8 graph from the file alone
     assert s["measured_in"] == "fresh_process" and s["fresh_process_max_abs_diff"] <= 1e-5
     assert "int8" in s["dtypes"] and "int8" not in record["reference"]["dtypes"]
     assert s["size_ratio"] >= 3.0  # lenet5: 21k weights, so metadata weighs in a little
-    assert s["int8_calibration_batches"] == 2
+    assert q["int8_calibration_batches"] == 2
     dm = build_datamodule(cfg)
     dm.setup()
     model = load_model_file(s["artifact"])
     assert s["acc_top1"] == pytest.approx(evaluate_accuracy(model, dm.test_dataloader()))
-    assert s["int8_agreement_top1"] >= 0.9
+    assert q["int8_agreement_top1"] >= 0.9
 
 
 @pytest.mark.slow
@@ -247,8 +247,8 @@ def test_distill_kd_prune_agp_qat_int8_end_to_end(make_cfg):
     record = run_experiment(cfg)
     s = record["student"]
     assert record["status"] == "completed"
-    assert s["quant_backend"] == "pt2e_x86_onednn" and s["compute"] == "int8"
-    assert s["qat_start_epoch"] == 0 and s["qat_freeze_bn_epoch"] == 1
+    assert s["quant"]["backend"] == "pt2e_x86_onednn" and s["quant"]["compute"] == "int8"
+    assert s["quant"]["qat_start_epoch"] == 0 and s["quant"]["qat_freeze_bn_epoch"] == 1
     model = load_model_file(s["artifact"])
     assert isinstance(model, int8_pt2e.Int8Model)
     # the pruned zeros survive int8 quantization (int8 zero is exact)

@@ -321,3 +321,55 @@ def test_runs_from_two_measurement_sessions_are_not_called_comparable_in_millise
     assert "milliseconds only within a session" in line and "comparable across runs" not in line
     one = latency_source_line(records_to_frame(records[:2], ["quant"]))
     assert "2 runs measured together in one process by compresslab-measure (session s1): comparable" in one
+
+
+# ---- schema v2 and v3 (issue #23) ------------------------------------------------------------
+#: one run as schema v2 wrote it: each method's report under student.<axis> *and* flat in student
+V2_RECORD = {
+    "schema_version": 2, "status": "completed", "axes": {"prune": "agp", "quant": "ptq_int8", "seed": 0},
+    "config": {}, "student": {"acc_top1": 0.97, "size_bytes": 18537, "size_ratio": 11.08,
+                              "sparsity_prunable": 0.9, "encoded_vs_dense": 0.14, "quant_backend": "pt2e_x86_onednn",
+                              "prune": {"sparsity_prunable": 0.9, "encoded_vs_dense": 0.14},
+                              "quant": {"quant_backend": "pt2e_x86_onednn"}},
+}
+V3_RECORD = {
+    "schema_version": 3, "status": "completed", "axes": {"prune": "agp", "quant": "ptq_int8", "seed": 0},
+    "config": {}, "student": {"acc_top1": 0.97, "size_bytes": 18537, "size_ratio": 11.08,
+                              "prune": {"sparsity_prunable": 0.9, "encoded_vs_dense": 0.14},
+                              "quant": {"backend": "pt2e_x86_onednn"},
+                              "encodings": {"format": "compresslab.int8_pt2e/1", "stacks": ["int8", "sparse"],
+                                            "not_stacked": {}}},
+}
+
+
+def test_the_report_reads_v2_and_v3_files_into_the_same_columns(tmp_path, capsys):
+    from compresslab.cli import report_main
+
+    frames = [records_to_frame([r], ["prune", "quant"]) for r in (V2_RECORD, V3_RECORD)]
+    for frame in frames:
+        assert frame.at[0, "prune.sparsity_prunable"] == 0.9 and frame.at[0, "size_ratio"] == 11.08
+        assert "sparsity_prunable" not in frame.columns  # v2's flat copies are not columns of their own
+    assert set(frames[0].columns) == set(frames[1].columns)
+    for version, record in (("v2", V2_RECORD), ("v3", V3_RECORD)):
+        (tmp_path / "sweep" / version).mkdir(parents=True)
+        (tmp_path / "sweep" / version / "results.json").write_text(json.dumps(record))
+    report_main([str(tmp_path / "sweep"), "--rows", "prune", "--cols", "", "--metric", "prune.sparsity_prunable",
+                 "--no-plots", "--out", str(tmp_path / "rep")])
+    assert "| agp | **0.90 ± 0.00 (2)** |" in capsys.readouterr().out  # both files counted
+
+
+def test_the_wandb_summary_carries_the_method_blocks_and_reads_them_back(monkeypatch):
+    import types
+
+    from compresslab.track import wandb_records as rep
+    from compresslab.track.wandb_glue import flatten_metrics
+
+    summary = flatten_metrics(V3_RECORD)
+    assert summary["student/prune/sparsity_prunable"] == 0.9 and summary["student/quant/backend"] == "pt2e_x86_onednn"
+    run = types.SimpleNamespace(summary=summary, config={"prune": {"name": "agp"}, "seed": 0}, state="finished",
+                                name="run-1")
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        Api=lambda: types.SimpleNamespace(runs=lambda project: [run])))
+    (rec,) = rep.load_wandb_records("me/proj")
+    assert rec["student"]["prune"] == V3_RECORD["student"]["prune"]
+    assert records_to_frame([rec], ["prune"]).at[0, "prune.encoded_vs_dense"] == 0.14

@@ -153,6 +153,7 @@ def test_weight_shared_artifact_decodes_to_the_same_weights(tmp_path):
         for m in (model.features[1], model.features[3]):
             m.weight[m.weight.abs() < m.weight.abs().quantile(0.9)] = 0.0  # 90% pruned
     method = WeightSharing("ws")
+    method.bind({"arch": arch, "input_shape": list(SHAPE), "num_classes": 10})  # report computed at finalize
     model = method.finalize(model, None)
     payload = method.export(model, {"arch": arch, "input_shape": list(SHAPE), "num_classes": 10})
     r = method.report()
@@ -160,6 +161,9 @@ def test_weight_shared_artifact_decodes_to_the_same_weights(tmp_path):
     assert r["dc_params_nonzero"] == sum(int((m.weight != 0).sum()) for m in model.modules()
                                           if isinstance(m, torch.nn.Linear))
     assert r["dc_per_layer"]["features.1"]["layout"] == "sparse" and r["dc_total_ratio"] > 20
+    from compresslab.compress.codecs.stacking import stacked_encodings
+
+    assert stacked_encodings(payload) == ["weight_shared", "sparse"]  # recorded as stacked (student.encodings)
     atomic_torch_save(payload, tmp_path / "ws.pt")
     loaded = load_model_file(tmp_path / "ws.pt")
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -199,12 +203,12 @@ def test_prune_agp_then_weight_sharing_pipeline(make_cfg):
     record = run_experiment(make_cfg([
         "student=lenet300", "teacher=none", "prune=agp", "quant=weight_sharing", "student.epochs=3",
         "prune.start=0", "prune.end=1", "quant.start_epoch=-1"]))
-    s = record["student"]
-    assert s["quant_method"] == "weight_sharing" and s["compute"] == "simulated"
+    s = record["student"]["quant"]
+    assert record["axes"]["quant"] == "weight_sharing" and s["compute"] == "simulated"
     assert s["shared_during_training"] is True
     assert s["dc_params_ratio"] > 5  # the pruned zeros were kept zero through sharing and encoding
     assert s["dc_total_ratio"] == pytest.approx(s["dc_pruning_ratio"] * s["dc_sharing_ratio"] * s["dc_huffman_ratio"])
-    model = load_model_file(s["artifact"])
+    model = load_model_file(record["student"]["artifact"])
     for m in model.modules():
         if isinstance(m, torch.nn.Linear):
             assert len(torch.unique(m.weight[m.weight != 0])) <= 32

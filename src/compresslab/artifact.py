@@ -8,13 +8,17 @@ Compression methods with other formats (sparse, int8, bit-packed) write them thr
 one module per format in :mod:`compresslab.compress.codecs`; each codec's ``load_payload``
 is listed in :data:`ARTIFACT_LOADERS` under its ``FORMAT`` string: a fixed table in this
 file, so the format read from a file selects one of these loaders and nothing else.
+The same table answers everything else about a format (:func:`codec_of`): the :class:`Codec`
+its module declares (its kind, whether its ONNX form is lossless, how it exports to ONNX).
 """
 
 from __future__ import annotations
 
+import sys
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -46,6 +50,57 @@ ARTIFACT_LOADERS = Allowlist(
     f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
     error=CheckpointError,
 )
+
+
+@dataclass(frozen=True)
+class OnnxRequest:
+    """What a codec's ONNX form is asked for: an ``example`` input (batch 2), the ``opset``, the
+    claiming methods' :meth:`~compresslab.compress.base.CompressionMethod.calibration_data` and
+    ``options`` (the ``export`` config node as a plain dict, e.g. ``int8_complete_qdq``)."""
+
+    example: torch.Tensor
+    opset: int
+    calibration: list = field(default_factory=list)
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Codec:
+    """What a codec module declares about its format as its module-level ``CODEC``.
+
+    ``kind``: the short name recorded as ``<row>.onnx.kind`` and in ``student.encodings.stacks``
+    (it is the ``encoding`` of the methods whose artifact this is); ``onnx_weights``: what the
+    exported ONNX weights are; ``lossless``: the ONNX form computes what the loaded torch artifact
+    computes (checked against ``export.check.max_abs_diff_lossless``, else top-1 agreement);
+    ``onnx_form(payload, request) -> (onnx bytes, extra info)``: the codec's own ONNX form; None
+    exports the module :func:`model_from_payload` builds with the generic exporter
+    (:func:`compresslab.runtime.onnx_export.onnx_bytes`). Extra info may override ``lossless`` /
+    ``weights`` / ``exporter`` for one payload. ``holds_sparse(payload) -> bool``: only for a codec
+    with a sparse layout of its own that the shared layer's records do not show (Deep Compression's
+    relative index, described by rows of integers): whether this payload uses it.
+    """
+
+    format: str
+    kind: str
+    lossless: bool
+    onnx_weights: str
+    onnx_form: Callable[[Mapping[str, Any], OnnxRequest], tuple[bytes, dict]] | None = None
+    holds_sparse: Callable[[Mapping[str, Any]], bool] | None = None
+
+
+DENSE_CODEC = Codec(format="compresslab.dense/1", kind="dense", lossless=True, onnx_weights="fp32")
+
+
+def codec_of(fmt: object) -> Codec:
+    """The :class:`Codec` of an artifact format, found only through :data:`ARTIFACT_LOADERS`
+    (a format outside the table is refused like a load is)."""
+    if fmt == DENSE_FORMAT:
+        return DENSE_CODEC
+    loader = ARTIFACT_LOADERS.resolve(fmt)
+    codec = getattr(sys.modules[loader.__module__], "CODEC", None)
+    if not isinstance(codec, Codec) or codec.format != fmt:
+        raise CheckpointError(f"{loader.__module__} declares no CODEC for {fmt!r}")
+    return codec
 
 
 def spec_fields(fmt: str, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int) -> dict:

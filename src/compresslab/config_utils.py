@@ -56,3 +56,24 @@ def recipe_kwargs(recipe: DictConfig, cfg: DictConfig) -> dict:
 def arch_spec(model_cfg: DictConfig) -> dict:
     """The plain-dict arch spec (``_target_`` + kwargs) of a teacher/student config."""
     return OmegaConf.to_container(model_cfg.arch, resolve=True)
+
+
+def job_run_dir(cfg: DictConfig) -> Path:
+    """``cfg.paths.run_dir``, or Hydra's output dir for the job when the config can't resolve it."""
+    try:
+        return Path(cfg.paths.run_dir)
+    except Exception:  # noqa: BLE001 - an unresolvable config still gets its record in the job dir
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            return Path(HydraConfig.get().runtime.output_dir)
+        raise
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this Hydra job ([] outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)]

@@ -7,7 +7,8 @@ completed or failed — leaves ``<run dir>/results.json``.
 
 After :func:`validate`, a run is five named stages: ``obtain_teacher``
 (:mod:`compresslab.teacher`: cached, from a checkpoint, or trained), :func:`fit_student`,
-:func:`export_student` (finalize, save the artifact and the reference, export ONNX),
+:func:`export_student` (every method's finalize and side files, save the artifact in the
+claiming method's codec, what it stacks, the reference, export ONNX),
 :func:`measure_models` and :func:`record_rows` (the rows of :mod:`compresslab.track.results`).
 """
 
@@ -30,7 +31,10 @@ from pytorch_lightning.callbacks import Callback
 
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
-from compresslab.config_utils import arch_spec, instantiate_node, recipe_kwargs
+from compresslab.compress.base import ExportContext
+from compresslab.compress.codecs.stacking import encodings_record
+from compresslab.compress.fuse.bn import check_fuse_combination
+from compresslab.config_utils import arch_spec, hydra_overrides, instantiate_node, job_run_dir, recipe_kwargs
 from compresslab.data.regime import check_student_regime
 from compresslab.deploy import step as deploy
 from compresslab.distill.cache import check_cache_allowed
@@ -96,9 +100,12 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
         train_set = getattr(datamodule, "train_set", None)  # feature shapes at the taps too (FSP pairs, OFD's BN)
         module.build(shape, len(train_set) if train_set is not None else None)
     methods = build_methods(cfg)
+    context = ExportContext(arch=arch_spec(cfg.student), input_shape=list(shape), num_classes=classes)
     for method in methods:  # checks against the built student (layer names, BN present, ...)
         method.validate_student(build_model(arch_spec(cfg.student), shape, classes), datamodule)
-    deploy.validate(cfg)  # export / measure.backends / fuse settings
+        method.bind(context)
+    check_fuse_combination(cfg)
+    deploy.validate(cfg)  # export / measure.backends settings
     instantiate(cfg.trainer, max_epochs=1, logger=False, **trainer_adjustments(cfg.trainer))  # accelerator/devices/precision errors now
     return methods
 
@@ -172,36 +179,18 @@ def _profile_all(cfg: DictConfig, files: dict[str, Path | None], models: dict[st
     return metrics
 
 
-def job_run_dir(cfg: DictConfig) -> Path:
-    """``cfg.paths.run_dir``, or Hydra's output dir for the job when the config can't resolve it."""
-    try:
-        return Path(cfg.paths.run_dir)
-    except Exception:  # noqa: BLE001 - an unresolvable config still gets its record in the job dir
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.output_dir)
-        raise
-
-
-def hydra_overrides() -> list[str]:
-    """The command-line overrides of this Hydra job ([] outside Hydra)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return []
-    return [str(o) for o in OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)]
-
-
 @dataclass
 class SavedModels:
     """What :func:`export_student` leaves for measuring: each model as loaded back from its file
-    (``models``), the file (``files``; None for a teacher without a compresslab file) and the
-    export/check figures of the ``.onnx`` files (``onnx``, None without ``export.onnx``)."""
+    (``models``), the file (``files``; None for a teacher without a compresslab file), the
+    export/check figures of the ``.onnx`` files (``onnx``, None without ``export.onnx``), what the
+    student's file stacks (``encodings``) and each method's side files (``side_files``, by axis)."""
 
     models: dict[str, torch.nn.Module]
     files: dict[str, Path | None]
     onnx: dict[str, dict] | None
+    encodings: dict[str, Any]
+    side_files: dict[str, dict[str, str]]
 
 
 def fit_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], teacher, trainer_factory, logger,
@@ -222,24 +211,29 @@ def fit_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], teach
 
 def export_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], student: torch.nn.Module, teacher,
                    tinfo: dict, artifacts: Path) -> SavedModels:
-    """Stage 3: finalize the trained student with each method, save it in the format the last
-    method claims (dense otherwise) beside the untrained dense reference, load both back from their
-    files, and export/check ONNX files when ``export.onnx`` is on."""
+    """Stage 3: finalize the trained student with each method (every method: its report), write
+    each method's side files, save the student in the format the last method claims (dense
+    otherwise; :meth:`~compresslab.compress.base.CompressionMethod.export` is pure) beside the
+    untrained dense reference, record what the file stacks, load both back from their files, and
+    export/check ONNX files when ``export.onnx`` is on."""
     for method in methods:
         student = method.finalize(student, dm)
+    side = {m.axis: m.side_files(artifacts.parent) for m in methods}
     spec, shape, classes = arch_spec(cfg.student), dm.input_shape, dm.num_classes
-    context = {"arch": spec, "input_shape": list(shape), "num_classes": classes, "run_dir": artifacts.parent}
+    context = ExportContext(arch=spec, input_shape=list(shape), num_classes=classes)
     payload = next((p for m in reversed(methods) if (p := m.export(student, context)) is not None), None)
+    payload = payload or model_payload(student, spec, shape, classes)
     student_path = artifacts / "student.pt"
-    atomic_torch_save(payload or model_payload(student, spec, shape, classes), student_path)
+    atomic_torch_save(payload, student_path)
     ref_path = save_model_file(artifacts / "reference.pt", build_model(spec, shape, classes), spec, shape, classes)
     models = {"reference": load_model_file(ref_path), "student": load_model_file(student_path)}  # as saved
     files: dict[str, Path | None] = {"reference": ref_path, "student": student_path}
     if teacher is not None:  # a user's checkpoint may be a Lightning one: measured from a model file
         models["teacher"] = teacher
         files["teacher"] = None if tinfo["source"] == "checkpoint" else Path(tinfo["path"])
-    onnx = deploy.export_step(cfg, files, models, dm, methods, artifacts) if deploy.export_enabled(cfg) else None
-    return SavedModels(models, files, onnx)
+    calibration = [x for m in methods for x in m.calibration_data()]
+    onnx = deploy.export_step(cfg, files, models, dm, calibration, artifacts) if deploy.export_enabled(cfg) else None
+    return SavedModels(models, files, onnx, encodings_record(payload, methods), side)
 
 
 def measure_models(cfg: DictConfig, saved: SavedModels, dm) -> dict[str, dict]:
@@ -263,7 +257,8 @@ def record_rows(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], saved
     accuracy = {"acc_top1": evaluate_accuracy(models["student"], dm.test_dataloader()),
                 **class_metrics(models["student"], dm, classes, _eval_cfg(cfg))}
     rows["student"] = student_row(profiles["student"], _size(files["student"]), accuracy, fit,
-                                  {m.axis: m.report() for m in methods})
+                                  {m.axis: {**m.report(), **saved.side_files[m.axis]} for m in methods})
+    rows["student"]["encodings"] = saved.encodings
     add_ratios(rows)
     deploy.merge(rows, saved.onnx)
     return rows

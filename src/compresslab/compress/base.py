@@ -1,22 +1,39 @@
 """The contract between the run pipeline and a compression method.
 
-A method is configured in its axis group (``prune``, ``quant``, ``lowrank``) with a
-``_target_`` naming a :class:`CompressionMethod` subclass; ``<axis>=none`` has no
-target and adds nothing. The pipeline calls, in the order of
+A method is configured in its axis group (``prune``, ``quant``, ``lowrank``, ``fuse``) with a
+``_target_`` naming a :class:`CompressionMethod` subclass; ``<axis>=none`` has no target and
+adds nothing. The pipeline calls, for every method, in the order of
 :data:`compresslab.axes.COMPRESSION_AXES` (lowrank → prune → quant → fuse):
 
+0. :meth:`bind` with the run's :class:`ExportContext` (arch spec, input shape, classes), once,
+   before any other hook but :meth:`validate_student`; later hooks read it as ``self.context``;
 1. :meth:`prepare` on the freshly built student (e.g. factorize layers),
 2. :meth:`callbacks` to add Lightning callbacks to the student fit (pruning schedules, QAT),
-3. :meth:`finalize` on the trained, val-selected student (PTQ, removing masks),
-4. :meth:`export` to claim the artifact format (the last axis that returns a payload wins),
-5. :meth:`report` to add method-specific numbers to the student's results.
+3. :meth:`finalize` on the trained, val-selected student (PTQ, removing masks). **Every**
+   method's numbers for results.json are computed here (or in :meth:`report`), never in
+   :meth:`export`, so a method reports the same keys whether or not another method claims the file;
+4. :meth:`side_files` (every method, after all finalizes): the method's own tables and plots
+   (per-layer sparsity, sensitivity CSV/PNG) in the run dir; the paths it returns
+   land in its report;
+5. :meth:`export`, **pure**: a plain-data payload (or None) and nothing else: no files, no report
+   changes. The last method (in axis order) that returns a payload claims the artifact; its codec
+   (:mod:`compresslab.compress.codecs`) stores every tensor through the shared sparse layer, so a
+   pruned student's zeros stack with the claiming method's own encoding, and the pipeline records
+   under ``student.encodings`` which methods' :attr:`codec_kind` the file stacks and which it cannot;
+6. :meth:`report`: the method's numbers, written to ``student.<axis>`` with plain keys.
+
+What a method hands the ONNX export besides its payload is part of this contract too:
+:meth:`calibration_data` (PTQ's calibration batches, which the int8 codec's ONNX form uses
+to complete the QDQ graph).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from pathlib import Path
+from typing import Any, TypedDict
 
+import torch
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
@@ -28,10 +45,27 @@ from compresslab.config_utils import instantiate_node
 from compresslab.errors import ConfigError
 
 
+class ExportContext(TypedDict):
+    """What every payload is rebuilt from: the student's arch spec, input shape and class count."""
+
+    arch: dict
+    input_shape: list[int]
+    num_classes: int
+
+
 class CompressionMethod:
-    """Base class with pass-through hooks; subclasses override what their method needs."""
+    """Base class with pass-through hooks; subclasses override what their method needs.
+
+    ``codec_kind``: the :attr:`compresslab.artifact.Codec.kind` of the encoding this method
+    contributes to the artifact (``sparse``, ``structured``, ``lowrank``, ``int8``, ``lowbit``,
+    ``actquant``, ``weight_shared``, ``ort_int8``, ``fused``), or None for a method that leaves the
+    stored tensors as they are (sensitivity analysis). The pipeline checks it against what the
+    saved file stacks (``student.encodings``).
+    """
 
     axis: str = ""
+    codec_kind: str | None = None
+    context: ExportContext | None = None
     #: the dataclass schema of the method's options (:mod:`compresslab.config_schema`): their types,
     #: enums and ranges, checked by :meth:`__new__` before ``__init__`` runs
     options: type | None = None
@@ -51,6 +85,10 @@ class CompressionMethod:
         ``pipeline.validate`` on a freshly built student before any fit; raise
         :class:`~compresslab.errors.ConfigError` (default: nothing to check)."""
 
+    def bind(self, context: ExportContext) -> None:
+        """Receive the run's export context (kept as ``self.context``) before :meth:`prepare`."""
+        self.context = context
+
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
         """Change the student before training (default: unchanged)."""
         return student
@@ -60,16 +98,26 @@ class CompressionMethod:
         return []
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
-        """Transform the trained student (default: unchanged)."""
+        """Transform the trained student and compute this method's report (default: unchanged)."""
         return student
 
-    def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
-        """A plain-data payload to save as the artifact, with a ``format`` registered in
-        :data:`compresslab.artifact.ARTIFACT_LOADERS`; None leaves the dense format."""
+    def side_files(self, run_dir: Path) -> dict[str, str]:
+        """Write this method's side files (tables, plots) under ``run_dir`` (pruning methods: in
+        ``<run dir>/pruning/``); return ``{report key: path}``, added to its report (default: none)."""
+        return {}
+
+    def export(self, student: nn.Module, context: ExportContext) -> dict | None:
+        """Pure: a plain-data payload with a ``format`` registered in
+        :data:`compresslab.artifact.ARTIFACT_LOADERS`, or None to leave the format to another
+        method (dense when none claims it). No files, no change to the report."""
         return None
 
+    def calibration_data(self) -> list[torch.Tensor]:
+        """Input batches the ONNX form of this method's payload is calibrated with (default: none)."""
+        return []
+
     def report(self) -> dict[str, Any]:
-        """Extra numbers for results.json's student entry."""
+        """This method's numbers for results.json's ``student.<axis>`` (plain keys)."""
         return {}
 
 

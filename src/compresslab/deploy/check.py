@@ -72,7 +72,7 @@ def check_pairs(pairs: Mapping[str, Mapping[str, str]], x: torch.Tensor, y: torc
                 batch_size: int = 256) -> dict[str, dict]:
     """:func:`compare` of each ``{"pt", "onnx"}`` pair on ``x``/``y`` (in this process)."""
     from compresslab.artifact import load_model_file
-    from compresslab.deploy.ort import OrtModel
+    from compresslab.runtime.ort import OrtModel
 
     out = {}
     for name, pair in pairs.items():

@@ -2,7 +2,7 @@
 
 Called from :mod:`compresslab.pipeline` at three points:
 
-1. :func:`validate` (before any training): the ``export`` / ``fuse`` / ``measure.backends`` settings.
+1. :func:`validate` (before any training): the ``export`` / ``measure.backends`` settings.
 2. :func:`export_step` (after the artifacts are saved): ``artifacts/<name>.onnx`` for the student,
    the reference and the teacher, each checked against its ``.pt`` in a fresh process
    (:mod:`compresslab.deploy.check`) on the test split; a failed check raises
@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from compresslab.errors import ConfigError
 
@@ -45,10 +45,7 @@ def export_enabled(cfg: DictConfig) -> bool:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Clear errors for impossible export/backend/fuse settings, before any training."""
-    from compresslab.compress.fuse.bn import check_fuse_combination
-
-    check_fuse_combination(cfg)
+    """Clear errors for impossible export/backend settings, before any training."""
     backends = list(cfg.measure.get("backends") or ["torch"])
     unknown = [b for b in backends if b not in BACKENDS]
     if unknown:
@@ -82,23 +79,16 @@ def validate(cfg: DictConfig) -> None:
                           "they are compresslab dependencies: pip install -e .") from exc
 
 
-def _calibration_of(methods) -> list[torch.Tensor]:
-    for method in methods:
-        batches = getattr(method, "calibration", None)
-        if batches:
-            return list(batches)
-    return []
-
-
 def export_step(cfg: DictConfig, files: Mapping[str, Path | None], models: Mapping[str, torch.nn.Module],
-                datamodule, methods, artifacts: Path) -> dict[str, dict]:
-    """Export and check every model (see the module doc); returns ``{name: onnx info}``."""
+                datamodule, calibration: Sequence[torch.Tensor], artifacts: Path) -> dict[str, dict]:
+    """Export and check every model (see the module doc); returns ``{name: onnx info}``.
+    ``calibration``: the student's methods' ``calibration_data()``, handed to its codec's ONNX form."""
     import tempfile
 
     from compresslab.artifact import read_payload, save_model_file
     from compresslab.deploy import check as chk
     from compresslab.deploy.export import export_module, export_payload
-    from compresslab.deploy.ort import optimized_ops
+    from compresslab.runtime.ort import optimized_ops
     from compresslab.config_utils import arch_spec
 
     node = cfg.export
@@ -113,9 +103,9 @@ def export_step(cfg: DictConfig, files: Mapping[str, Path | None], models: Mappi
                                        datamodule.input_shape, datamodule.num_classes)
                 infos[name] = export_module(models[name], datamodule.input_shape, onnx_path, opset)
             else:
-                calibration = _calibration_of(methods) if name == "student" else []
-                infos[name] = export_payload(read_payload(path), onnx_path, calibration,
-                                             bool(node.get("int8_complete_qdq", True)), opset)
+                options = OmegaConf.to_container(node, resolve=True)
+                infos[name] = export_payload(read_payload(path), onnx_path,
+                                             calibration if name == "student" else [], options, opset)
             infos[name]["ort_ops"] = optimized_ops(onnx_path)
             pairs[name] = {"pt": str(path), "onnx": str(onnx_path)}
         xs, ys = [], []

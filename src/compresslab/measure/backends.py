@@ -22,7 +22,7 @@ def load_backends(spec: Mapping[str, Mapping[str, str]] | None) -> dict[str, dic
     """The callables of :func:`onnx_files`' mapping (in the measuring process)."""
     if not spec:
         return None
-    from compresslab.deploy.ort import OrtModel
+    from compresslab.runtime.ort import OrtModel
 
     out: dict[str, dict[str, Any]] = {}
     for backend, files in spec.items():
@@ -56,7 +56,7 @@ def backend_figures(backend: str, figures: Mapping[str, Any], gate: Mapping[str,
     out = {k: figures[k] for k in TIMED_FIGURES if k in figures}
     out.update(threads_b1=gate["threads_b1"], threads_bN=gate["threads_bN"])
     if backend == "onnxruntime":
-        from compresslab.deploy.ort import SETTINGS, versions
+        from compresslab.runtime.ort import SETTINGS, versions
 
         out.update(intra_op_num_threads_b1=gate["threads_b1"], intra_op_num_threads_bN=gate["threads_bN"],
                    settings=dict(SETTINGS), versions=versions())

@@ -126,6 +126,10 @@ class LoadProbe:
 #: backend has its own of under ``<row>.backends.<backend>``.
 TIMED_FIGURES = ("latency_ms_b1", "latency_ms_b1_p90", "latency_ms_b1_iqr", "latency_ms_bN", "latency_ms_bN_p90",
                  "latency_ms_bN_iqr", "speedup", "speedup_ci", "speedup_b1", "speedup_b1_ci")
+#: Figures computed from timed ones: ``speedup_vs_expected`` (``track.results.add_ratios``) and the
+#: deployed speed-ups (``measure.backends.set_deployed``). With :data:`TIMED_FIGURES` they are the one
+#: vocabulary of clock-made figures (``track.metrics.LATENCY_METRICS`` is derived from both).
+DERIVED_TIMED_FIGURES = ("speedup_vs_expected", "deployed_speedup", "deployed_speedup_b1")
 
 
 def auto_threads_bN(is_idle: bool, cores: int | None = None) -> int:  # noqa: N802 - the config's name

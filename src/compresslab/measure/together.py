@@ -18,7 +18,7 @@ training-time figures stay untouched)::
 
 Runs whose config has ``measure.backends`` with ``onnxruntime`` and whose rows record their
 exported ``<row>.onnx.path`` have those ``.onnx`` files loaded in ONNX Runtime
-(:class:`compresslab.deploy.ort.OrtModel`, the per-job session settings) and timed in the same
+(:class:`compresslab.runtime.ort.OrtModel`, the per-job session settings) and timed in the same
 rounds as the ``.pt`` files, which adds per row::
 
       <row>.backends.onnxruntime: latency_ms_b1/..., speedup, speedup_ci, speedup_b1, speedup_b1_ci
@@ -66,7 +66,7 @@ def _digest(path: Path) -> str:
 
 def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     """(results.json path, record) of every completed run under ``paths`` whose artifacts exist."""
-    from compresslab.track.results import collect_job_results
+    from compresslab.records import collect_job_results
 
     out = []
     for root in paths:
@@ -140,7 +140,7 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
 def _load(path: Path):
     """A callable for one file: an ONNX Runtime session wrapper for ``.onnx``, the module otherwise."""
     if path.suffix == ".onnx":
-        from compresslab.deploy.ort import OrtModel
+        from compresslab.runtime.ort import OrtModel
 
         return OrtModel(path)
     from compresslab.artifact import load_model_file
@@ -182,7 +182,7 @@ def measure_together(paths: Sequence[Path], settings: LatencySettings | None = N
     """Time the artifacts of every completed run under ``paths`` in this process, interleaved,
     and (``write``) add the ``measured_together`` block to each run's results.json.
     Returns ``{"session": ..., "runs": {results.json: block}, "skipped": [...]}``."""
-    from compresslab.track.results import write_results
+    from compresslab.records import write_results
 
     runs = completed_runs(paths)
     if not runs:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from compresslab.measure.latency import DERIVED_TIMED_FIGURES, TIMED_FIGURES
+
 
 #: Metrics where smaller is better (everything else: larger is better). A dotted metric
 #: (``backends.onnxruntime.latency_ms_bN``) is judged by its last part (:func:`base_metric`).
@@ -41,10 +43,9 @@ def record_value(record: dict, key: str) -> Any:
 
 
 #: Figures that come from the clock (the rest — sizes, MACs, accuracies — are exact); a dotted
-#: metric (``backends.onnxruntime.speedup``) by its last part.
-LATENCY_METRICS = {"latency_ms_b1", "latency_ms_bN", "latency_ms_b1_p90", "latency_ms_bN_p90", "latency_ms_b1_iqr",
-                   "latency_ms_bN_iqr", "speedup", "speedup_b1", "speedup_vs_expected", "deployed_speedup",
-                   "deployed_speedup_b1"}
+#: metric (``backends.onnxruntime.speedup``) by its last part. Derived from the vocabulary of
+#: :mod:`compresslab.measure.latency` (the ``_ci`` intervals are tabulated as their own columns).
+LATENCY_METRICS = frozenset(k for k in TIMED_FIGURES + DERIVED_TIMED_FIGURES if not k.endswith("_ci"))
 
 
 #: The student's exact figures that each backend has its own of besides the timed ones

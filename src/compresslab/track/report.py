@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from compresslab.axes import COMPRESSION_AXES
 from compresslab.measure.latency import TIMED_FIGURES
 from compresslab.track.metrics import BACKEND_EXACT, CI_KEYS, dotted, record_value
 from compresslab.track.plots import plot_tradeoffs
@@ -37,6 +38,22 @@ def _ci_columns(row: dict, prefix: str, figures: dict) -> None:
             row[f"{prefix}{key}_ci_lo"], row[f"{prefix}{key}_ci_hi"] = ci
 
 
+def student_v3(record: dict) -> dict:
+    """The record's student row as schema v3 has it: a v2 file (``schema_version`` 2 or absent) also
+    copied each method's keys flat into ``student``; those copies are dropped, so a v2 and a v3 file
+    give the same table (method figures as ``<axis>.<key>`` columns, see :func:`records_to_frame`)."""
+    student = dict(record.get("student") or {})
+    if int(record.get("schema_version") or 2) >= 3:
+        return student
+    for axis in COMPRESSION_AXES:
+        block = student.get(axis)
+        if isinstance(block, dict):
+            for key, value in block.items():
+                if key in student and student[key] == value:
+                    del student[key]
+    return student
+
+
 def student_figures(record: dict, backend: str | None = None) -> tuple[dict, str | None]:
     """The student's metrics, with its timed figures taken from the sweep-level measurement
     (``measured_together``, written by ``compresslab-measure``) when the run has one; and
@@ -48,7 +65,7 @@ def student_figures(record: dict, backend: str | None = None) -> tuple[dict, str
     ``acc_top1`` and ``size_bytes`` (``size_ratio`` against the reference's file in the same
     backend, ``speedup_vs_expected`` recomputed); a run without them gets ``backend_missing: True``
     and those figures None, never the torch ones under the backend's name."""
-    per_job = dict(record.get("student") or {})
+    per_job = student_v3(record)
     student = dict(per_job)
     backends = {b: dict(v) for b, v in (student.get("backends") or {}).items() if isinstance(v, dict)}
     together = dict((record.get("measured_together") or {}).get("student") or {})
@@ -108,6 +125,10 @@ def records_to_frame(records: Iterable[dict], keys: Sequence[str], backend: str 
         for name, figures in (student.get("backends") or {}).items():
             row.update({f"backends.{name}.{k}": v for k, v in figures.items() if isinstance(v, (int, float))})
             _ci_columns(row, f"backends.{name}.", figures)
+        for axis in COMPRESSION_AXES:  # each method's own figures (schema v3: only there)
+            block = student.get(axis) if isinstance(student.get(axis), dict) else {}
+            row.update({f"{axis}.{k}": v for k, v in block.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
         for metric in metrics:
             value = dotted(student, metric) if "." in metric and metric not in row else None
             if isinstance(value, (int, float)):

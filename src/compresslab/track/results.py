@@ -1,9 +1,10 @@
 """The per-run ``results.json``: its schema, the assembly of its rows, and its reading and writing
 (atomic, also for failed runs). This docstring is the one description of the schema.
 
-Schema version 2 (later versions extend it, never break it)::
+Schema version 3 (v2 differed only in also copying each method's keys flat into ``student``;
+:mod:`compresslab.track.report` reads both)::
 
-    schema_version: 2
+    schema_version: 3
     status: "completed" | "failed" | "running" | "pruned" (a search's pruner stopped it; pruned_at_epoch)
     error: str | null      stage (unresolved runs)
     axes: {<each of compresslab.axes.AXES>: the chosen option's name, seed}
@@ -20,10 +21,13 @@ Schema version 2 (later versions extend it, never break it)::
           (acc_top1_last, train_time_s; student: val_acc_top1, best_epoch, epochs_run, resumed_from,
           preemptions);
         - deployment: onnx, backends.<backend>, deployed_speedup (compresslab.deploy.step);
-    student.<axis>: for each compression axis that ran, its method's own report (e.g.
-        student.prune.sparsity_prunable, student.quant.quant_method). The same keys are also kept
-        flat in ``student`` for consumers of version 1; a key two axes (or an axis and a shared
-        metric) would both write is refused.
+    student.<axis>: for each compression axis that ran, its method's own report with plain keys
+        (e.g. student.prune.sparsity_prunable, student.quant.backend, student.lowrank.ranks), computed
+        whether or not that method's encoding claimed the file, plus the paths of its side files
+        (student.prune.layer_sparsity_table); no method key is anywhere else;
+    student.encodings: format (the artifact's), stacks (the encodings the file holds, e.g.
+        ["int8", "sparse"]), not_stacked ({axis: why its method's encoding is not in the file})
+        (compresslab.compress.codecs.stacking);
     measured_together: figures of compresslab-measure (compresslab.measure.together)
     data_regime: the data regime's summary (compresslab.data.regime)
     versions: package versions             git_commit: sha of the code that ran
@@ -34,13 +38,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import platform
 import subprocess
 import traceback
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -48,30 +51,11 @@ from compresslab.slurm_env import slurm_fields
 from compresslab import axes as ablation_axes
 from compresslab.errors import ConfigError
 from compresslab.files import atomic_write_bytes
+from compresslab.records import _jsonable, collect_job_results, read_results, write_results  # noqa: F401
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _PACKAGES = ("torch", "torchvision", "pytorch-lightning", "hydra-core", "torchmetrics", "wandb", "compresslab")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if hasattr(value, "item"):  # numpy / torch scalars
-        return _jsonable(value.item())
-    return str(value)
-
-
-def write_results(path: Path, record: Mapping[str, Any]) -> Path:
-    """Write ``record`` as JSON to ``path`` atomically (temp file in the same dir + rename)."""
-    text = json.dumps(_jsonable(record), indent=2, sort_keys=False) + "\n"
-    return atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
 def write_final_results(path: Path, record: dict[str, Any], run_error: BaseException | None) -> None:
@@ -102,41 +86,6 @@ def write_final_results(path: Path, record: dict[str, Any], run_error: BaseExcep
     record.update(short)
     if run_error is None:
         raise write_error
-
-
-def read_results(path: Path) -> dict:
-    """Read one results.json."""
-    return json.loads(Path(path).read_text())
-
-
-def collect_job_results(sweep_dir: Path, job_dirs: Iterable[Path] = ()) -> list[dict]:
-    """Every ``results.json`` under ``sweep_dir`` (one per job), in job order (``2/`` before ``10/``).
-
-    ``job_dirs`` are the directories of jobs that were launched: one without a results.json
-    (a job that died before writing it) is listed as failed, so no launched job goes uncounted.
-    A results.json that can't be read or parsed is kept as ``status: unreadable`` with the reason.
-    """
-    paths = {p.resolve() for p in Path(sweep_dir).rglob("results.json")}
-    paths |= {(Path(d) / "results.json").resolve() for d in job_dirs}
-    records = []
-    for path in sorted(paths, key=_natural_key):
-        if not path.exists():
-            record = {"status": "failed", "error": f"the job left no results.json (see {path.parent}/*.log)"}
-        else:
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                if not isinstance(record, dict):
-                    raise ValueError(f"holds a JSON {type(record).__name__}, not an object")
-            except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON
-                record = {"status": "unreadable", "error": f"{type(exc).__name__}: {exc}"}
-        record["_path"] = str(path)
-        records.append(record)
-    return records
-
-
-def _natural_key(path: Path) -> tuple:
-    """Sort key comparing numeric path parts as numbers."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts)
 
 
 def versions() -> dict:
@@ -243,21 +192,11 @@ def add_ratios(rows: Mapping[str, dict | None]) -> None:
 
 
 def add_method_reports(student: dict, reports: Mapping[str, Mapping[str, Any]]) -> None:
-    """Put each compression axis's report under ``student.<axis>``, and its keys flat in ``student``
-    too (schema version 1's place). A key that two axes, or an axis and a shared metric, both write,
-    or one named like an axis (it would replace that axis's block), raises instead of one silently
-    replacing the other."""
-    owner: dict[str, str] = {}
+    """Put each compression axis's report under ``student.<axis>`` (only there: schema v3). An axis
+    whose name is already a student figure raises instead of replacing it."""
     for axis, report in reports.items():
-        for key in report:
-            clash = (owner.get(key) or ("the shared metrics" if key in student else None)
-                     or ("an axis's block" if key in ablation_axes.AXES else None))
-            if clash:
-                raise RuntimeError(f"results.json: student.{key} is reported by {axis} and by {clash}; "
-                                   "rename one of them in its method's report()")
-            owner[key] = f"axis {axis}"
-    for axis, report in reports.items():
-        student.update(report)
+        if axis in student:
+            raise RuntimeError(f"results.json: the axis {axis!r} would replace student.{axis}; rename the axis")
         student[axis] = dict(report)
 
 

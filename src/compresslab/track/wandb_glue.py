@@ -18,6 +18,8 @@ from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from compresslab.axes import COMPRESSION_AXES
+
 METRIC_ROWS = ("teacher", "reference", "student")
 #: student figures copied into the model artifact's metadata
 KEY_METRICS = ("acc_top1", "val_acc_top1", "size_bytes", "size_ratio", "params", "params_nonzero", "sparsity",
@@ -84,6 +86,15 @@ def wandb_run_id(run_dir: Path, resume: bool = True) -> str:
     return run_id
 
 
+#: the student's nested blocks whose plain values a summary carries too (``student/prune/sparsity_prunable``):
+#: each compression axis's report (schema v3 keeps method keys only there) and ``encodings``
+NESTED_BLOCKS = (*COMPRESSION_AXES, "encodings")
+
+
+def _scalars(prefix: str, metrics: Mapping[str, Any], flat: dict) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            flat[f"{prefix}/{key}"] = value
 def wandb_logger_of(loggers) -> Any:
     """The WandbLogger among a run's loggers (a list, one logger or None), else None."""
     from pytorch_lightning.loggers import WandbLogger
@@ -93,13 +104,15 @@ def wandb_logger_of(loggers) -> Any:
 
 
 def flatten_metrics(record: Mapping[str, Any]) -> dict:
-    """``{"student/acc_top1": ..., "teacher/params": ...}`` for the W&B run summary."""
-    flat = {}
+    """``{"student/acc_top1": ..., "teacher/params": ..., "student/quant/backend": ...}`` for the W&B
+    run summary (:func:`compresslab.track.wandb_records.load_wandb_records` nests them back)."""
+    flat: dict = {}
     for row in METRIC_ROWS:
         metrics = record.get(row) or {}
-        for key, value in metrics.items():
-            if isinstance(value, (int, float, str, bool)) or value is None:
-                flat[f"{row}/{key}"] = value
+        _scalars(row, metrics, flat)
+        for block in NESTED_BLOCKS:
+            if isinstance(metrics.get(block), Mapping):
+                _scalars(f"{row}/{block}", metrics[block], flat)
     flat["status"] = record.get("status")
     return flat
 

@@ -11,12 +11,15 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
+from compresslab.compress.codecs.sparse import pack_state, unpack_state
 from compresslab.compress.common import dense_state, set_module
 from compresslab.errors import CheckpointError
 from compresslab.models import build_model
 
 FORMAT = "compresslab.fused/1"
+CODEC = Codec(FORMAT, kind="fused", lossless=True,
+              onnx_weights="fp32, BatchNorm folded")
 #: the layers a BatchNorm folds into, and the BatchNorms that fold
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -27,7 +30,7 @@ def fused_payload(model: nn.Module, pairs, context: Mapping[str, Any], meta: Map
     return {
         **context_fields(FORMAT, context),
         "folded": [[str(a), str(b)] for a, b in pairs],
-        "state_dict": dense_state(model.state_dict()),
+        "state_dict": pack_state(dense_state(model.state_dict())),
         "meta": dict(meta or {}),
     }
 
@@ -52,7 +55,7 @@ def load_payload(payload: dict) -> nn.Module:
             conv.bias = nn.Parameter(torch.zeros(out))
         set_module(model, bn, nn.Identity())
     try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(unpack_state(payload["state_dict"]))
     except RuntimeError as exc:
         raise CheckpointError(f"fused artifact does not match its architecture: {exc}") from exc
     return model.eval()

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from compresslab.compress.codecs.bitpack import dtype_from_name, dtype_name
-from compresslab.compress.codecs.sparse import decode_state_dict, encode_state_dict
-from compresslab.artifact import context_fields
+from compresslab.compress.codecs.sparse import decode_state_dict, pack_state, sparse_names
+from compresslab.artifact import Codec, OnnxRequest, context_fields
+from compresslab.compress.codecs.int8_onnx import complete_qdq
 from compresslab.compress.quant.pt2e import (
     example_input,
     graph_constants,
@@ -65,10 +66,10 @@ def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], st
                  mode: str, lower: bool, meta: Mapping[str, Any] | None = None) -> dict:
     """The plain-data int8 artifact of a converted graph.
 
-    The constants go through the sparse encoding with ``encoding="auto"`` and no compression:
+    The constants go through the shared sparse layer (:func:`~compresslab.compress.codecs.sparse.pack_state`):
     dense int8 weights are stored as they are, while the weights of a pruned student (whose
     zeros stay exactly 0 under symmetric per-channel quantization) take the cheaper bitmask or
-    index layout, so pruning and int8 compose in the file size.
+    index layout, so pruning and int8 stack in the file size.
     """
     constants, dtypes = _compact(graph_constants(converted))
     return {
@@ -76,7 +77,7 @@ def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], st
         "structure": dict(structure or {}),
         "mode": mode,
         "lower": bool(lower),
-        "constants": encode_state_dict(constants, encoding="auto", compression="none"),
+        "constants": pack_state(constants),
         "constants_dtype": dtypes,
         "qparams": graph_qparams(converted),
         "torch_version": str(torch.__version__),
@@ -92,7 +93,7 @@ def stored_constants(payload: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 
 def sparse_constants(payload: Mapping[str, Any]) -> list[str]:
     """Names of the constants stored in a sparse (bitmask / index) layout."""
-    return [rec["name"] for rec in payload["constants"]["tensors"] if rec["layout"] != "dense"]
+    return sparse_names(payload["constants"])
 
 
 def rebuild_converted(payload: Mapping[str, Any]) -> torch.fx.GraphModule:
@@ -168,3 +169,21 @@ def load_payload(payload: dict) -> nn.Module:
         lowered = lower_x86(converted, example_input(payload["input_shape"]))
         return Int8Model(lowered, weights, "int8" if int8_ops(lowered) else "simulated")
     return Int8Model(converted, weights, "simulated")
+
+
+def int8_onnx_form(payload: Mapping[str, Any], request: OnnxRequest) -> tuple[bytes, dict]:
+    """The ONNX form: the rebuilt PT2E reference graph as QDQ, completed for ONNX Runtime's fusion
+    with ``export.int8_complete_qdq`` (:mod:`compresslab.compress.codecs.int8_onnx`)."""
+    from compresslab.runtime.onnx_export import onnx_bytes
+
+    data = onnx_bytes(rebuild_converted(payload), request.example, request.opset)
+    info: dict[str, Any] = {"int8_mode": payload.get("mode"), "int8_added_qdq": 0, "int8_qdq": "exact PT2E graph"}
+    if bool(request.options.get("int8_complete_qdq", True)) and payload.get("mode") == "static":
+        data, added = complete_qdq(data, list(request.calibration))
+        info["int8_added_qdq"] = added
+        info["int8_qdq"] = "completed for ONNX Runtime fusion" if added else "exact PT2E graph"
+    return data, info
+
+
+CODEC = Codec(FORMAT, kind="int8", lossless=False, onnx_weights="int8 QDQ (PT2E scales and zero points)",
+              onnx_form=int8_onnx_form)

@@ -12,7 +12,7 @@ activations were quantized, their fake-quantizers.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,14 +20,14 @@ from torch import nn
 from compresslab.compress.codecs.bitpack import (
     dtype_from_name,
     dtype_name,
-    flatten_state,
     pack_bits,
     pack_trits,
     unflatten_state,
     unpack_bits,
     unpack_trits,
 )
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, OnnxRequest, context_fields, model_from_payload
+from compresslab.compress.codecs.sparse import merge_zeros, pack_state, split_zeros, unpack_state
 from compresslab.compress.common import fake_quant_affine
 from compresslab.compress.quant.quantizers import dequantize_codes, quantize_weight
 from compresslab.compress.structure import build_structure, structure_of
@@ -47,6 +47,37 @@ def unpack_codes(packed: torch.Tensor, scheme: str, bits: int, n: int) -> torch.
     return unpack_trits(packed, n) if scheme == "ternary" else unpack_bits(packed, bits, n)
 
 
+def zero_code(scheme: str, bits: int) -> int | None:
+    """The code a zero weight gets (:func:`~compresslab.compress.quant.quantizers.quantize_weight`);
+    None for binary, which has no zero (sign(0) = +1): its codes cannot drop a pruned weight."""
+    return {"uniform": 1 << (bits - 1), "ternary": 1}.get(scheme)
+
+
+def _pack_layer(codes: torch.Tensor, scheme: str, bits: int) -> tuple[torch.Tensor, dict]:
+    """The layer's packed codes, with the zero codes dropped through the shared sparse layer
+    (:func:`~compresslab.compress.codecs.sparse.split_zeros`: bitmask + the other codes) when that
+    is smaller, so a pruned student's zeros stack with the low-bit codes."""
+    packed = pack_codes(codes, scheme, bits)
+    zero = zero_code(scheme, bits)
+    if zero is None:
+        return packed, {}
+    mask, kept = split_zeros(codes, zero)
+    sparse = pack_codes(kept, scheme, bits)
+    if mask.numel() + sparse.numel() >= packed.numel():
+        return packed, {}
+    return torch.cat([mask, sparse]), {"zeros_dropped": True, "mask_bytes": int(mask.numel()),
+                                       "n_kept": int(kept.numel())}
+
+
+def _unpack_layer(packed: torch.Tensor, layer: dict, scheme: str, bits: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_layer`."""
+    if not layer.get("zeros_dropped"):
+        return unpack_codes(packed, scheme, bits, n)
+    m = int(layer["mask_bytes"])
+    kept = unpack_codes(packed[m:], scheme, bits, int(layer["n_kept"]))
+    return merge_zeros(packed[:m], kept, n, zero_code(scheme, bits))
+
+
 
 def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, bits: int, per_channel: bool,
                   scale_dtype: torch.dtype, act_bits: int | None, context: dict[str, Any]) -> tuple[dict, dict]:
@@ -61,12 +92,12 @@ def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, b
         module = modules[name]
         w = module.weight.detach().cpu()
         codes, scale, _ = quantize_weight(w, scheme, bits, per_channel, scale_dtype)
-        packed = pack_codes(codes, scheme, bits)
+        packed, sparse = _pack_layer(codes, scheme, bits)
         blobs.append(packed)
         scales.append(scale.float())
         layers.append({"name": name, "shape": [int(s) for s in w.shape], "code_offset": code_offset,
                        "code_bytes": int(packed.numel()), "scale_offset": scale_offset,
-                       "n_scales": int(scale.numel()), "scale_dtype": dtype_name(scale.dtype)})
+                       "n_scales": int(scale.numel()), "scale_dtype": dtype_name(scale.dtype), **sparse})
         code_offset += packed.numel()
         scale_offset += scale.numel()
         layer_enc = packed.numel() + scale.numel() * scale.element_size()
@@ -79,7 +110,6 @@ def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, b
             act[name] = [float(v) for v in module.lowbit_act_range[:2]]
     rest = {k: v for k, v in student.state_dict().items()
             if k not in quantized_keys and not k.endswith("lowbit_act_range")}
-    dense_blobs, dense_index = flatten_state(rest)
     scale_blob = torch.cat(scales) if scales else torch.empty(0)
     # scales are stored in the narrowest dtype every layer accepted
     all_half = all(layer["scale_dtype"] == "float16" for layer in layers)
@@ -94,14 +124,12 @@ def encode_lowbit(student: nn.Module, layer_names: Sequence[str], scheme: str, b
         "layers": layers,
         "act_bits": act_bits,
         "act_ranges": act,
-        "dense": dense_blobs,
-        "dense_index": dense_index,
+        "dense": pack_state(rest),
     }
     bits_per_weight = 8 * enc_bytes / max(1, n_weights)
     stats = {
-        "quant_method": "lowbit",
-        "quant_scheme": scheme if scheme != "uniform" else f"uniform{bits}",
-        "quant_backend": "bitpacked_dequantized_fp32",
+        "scheme": scheme if scheme != "uniform" else f"uniform{bits}",
+        "backend": "bitpacked_dequantized_fp32",
         "compute": "simulated",
         "fallback_reason": None,
         "lowbit_layers": len(layers),
@@ -120,7 +148,10 @@ def load_payload(payload: dict) -> nn.Module:
     model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"],
                             payload.get("structure"))
     scheme, bits = payload["scheme"], int(payload["bits"])
-    state = unflatten_state(payload["dense"], payload["dense_index"])
+    if "dense_index" in payload:  # files written before the shared sparse layer
+        state = unflatten_state(payload["dense"], payload["dense_index"])
+    else:
+        state = dict(unpack_state(payload["dense"]))
     codes_all, scales_all = payload["codes"], payload["scales"]
     for layer in payload["layers"]:
         shape = layer["shape"]
@@ -128,7 +159,7 @@ def load_payload(payload: dict) -> nn.Module:
         packed = codes_all[layer["code_offset"]: layer["code_offset"] + layer["code_bytes"]]
         scale = scales_all[layer["scale_offset"]: layer["scale_offset"] + layer["n_scales"]]
         scale = scale.to(dtype_from_name(layer["scale_dtype"]))
-        codes = unpack_codes(packed, scheme, bits, n)
+        codes = _unpack_layer(packed, layer, scheme, bits, n)
         state[f"{layer['name']}.weight"] = dequantize_codes(codes, scale, scheme, bits, shape)
     try:
         model.load_state_dict(state)
@@ -141,3 +172,19 @@ def load_payload(payload: dict) -> nn.Module:
             swap_forward(modules[name], SwapHooks(
                 input=lambda mod, x, lo=lo, hi=hi: fake_quant_affine(x, lo, hi, int(act_bits))))
     return model.eval()
+
+
+def lowbit_onnx_form(payload: Mapping[str, Any], request: OnnxRequest) -> tuple[bytes, dict]:
+    """The loaded module, exported as it computes; with fake-quantized activations (``act_bits``) the
+    rounding at those points can differ by one step between runtimes, so the form is not lossless."""
+    from compresslab.runtime.onnx_export import onnx_bytes
+
+    data = onnx_bytes(model_from_payload(payload), request.example, request.opset)
+    if payload.get("act_bits") is None:
+        return data, {}
+    return data, {"lossless": False,
+                  "weights": f"{CODEC.onnx_weights}; activations fake-quantized to {payload['act_bits']} bits"}
+
+
+CODEC = Codec(FORMAT, kind="lowbit", lossless=True, onnx_weights="dequantized fp32 (no packed low-bit form in ONNX "
+              "Runtime)", onnx_form=lowbit_onnx_form)

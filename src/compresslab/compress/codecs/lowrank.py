@@ -10,13 +10,16 @@ from typing import Any
 
 from torch import nn
 
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
+from compresslab.compress.codecs.sparse import pack_state, unpack_state
 from compresslab.compress.common import dense_state
 from compresslab.compress.lowrank.factorized import apply_plan, lowrank_plan
 from compresslab.errors import CheckpointError
 from compresslab.models import build_model
 
 FORMAT = "compresslab.lowrank/1"
+CODEC = Codec(FORMAT, kind="lowrank", lossless=True,
+              onnx_weights="fp32, factorised layers")
 
 
 def lowrank_payload(student: nn.Module, context: dict[str, Any]) -> dict:
@@ -25,7 +28,7 @@ def lowrank_payload(student: nn.Module, context: dict[str, Any]) -> dict:
     return {
         **context_fields(FORMAT, context),
         "plan": lowrank_plan(student),
-        "state_dict": dense_state(student.state_dict()),
+        "state_dict": pack_state(dense_state(student.state_dict())),
     }
 
 
@@ -34,7 +37,7 @@ def load_payload(payload: dict) -> nn.Module:
     model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
     apply_plan(model, payload.get("plan", {}))
     try:
-        model.load_state_dict(payload["state_dict"])
+        model.load_state_dict(unpack_state(payload["state_dict"]))
     except RuntimeError as exc:
         raise CheckpointError(f"low-rank artifact does not match its plan: {exc}") from exc
     return model.eval()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compresslab.compress.codecs.bitpack import flatten_state, pack_bits, unflatten_state, unpack_bits
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
 from compresslab.compress.common import QUANTIZABLE
 from compresslab.compress.quant.quantizers import (
     ACT_SCHEMES,
@@ -33,6 +33,9 @@ from compresslab.compress.quant.swap import SwapHooks, swap_forward
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.actquant/1"
+CODEC = Codec(FORMAT, kind="actquant", lossless=False,
+              onnx_weights="dequantized fp32 weights (no packed low-bit form in ONNX Runtime); activations "
+                           "fake-quantized with the learned LSQ/PACT steps as round/clamp ops")
 #: the buffers and parameters a quantized layer carries during training (not stored as such)
 QUANT_BUFFERS = ("aq_bits", "aq_signed")
 QUANT_PARAMS = ("aq_w_step", "aq_a_step", "aq_alpha")
@@ -92,7 +95,7 @@ def encode_actquant(student: nn.Module, scheme: str, context: Mapping[str, Any])
         "dense_index": dense_index,
     }
     stats = {
-        "quant_backend": "bitpacked_dequantized_fp32",
+        "backend": "bitpacked_dequantized_fp32",
         "compute": "simulated",
         "bits_per_layer": per_layer,
         "quantized_layers_fp32_bytes": fp32_bytes,

@@ -17,13 +17,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
 from compresslab.compress.codecs.bitpack import pack_bits, unpack_bits
 from compresslab.compress.common import dense_state
 from compresslab.errors import CheckpointError
 from compresslab.models import build_model
 
 FORMAT = "compresslab.nm/1"
+CODEC = Codec(FORMAT, kind="nm", lossless=True,
+              onnx_weights="fp32 dense kernels (ONNX Runtime has no N:M sparse kernel; zeros are stored and multiplied)")
 
 
 def index_bits(m: int) -> int:
@@ -68,6 +70,13 @@ def decode_nm(rec: Mapping[str, Any], n: int, m: int) -> torch.Tensor:
     return dense.reshape(shape)
 
 
+def nm_bytes(weights: Mapping[str, torch.Tensor], n: int, m: int) -> dict[str, int]:
+    """Bytes the N:M layers take in the artifact: kept values and packed positions."""
+    kept = sum(w.numel() * n // m for w in weights.values())
+    size = max((w.element_size() for w in weights.values()), default=4)
+    return {"nm_values_bytes": kept * size, "nm_index_bytes": math.ceil(kept * index_bits(m) / 8)}
+
+
 def nm_payload(model: nn.Module, context: Mapping[str, Any], layers: Sequence[str], n: int, m: int,
                meta: Mapping[str, Any] | None = None) -> dict:
     """The plain-data artifact of an N:M-pruned zoo model (its ``layers`` encoded)."""
@@ -80,8 +89,6 @@ def nm_payload(model: nn.Module, context: Mapping[str, Any], layers: Sequence[st
         "n": int(n), "m": int(m),
         "state_dict": state,
         "nm": encoded,
-        "nm_bytes": {"values": sum(r["values"].numel() * r["values"].element_size() for r in encoded.values()),
-                     "indices": sum(r["positions"].numel() for r in encoded.values())},
         "meta": dict(meta or {}),
     }
 

@@ -15,6 +15,13 @@ index, so the artifact loads with ``torch.load(weights_only=True)``. "Zero" mean
 a bit pattern of all zeros, so ``-0.0`` and NaNs are kept as values and decoding is
 bit-exact for every dtype.
 
+This encoding is **the shared sparse layer** of every codec (:mod:`compresslab.compress.codecs`):
+a codec stores the tensors it keeps as they are through :func:`pack_state` / :func:`unpack_state`
+(per tensor the smallest layout, no compression, so a dense tensor costs what it did), and a codec
+that re-codes weights (bit-packed codes) drops the zero code with :func:`split_zeros` /
+:func:`merge_zeros` (the bitmask layout of a single tensor). So a pruned student's zeros stack
+with whichever format claims its artifact.
+
 The artifact format ``compresslab.sparse/1`` (:func:`sparse_payload`) is listed in
 :data:`compresslab.artifact.ARTIFACT_LOADERS`; :func:`load_payload` decodes the state
 dict and rebuilds the dense model from the arch spec (through ``build_model``, so no
@@ -35,10 +42,13 @@ from torch import nn
 
 from compresslab.compress.codecs.bitpack import DTYPES as _DTYPES
 from compresslab.compress.codecs.bitpack import raw_bytes as _raw_bytes
-from compresslab.artifact import spec_fields
+from compresslab.artifact import Codec, spec_fields
 from compresslab.models import build_model
 
 FORMAT = "compresslab.sparse/1"
+CODEC = Codec(FORMAT, kind="sparse", lossless=True,
+              onnx_weights="fp32 dense kernels (ONNX Runtime has no sparse convolution; zeros are "
+                           "stored and multiplied)")
 ENCODINGS = ("auto", "bitmask", "index", "dense")
 COMPRESSIONS = ("lzma", "zlib", "none")
 
@@ -196,6 +206,45 @@ def decode_state_dict(encoded: Mapping[str, Any]) -> "OrderedDict[str, torch.Ten
         flat[positions] = _from_bytes(values, dtype, nnz)
         state[rec["name"]] = flat.reshape(shape)
     return state
+
+
+def pack_state(state: Mapping[str, torch.Tensor]) -> dict:
+    """The shared sparse layer: a state dict as a plain-data record, each float / int8 tensor in
+    the smallest of the dense / bitmask / index layouts (no compression: dense tensors cost their
+    raw bytes). Inverse: :func:`unpack_state`."""
+    return encode_state_dict(state, encoding="auto", compression="none")
+
+
+def unpack_state(stored: Mapping[str, Any]) -> "OrderedDict[str, torch.Tensor]":
+    """A state dict from :func:`pack_state`'s record, or a plain ``{name: tensor}`` dict as written
+    before the shared layer existed (returned as it is)."""
+    if isinstance(stored, Mapping) and isinstance(stored.get("tensors"), list) and "blob" in stored:
+        return decode_state_dict(stored)
+    return OrderedDict(stored)
+
+
+def split_zeros(codes: torch.Tensor, zero: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the elements equal to ``zero`` (the code a zero weight gets) from a flat integer tensor:
+    ``(bitmask as uint8 tensor, kept elements)``, the bitmask layout of :func:`encode_state_dict`."""
+    flat = codes.detach().cpu().reshape(-1)
+    keep = flat != zero
+    bits = np.packbits(keep.numpy(), bitorder="little")
+    return torch.from_numpy(bits.copy()), flat[keep].clone()
+
+
+def merge_zeros(bits: torch.Tensor, kept: torch.Tensor, numel: int, zero: int) -> torch.Tensor:
+    """Inverse of :func:`split_zeros`: a flat tensor of ``numel`` elements, ``zero`` where dropped."""
+    keep = np.unpackbits(bits.numpy(), count=numel, bitorder="little").astype(bool)
+    if int(keep.sum()) != kept.numel():
+        raise ValueError(f"corrupt sparse codes: the bitmask keeps {int(keep.sum())}, {kept.numel()} stored")
+    out = torch.full((numel,), int(zero), dtype=kept.dtype)
+    out[torch.from_numpy(keep)] = kept
+    return out
+
+
+def sparse_names(stored: Mapping[str, Any]) -> list[str]:
+    """Names of the tensors a :func:`pack_state` record stores in a sparse (bitmask / index) layout."""
+    return [rec["name"] for rec in stored.get("tensors", []) if rec.get("layout") in ("bitmask", "index")]
 
 
 def serialized_size(obj: Any) -> int:

@@ -13,11 +13,14 @@ from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from compresslab.artifact import spec_fields
+from compresslab.artifact import Codec, spec_fields
+from compresslab.compress.codecs.sparse import pack_state, unpack_state
 from compresslab.compress.common import dense_state
 from compresslab.compress.structure import build_structure, resize_to_state_dict
 
 FORMAT = "compresslab.structured/1"
+CODEC = Codec(FORMAT, kind="structured", lossless=True,
+              onnx_weights="fp32, pruned (smaller) shapes")
 
 
 def structured_payload(model: nn.Module, arch: Mapping[str, Any], input_shape: Sequence[int], num_classes: int,
@@ -27,7 +30,7 @@ def structured_payload(model: nn.Module, arch: Mapping[str, Any], input_shape: S
     return {
         **spec_fields(FORMAT, arch, input_shape, num_classes),
         "structure": {k: v for k, v in dict(structure or {}).items() if k == "lowrank"},
-        "state_dict": dense_state(model.state_dict()),
+        "state_dict": pack_state(dense_state(model.state_dict())),
         "meta": dict(meta or {}),
     }
 
@@ -36,6 +39,7 @@ def load_payload(payload: Mapping[str, Any]) -> nn.Module:
     """Rebuild a channel-pruned model: build the arch (and its low-rank plan), resize to the
     saved shapes, load."""
     model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"], payload.get("structure"))
-    resize_to_state_dict(model, payload["state_dict"])
-    model.load_state_dict(payload["state_dict"])
+    state = unpack_state(payload["state_dict"])
+    resize_to_state_dict(model, state)
+    model.load_state_dict(state)
     return model.eval()

@@ -18,13 +18,15 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
 from compresslab.compress.codecs.bitpack import pack_bits, unpack_bits
 from compresslab.compress.common import dense_state
 from compresslab.errors import CheckpointError
 from compresslab.compress.structure import build_structure
 
 FORMAT = "compresslab.weight_only/1"
+CODEC = Codec(FORMAT, kind="weight_only", lossless=False,
+              onnx_weights="dequantized fp32 (the exporter folds torchao's int8/int4 weight-only tensors into fp32 constants)")
 #: torchao tensor types this format stores (bits -> class name), and nothing else
 TENSOR_TYPES = {8: "Int8Tensor", 4: "IntxUnpackedToInt8Tensor"}
 
@@ -93,13 +95,12 @@ def weight_only_payload(model: nn.Module, context: Mapping[str, Any], layers: Se
     }
 
 
-def packed_bytes(payload: Mapping[str, Any]) -> int:
-    """Bytes of the stored codes, scales and zero points of the quantized weights."""
+def packed_bytes(weights: Mapping[str, torch.Tensor], bits: int) -> int:
+    """Bytes the artifact stores for these torchao weights: packed codes, scales, zero points."""
     total = 0
-    for rec in payload["quantized"].values():
-        for key in ("codes", "scale", "zero_point"):
-            if key in rec:
-                total += rec[key].numel() * rec[key].element_size()
+    for w in weights.values():
+        rec = encode_weight(w, bits)
+        total += sum(rec[k].numel() * rec[k].element_size() for k in ("codes", "scale", "zero_point") if k in rec)
     return total
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,12 +22,11 @@ from torch import nn
 
 from compresslab.compress.codecs import huffman
 from compresslab.compress.codecs.bitpack import dtype_from_name, dtype_name, raw_bytes
-from compresslab.artifact import context_fields
+from compresslab.artifact import Codec, context_fields
 from compresslab.compress.structure import build_structure, structure_of
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.shared/1"
-
 
 # ---- encoding ----------------------------------------------------------------------------
 def _streams(symbols: np.ndarray, zero_symbol: int, gap_bits: int) -> tuple[list[int], list[int]]:
@@ -214,8 +213,7 @@ def encode_shared(student: nn.Module, method: "WeightSharing", context: dict[str
     }
     b0, b1, b2, b3 = (totals[k] for k in ("b0", "b1", "b2", "b3"))
     stats = {
-        "quant_method": "weight_sharing",
-        "quant_backend": "huffman_decoded_fp32",
+        "backend": "huffman_decoded_fp32",
         "compute": "simulated",
         "fallback_reason": None,
         "dc_layers": len(rows),
@@ -257,3 +255,14 @@ def load_payload(payload: dict) -> nn.Module:
     except RuntimeError as exc:
         raise CheckpointError(f"weight-shared artifact does not match its architecture: {exc}") from exc
     return model.eval()
+
+
+def uses_relative_index(payload: Mapping[str, Any]) -> bool:
+    """Whether any layer of a :data:`FORMAT` payload took the sparse (relative-index) layout."""
+    at = _FIELDS.index("layout")
+    return any(int(row[at]) == _LAYOUTS.index("sparse") for row in payload.get("layers", []))
+
+
+CODEC = Codec(FORMAT, kind="weight_shared", lossless=True,
+              onnx_weights="dequantized fp32 (codebooks/Huffman have no ONNX Runtime form)",
+              holds_sparse=uses_relative_index)

@@ -97,6 +97,7 @@ def fold_bn(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[tu
 class FuseBN(CompressionMethod):
     """``fuse=bn``: fold BatchNorm into the preceding conv/linear after training (see module doc)."""
 
+    codec_kind = "fused"
     options = NoOptions
 
     def __init__(self, name: str) -> None:
@@ -112,11 +113,11 @@ class FuseBN(CompressionMethod):
             before, after = student(example), fused(example)
         params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
         self._report = {  # the option's name is axes.fuse; this block is student.fuse
-            "fuse_bn_folded": len(self.pairs),
-            "fuse_bn_left": sum(isinstance(m, _BNS) for m in fused.modules()),
-            "fuse_params_before": params(student),
-            "fuse_params_after": params(fused),
-            "fuse_max_abs_diff": float((before - after).abs().max()),
+            "bn_folded": len(self.pairs),
+            "bn_left": sum(isinstance(m, _BNS) for m in fused.modules()),
+            "params_before": params(student),
+            "params_after": params(fused),
+            "max_abs_diff": float((before - after).abs().max()),
         }
         return fused
 

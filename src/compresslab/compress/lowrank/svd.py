@@ -185,6 +185,7 @@ class DeferredLowRank(nn.Module):
 class SVDLowRank(CompressionMethod):
     """Truncated-SVD factorization of linear and conv layers (``lowrank=svd``)."""
 
+    codec_kind = "lowrank"
     options = SVDOptions
 
     def __init__(self, name: str, rank_ratio: float | None = 0.5, energy: float | None = None,
@@ -282,14 +283,14 @@ class SVDLowRank(CompressionMethod):
         dense = sum(i["params_dense"] for i in self.layer_info.values())
         after = sum(i["params_factorized"] for i in self.layer_info.values())
         return {
-            "lowrank_ranks": {n: i["rank"] for n, i in factorized.items()},
-            "lowrank_full_ranks": {n: i["full_rank"] for n, i in self.layer_info.items()},
-            "lowrank_energy_kept": {n: round(i["energy_kept"], 6) for n, i in factorized.items()},
-            "lowrank_kept_dense": sorted(n for n, i in self.layer_info.items() if i.get("rank") is None),
-            "lowrank_layer_params_before": int(dense),
-            "lowrank_layer_params_after": int(after),
-            "lowrank_when": self.when,
-            "lowrank_finetuned": self.finetuned if self.when == "after" else True,
+            "ranks": {n: i["rank"] for n, i in factorized.items()},
+            "full_ranks": {n: i["full_rank"] for n, i in self.layer_info.items()},
+            "energy_kept": {n: round(i["energy_kept"], 6) for n, i in factorized.items()},
+            "kept_dense": sorted(n for n, i in self.layer_info.items() if i.get("rank") is None),
+            "layer_params_before": int(dense),
+            "layer_params_after": int(after),
+            "when": self.when,
+            "finetuned": self.finetuned if self.when == "after" else True,
         }
 
 

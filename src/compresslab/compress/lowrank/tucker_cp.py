@@ -66,6 +66,7 @@ RANK_MODES = {"tucker2": ("vbmf", "energy", "ratio"), "cp": ("vbmf", "params")}
 class TensorLowRank(CompressionMethod):
     """``lowrank=tucker`` / ``lowrank=cp`` (see the module docstring)."""
 
+    codec_kind = "lowrank"
     options = TensorOptions
 
     def __init__(self, name: str, decomposition: str = "tucker2", rank_mode: str = "vbmf",
@@ -208,15 +209,14 @@ class TensorLowRank(CompressionMethod):
     def report(self) -> dict[str, Any]:
         done = {n: i for n, i in self.layer_info.items() if i.get("rank") is not None}
         return {
-            "lowrank_method": self.name,
-            "lowrank_decomposition": self.decomposition,
-            "lowrank_rank_mode": self.rank_mode,
-            "lowrank_ranks": {n: i["rank"] for n, i in done.items()},
-            "lowrank_rel_error_at_decomposition": {n: round(i["rel_error"], 5) for n, i in done.items()},
-            "lowrank_kept_dense": sorted(n for n, i in self.layer_info.items() if i.get("rank") is None),
-            "lowrank_layer_params_before": int(sum(i["params_dense"] for i in self.layer_info.values())),
-            "lowrank_layer_params_after": int(sum(i["params_factorized"] for i in self.layer_info.values())),
-            "lowrank_finetuned": bool(self.finetuned),
+                        "decomposition": self.decomposition,
+            "rank_mode": self.rank_mode,
+            "ranks": {n: i["rank"] for n, i in done.items()},
+            "rel_error_at_decomposition": {n: round(i["rel_error"], 5) for n, i in done.items()},
+            "kept_dense": sorted(n for n, i in self.layer_info.items() if i.get("rank") is None),
+            "layer_params_before": int(sum(i["params_dense"] for i in self.layer_info.values())),
+            "layer_params_after": int(sum(i["params_factorized"] for i in self.layer_info.values())),
+            "finetuned": bool(self.finetuned),
         }
 
 

@@ -23,14 +23,12 @@ semi-structured sparse tensors (cuSPARSELt / CUTLASS) are the kernel to use.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from compresslab.compress.codecs.nm import nm_payload, nm_pattern_ok
-from compresslab.compress.prune.common import write_table
+from compresslab.compress.codecs.nm import nm_bytes, nm_pattern_ok, nm_payload
 from compresslab.compress.prune.options import NMOptions
 from compresslab.compress.prune.unstructured import UnstructuredPruning
 from compresslab.compress.structure import rebuildable_from_spec
@@ -76,6 +74,7 @@ class NMPruning(UnstructuredPruning):
     prunes within the previous mask), fine-tuning in between and after."""
 
     options = NMOptions
+    codec_kind = "nm"
 
     def __init__(self, name: str, n: int = 2, m: int = 4, start: int = 1, steps: int = 1, every: int = 1,
                  **kwargs: Any) -> None:
@@ -121,22 +120,11 @@ class NMPruning(UnstructuredPruning):
             "nm_kernel": "none",
             "nm_kernel_reason": "no N:M sparse kernel on CPU (torch/torchao semi-structured sparsity, cuSPARSELt, "
                                 "needs CUDA); the reloaded model runs dense",
+            **nm_bytes({n: v.weight for n, v in layers.items()}, self.n, self.m),
         })
         return student
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
-        if not rebuildable_from_spec(student, context):
-            log.warning("prune=%s: the student's structure differs from its arch spec (changed by another "
-                        "method); leaving the artifact format to that method", self.name)
-            self._report["artifact_encoding"] = "not claimed (structure changed by another method)"
+        if not rebuildable_from_spec(student, context):  # another method changed the structure: its codec
             return None
-        run_dir = context.get("run_dir")
-        if run_dir is not None:
-            paths = write_table(self._table, Path(run_dir) / "pruning" / "layer_sparsity",
-                                title=f"prune={self.name}: per-layer sparsity")
-            self._report["layer_sparsity_table"] = paths["csv"]
-        payload = nm_payload(student, context, list(self.prunable(student)), self.n, self.m,
-                             meta={"prune": self.name})
-        self._report.update({"artifact_encoding": "nm", "nm_values_bytes": payload["nm_bytes"]["values"],
-                             "nm_index_bytes": payload["nm_bytes"]["indices"]})
-        return payload
+        return nm_payload(student, context, list(self.prunable(student)), self.n, self.m, meta={"prune": self.name})

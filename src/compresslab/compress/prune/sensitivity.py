@@ -156,18 +156,17 @@ class SensitivityAnalysis(CompressionMethod):
         self._baseline, self._rows = layer_sensitivity(student, batch_evaluator(loader_fn, self.max_batches),
                                                        self.sparsities, include_classifier=self.include_classifier)
         safe = summarize(self._rows, self.tolerance)
-        self._report = {"prune_method": self.name, "sensitivity_split": self.split,
+        self._report = {"sensitivity_split": self.split,
                         "sensitivity_baseline_acc": self._baseline,
                         "sensitivity_safe_sparsity": safe,
                         "most_sensitive_layer": min(safe, key=safe.get) if safe else None}
         return student
 
-    def export(self, student: nn.Module, context: dict[str, Any]) -> None:
-        run_dir = context.get("run_dir")
-        if run_dir is not None and self._rows:
-            paths = write_sensitivity(self._rows, self._baseline, Path(run_dir) / "pruning")
-            self._report.update({"sensitivity_csv": paths["csv"], "sensitivity_png": paths["png"]})
-        return None
+    def side_files(self, run_dir: Path) -> dict[str, str]:
+        if not self._rows:
+            return {}
+        paths = write_sensitivity(self._rows, self._baseline, Path(run_dir) / "pruning")
+        return {"sensitivity_csv": paths["csv"], "sensitivity_png": paths["png"]}
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

@@ -173,6 +173,7 @@ class StructuredPruning(CompressionMethod):
     gradients score channels for ``importance=taylor``.
     """
 
+    codec_kind = "structured"
     options = StructuredOptions
     #: the ``importance`` values scored from gradients of training batches
     gradient_importances: tuple[str, ...] = GRADIENT_IMPORTANCES
@@ -266,7 +267,7 @@ class StructuredPruning(CompressionMethod):
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
         self.example = datamodule.example_batch(1)
         self._before = {n: list(m.weight.shape) for n, m in student.named_modules() if isinstance(m, CONV_LINEAR)}
-        self._report = {"prune_method": self.name, "params_before": sum(p.numel() for p in student.parameters()),
+        self._report = {"params_before": sum(p.numel() for p in student.parameters()),
                         "macs_before": count_macs(student, self.example)}
         return student
 
@@ -313,14 +314,14 @@ class StructuredPruning(CompressionMethod):
         if not rebuildable_from_spec(student, {**context, "structure": structure}, same_shapes=False):
             raise ConfigError(f"prune={self.name}: the student's modules no longer match its arch spec (another "
                               "method changed the structure); structured pruning cannot be saved as spec + weights")
-        run_dir = context.get("run_dir")
-        if run_dir is not None:
-            paths = write_table(self._table, Path(run_dir) / "pruning" / "channels",
-                                title=f"prune={self.name}: channels per layer")
-            self._report["channel_table"] = paths["csv"]
         return structured_payload(student, context["arch"], context["input_shape"], context["num_classes"],
                                   meta={"prune": self.name, "ratio": self.ratio, "importance": self.importance},
                                   structure=structure)
+
+    def side_files(self, run_dir: Path) -> dict[str, str]:
+        paths = write_table(self._table, Path(run_dir) / "pruning" / "channels",
+                            title=f"prune={self.name}: channels per layer")
+        return {"channel_table": paths["csv"]}
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

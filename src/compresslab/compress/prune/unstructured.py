@@ -61,6 +61,8 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
     ``epochs``: the student's epochs (``${student.epochs}``), to check the schedule early.
     """
 
+    codec_kind = "sparse"
+
     def __init__(
         self,
         name: str,
@@ -119,7 +121,7 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
     # ---- CompressionMethod hooks ---------------------------------------------
     def prepare(self, student: nn.Module, datamodule) -> nn.Module:
         self._example = datamodule.example_batch(1)
-        self._report = {"prune_method": self.name, "macs_before": count_macs(student, self._example),
+        self._report = {"macs_before": count_macs(student, self._example),
                         "params_before": sum(p.numel() for p in student.parameters())}
         return student
 
@@ -152,7 +154,6 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
         self._table = layer_table(student, self._prunable)
         example = self._example if self._example is not None else datamodule.example_batch(1)
         self._report.update({
-            "prune_method": self.name,
             "final_sparsity_target": self.final_sparsity,
             "sparsity_prunable": 1.0 - nnz / total if total else 0.0,
             "prunable_params": total,
@@ -166,39 +167,39 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
         })
         if self._report.get("macs_nonzero") and self._report.get("macs_before"):
             self._report["macs_nonzero_ratio"] = self._report["macs_before"] / max(1, self._report["macs_nonzero"])
+        if self.context is not None:  # what this method's own encoding of the pruned student takes
+            self._report.update(self._encoding_figures(student, self.context))
         return student
 
-    def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
-        arch, shape, classes = context["arch"], context["input_shape"], context["num_classes"]
-        if not rebuildable_from_spec(student, context):
-            log.warning("prune=%s: the student's structure differs from its arch spec (changed by another "
-                        "method); leaving the artifact format to that method", self.name)
-            self._report["artifact_encoding"] = "not claimed (structure changed by another method)"
-            return None
-        sparse_keys = [f"{n}.weight" for n in self._prunable] if self.encoding in ("bitmask", "index") else None
-        payload = sparse_payload(student, arch, shape, classes, encoding=self.encoding,
-                                 compression=self.compression, sparse_keys=sparse_keys,
-                                 meta={"prune": self.name, "final_sparsity": self.final_sparsity,
-                                       "sparsity_prunable": self._report.get("sparsity_prunable")})
-        dense = serialized_size(model_payload(student, arch, shape, classes))
+    def _encoding_figures(self, student: nn.Module, context) -> dict[str, Any]:
+        """The sizes of the sparse encoding of the finalized student (whichever method claims the file)."""
+        payload = self._sparse_payload(student, context)
+        dense = serialized_size(model_payload(student, context["arch"], context["input_shape"],
+                                              context["num_classes"]))
         encoded = serialized_size(payload)
         layouts: dict[str, int] = {}
         for rec in payload["tensors"]:
             layouts[rec["layout"]] = layouts.get(rec["layout"], 0) + 1
-        self._report.update({
-            "dense_size_bytes": dense,
-            "encoded_size_bytes": encoded,
-            "encoded_raw_bytes": int(payload["raw_bytes"]),
-            "encoded_vs_dense": encoded / dense,
-            "encoding_layouts": layouts,
-            "compression": self.compression,
-        })
-        run_dir = context.get("run_dir")
-        if run_dir is not None:
-            paths = write_table(self._table, Path(run_dir) / "pruning" / "layer_sparsity",
-                                title=f"prune={self.name}: per-layer sparsity")
-            self._report["layer_sparsity_table"] = paths["csv"]
-        return payload
+        return {"dense_size_bytes": dense, "encoded_size_bytes": encoded,
+                "encoded_raw_bytes": int(payload["raw_bytes"]), "encoded_vs_dense": encoded / dense,
+                "encoding_layouts": layouts, "compression": self.compression}
+
+    def _sparse_payload(self, student: nn.Module, context) -> dict:
+        sparse_keys = [f"{n}.weight" for n in self._prunable] if self.encoding in ("bitmask", "index") else None
+        return sparse_payload(student, context["arch"], context["input_shape"], context["num_classes"],
+                              encoding=self.encoding, compression=self.compression, sparse_keys=sparse_keys,
+                              meta={"prune": self.name, "final_sparsity": self.final_sparsity,
+                                    "sparsity_prunable": self._report.get("sparsity_prunable")})
+
+    def side_files(self, run_dir: Path) -> dict[str, str]:
+        paths = write_table(self._table, Path(run_dir) / "pruning" / "layer_sparsity",
+                            title=f"prune={self.name}: per-layer sparsity")
+        return {"layer_sparsity_table": paths["csv"]}
+
+    def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
+        if not rebuildable_from_spec(student, context):  # another method changed the structure: its codec
+            return None                                  # stores these tensors through the sparse layer
+        return self._sparse_payload(student, context)
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

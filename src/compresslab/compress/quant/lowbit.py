@@ -95,6 +95,7 @@ class LowBitCallback(Callback):
 class LowBit(CompressionMethod):
     """Low-bit (8/4/3/2-bit uniform, ternary, binary) weights with STE training; bit-packed artifact."""
 
+    codec_kind = "lowbit"
     options = LowBitOptions
 
     def __init__(self, name: str, bits: Any = 4, per_channel: bool = True, scale_dtype: str = "float16",
@@ -131,15 +132,18 @@ class LowBit(CompressionMethod):
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         self.active = True
+        if self.context is not None:
+            self._report = self._encode(student, self.context)[1]
         return student
 
-    def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
+    def _encode(self, student: nn.Module, context) -> tuple[dict, dict]:
         # re-resolved on the final student (a low-rank method may have replaced layers since prepare)
         names = list(select_layers(student, self.exclude, keep_first_last=self.keep_first_last))
-        payload, stats = encode_lowbit(student, names, self.scheme, self.bits, self.per_channel,
-                                       self.scale_dtype, self.act_bits, context)
-        self._report = stats
-        return payload
+        return encode_lowbit(student, names, self.scheme, self.bits, self.per_channel, self.scale_dtype,
+                             self.act_bits, context)
+
+    def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
+        return self._encode(student, context)[0]
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

@@ -128,6 +128,7 @@ def parse_layer_bits(value: Any, where: str) -> tuple[int, int]:
 class ActQuant(CompressionMethod):
     """LSQ / PACT QAT of weights and activations (see the module docstring)."""
 
+    codec_kind = "actquant"
     options = ActQuantOptions
 
     def __init__(self, name: str, scheme: str = "lsq", weight_bits: int = 4, act_bits: int = 4,
@@ -217,6 +218,8 @@ class ActQuant(CompressionMethod):
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         self.active = True
+        if self.context is not None:
+            self._report = self._stats(encode_actquant(student, self.scheme, self.context)[1])
         return student
 
     # ---- sensitivity-based mixed precision ---------------------------------------------------------------
@@ -279,16 +282,18 @@ class ActQuant(CompressionMethod):
 
     # ---- export ------------------------------------------------------------------------------------------
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
-        payload, stats = encode_actquant(student, self.scheme, context)
-        self._report = {**stats, "quant_method": self.name, "act_quant_scheme": self.scheme,
+        return encode_actquant(student, self.scheme, context)[0]
+
+    def _stats(self, stats: dict[str, Any]) -> dict[str, Any]:
+        report = {**stats, "act_quant_scheme": self.scheme,
                         "weight_bits": self.weight_bits,
                         "act_bits": self.act_bits,
                         "first_last_bits": None if self.first_last is None else list(self.first_last),
                         "bits_per_layer_source": "sensitivity" if self.sensitivity_mode
                         else ("manual" if self.manual else "uniform")}
         if self.sensitivity_table:
-            self._report["sensitivity"] = self.sensitivity_table
-        return payload
+            report["sensitivity"] = self.sensitivity_table
+        return report
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 class OrtInt8(CompressionMethod):
     """Static int8 by ``onnxruntime.quantization.quantize_static`` (QDQ)."""
 
+    codec_kind = "ort_int8"
     options = OrtInt8Options
 
     def __init__(self, name: str, num_calibration_batches: int = 16, calibration_split: str = "train",
@@ -68,8 +69,8 @@ class OrtInt8(CompressionMethod):
         start = time.perf_counter()
         self.model_bytes = quantize_with_ort(student, datamodule.input_shape, calibration, self.activation_type,
                                              self.weight_type, self.per_channel, self.calibrate_method)
-        from compresslab.deploy.interpret import OnnxGraphModule
-        from compresslab.deploy.ort import make_session, optimized_ops_bytes
+        from compresslab.runtime.interpret import OnnxGraphModule
+        from compresslab.runtime.ort import make_session, optimized_ops_bytes
 
         torch_form = OnnxGraphModule(self.model_bytes)  # the artifact must run in torch as well
         session = make_session(self.model_bytes, 1)
@@ -79,9 +80,8 @@ class OrtInt8(CompressionMethod):
             fp32 = student.cpu().eval()(x)
         ort_out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
         self._report.update({
-            "quant_method": self.name,
-            "quant_mode": "static",
-            "quant_backend": "onnxruntime_quantize_static",
+            "mode": "static",
+            "backend": "onnxruntime_quantize_static",
             "compute": "simulated",  # in torch; int8 kernels in ONNX Runtime
             "ort_quant_format": "QDQ",
             "ort_activation_type": self.activation_type,
@@ -114,7 +114,7 @@ def quantize_with_ort(student: nn.Module, input_shape, calibration: list[torch.T
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from compresslab.deploy.export import INPUT_NAME, onnx_bytes
+    from compresslab.runtime.onnx_export import INPUT_NAME, onnx_bytes
 
     qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     batches = [x.detach().cpu().float() for x in calibration]

@@ -10,7 +10,7 @@ quantizes Linear layers only (what pays off in MLPs and classifier heads).
 The PT2E flow lives in :mod:`compresslab.compress.quant.pt2e`, the artifact in
 :mod:`compresslab.compress.codecs.int8`. When the int8 path cannot be taken the method
 falls back — never silently: the results
-carry ``quant_backend`` and ``fallback_reason``:
+carry ``backend`` and ``fallback_reason``:
 
 1. lowering to oneDNN int8 ops fails -> the converted PT2E reference graph (int8 storage,
    fp32 compute on dequantized values: ``compute: simulated``);
@@ -51,6 +51,8 @@ class PT2EInt8(CompressionMethod):
     """Shared body of the int8 methods: quantize the student at :meth:`finalize` and export the
     rebuilt-on-load int8 artifact (checked by actually loading it once)."""
 
+    codec_kind = "int8"
+
     mode = "static"
 
     options = PT2EOptions
@@ -66,6 +68,7 @@ class PT2EInt8(CompressionMethod):
         self.calibration: list[torch.Tensor] = []
         self._report: dict[str, Any] = {}
         self._fallback: str | None = None
+        self._payload: dict | None = None
 
     def quantize(self, student: nn.Module, datamodule) -> None:
         """Run the PT2E flow on the trained student (keeps the float model for the fallback)."""
@@ -81,12 +84,27 @@ class PT2EInt8(CompressionMethod):
             self._fallback = f"PT2E export/prepare/convert failed: {type(exc).__name__}: {exc}"
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
+        """Quantize, build the artifact and load it once (its figures are this method's report)."""
         self.quantize(student, datamodule)
+        self._payload = self._artifact(self.context) if self.context is not None else None
         return student
 
+    def _artifact(self, context) -> dict:
+        return self._weight_only_fallback(context) if self.converted is None else self._build(context)
+
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
-        if self.converted is None:
-            return self._weight_only_fallback(context)
+        """The artifact built (and checked by loading it) at :meth:`finalize` (built here when the
+        method was used without :meth:`bind`, outside the pipeline)."""
+        if self.float_student is None:
+            raise RuntimeError(f"quant={self.name}: export before finalize")
+        if self._payload is None:
+            self._payload = self._artifact(context)
+        return self._payload
+
+    def calibration_data(self) -> list[torch.Tensor]:
+        return list(self.calibration)
+
+    def _build(self, context: dict[str, Any]) -> dict:
         structure = structure_of(self.float_student, context)
         x = self.calibration[0] if self.calibration else torch.zeros(2, *context["input_shape"])
         with torch.no_grad():
@@ -118,9 +136,8 @@ class PT2EInt8(CompressionMethod):
         with torch.no_grad():
             out = loaded(x)
         self._report.update({
-            "quant_method": self.name,
-            "quant_mode": self.mode,
-            "quant_backend": backend,
+            "mode": self.mode,
+            "backend": backend,
             "compute": _compute_kind(loaded.graph, ops),
             "int8_ops": ops,
             "fallback_reason": fallback,
@@ -140,7 +157,7 @@ class PT2EInt8(CompressionMethod):
         student = strip_lowbit(self.float_student)
         names = list(select_layers(student))
         payload, stats = encode_lowbit(student, names, "uniform", 8, True, torch.float32, None, context)
-        stats.update(quant_method=self.name, quant_mode=self.mode, quant_backend="weight_only_int8_dequantized",
+        stats.update(mode=self.mode, backend="weight_only_int8_dequantized",
                      compute="simulated", fallback_reason=self._fallback)
         self._report.update(stats)
         return payload

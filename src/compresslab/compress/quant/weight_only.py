@@ -63,6 +63,7 @@ class WeightOnlyQuant(CompressionMethod):
     """
 
     options = WeightOnlyOptions
+    codec_kind = "weight_only"
 
     def __init__(self, name: str, bits: int = 8, group_size: int | None = 32, include_classifier: bool = True,
                  exclude: Sequence[str] = ()) -> None:
@@ -104,10 +105,12 @@ class WeightOnlyQuant(CompressionMethod):
         config = torchao_config(self.bits, self.group_size)
         quantize_(student, config, filter_fn=lambda module, fqn: fqn in wanted)
         kinds = sorted({type(student.get_submodule(n).weight).__name__ for n in self._layers})
+        packed = packed_bytes({n: student.get_submodule(n).weight for n in self._layers}, self.bits)
         self._report = {"quant_method": self.name, "bits": self.bits, "group_size": self.group_size,
                         "torchao_config": type(config).__name__, "tensor_types": kinds,
                         "layers": list(self._layers), "skipped": list(self._skipped),
-                        "linear_fp32_bytes": fp32_bytes,
+                        "linear_fp32_bytes": fp32_bytes, "linear_packed_bytes": packed,
+                        "linear_packed_vs_fp32": packed / max(1, fp32_bytes),
                         "kernel": "torchao dequantize + fp32 matmul (CPU)",
                         "onnx": "exported as dequantized fp32 constants (no weight-only int8/int4 Linear in ORT's graph)"}
         return student
@@ -117,12 +120,8 @@ class WeightOnlyQuant(CompressionMethod):
         if not rebuildable_from_spec(student, {**context, "structure": structure}):
             raise ConfigError(f"quant={self.name}: the student's modules no longer match its arch spec (another "
                               "method changed the structure); weight-only int8/int4 is saved as spec + weights")
-        payload = weight_only_payload(student, context, self._layers, self.bits, structure=structure,
-                                      meta={"quant": self.name, "bits": self.bits, "group_size": self.group_size})
-        packed = packed_bytes(payload)
-        self._report.update({"linear_packed_bytes": packed,
-                             "linear_packed_vs_fp32": packed / max(1, self._report.get("linear_fp32_bytes", 1))})
-        return payload
+        return weight_only_payload(student, context, self._layers, self.bits, structure=structure,
+                                   meta={"quant": self.name, "bits": self.bits, "group_size": self.group_size})
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)

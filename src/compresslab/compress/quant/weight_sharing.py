@@ -89,6 +89,7 @@ class _Cluster:
 class WeightSharing(CompressionMethod):
     """Deep Compression weight sharing (k-means, centroid fine-tuning) + Huffman-coded artifact."""
 
+    codec_kind = "weight_shared"
     options = WeightSharingOptions
 
     def __init__(self, name: str, bits_conv: int = 8, bits_fc: int = 5, gap_bits_conv: int = 8,
@@ -201,6 +202,9 @@ class WeightSharing(CompressionMethod):
         if not self.adopt(student):
             self.cluster(student)  # no fine-tuning happened (or the selection predates it)
         self.round_unshared(student)
+        if self.context is not None:
+            stats = encode_shared(student, self, self.context)[1]
+            self._report = {**stats, "shared_during_training": self.shared_during_training}
         return student
 
     def shared_keys(self, model: nn.Module) -> set[str]:
@@ -217,10 +221,7 @@ class WeightSharing(CompressionMethod):
                 t.copy_(t.to(self.unshared_dtype))
 
     def export(self, student: nn.Module, context: dict[str, Any]) -> dict:
-        payload, stats = encode_shared(student, self, context)
-        stats["shared_during_training"] = self.shared_during_training
-        self._report = stats
-        return payload
+        return encode_shared(student, self, context)[0]
 
     def report(self) -> dict[str, Any]:
         return dict(self._report)
