@@ -33,7 +33,7 @@ from bench_config import compose_run, ratio_cell  # noqa: E402
 
 from compresslab.artifact import load_model_file, read_payload  # noqa: E402
 from compresslab.deploy.export import export_payload  # noqa: E402
-from compresslab.deploy.ort import OrtModel  # noqa: E402
+from compresslab.runtime.ort import OrtModel  # noqa: E402
 from compresslab.measure.core import evaluate_accuracy  # noqa: E402
 from compresslab.measure.latency import LatencySettings, measure_latencies  # noqa: E402
 from compresslab.pipeline import build_datamodule, run_experiment  # noqa: E402
