@@ -13,6 +13,7 @@ After :func:`validate`, a run is five named stages: ``obtain_teacher``
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import tempfile
@@ -42,12 +43,14 @@ from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
+from compresslab.run_control import RunDirLock, as_interrupted
 from compresslab.teacher import obtain_teacher
 from compresslab.track import base_record, write_results
 from compresslab.track.results import add_ratios, student_row, teacher_row, unresolved_record, write_final_results
 from compresslab.track.console import print_summary
 from compresslab.track.wandb_glue import finish, log_final, make_logger
 from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
+from compresslab.train_guard import check_training_config
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +94,7 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
     check_student_regime(datamodule, cfg.distill.name)  # a transfer set without labels needs soft targets
     parse_class_bias(_eval_cfg(cfg).get("class_bias"), classes)
     trains_teacher = teacher is not None and not cfg.teacher.get("ckpt")
-    for role in ("teacher", "student") if trains_teacher else ("student",):
-        value = cfg[role].get("epochs")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{role}.epochs must be a positive integer, got {value!r} (an untrained "
-                              f"{role} is not a result; for a trained teacher pass teacher.ckpt=<file>)")
+    check_training_config(cfg, ("teacher", "student") if trains_teacher else ("student",))  # a fit runs steps
     if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
         module = build_student_module(cfg, student, teacher, classes)
         train_set = getattr(datamodule, "train_set", None)  # feature shapes at the taps too (FSP pairs, OFD's BN)
@@ -276,7 +275,7 @@ def record_rows(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], saved
 
 def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run one experiment described by ``cfg`` and return its results record."""
-    with JobProcessGroup():
+    with JobProcessGroup(), RunDirLock(job_run_dir(cfg)) if is_rank_zero() else contextlib.nullcontext():
         return _run(cfg, extra_callbacks)
 
 
@@ -321,10 +320,12 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         failed = False
         return record
     except BaseException as exc:
-        run_error = exc
+        run_error = as_interrupted(exc, run_dir) or exc  # a signal: say how to resume, exit non-zero
         record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["error"] = f"{type(run_error).__name__}: {run_error}"
         record["traceback"] = traceback.format_exc()
+        if run_error is not exc:
+            raise run_error from exc
         raise
     finally:
         record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -66,11 +66,13 @@ def _digest(path: Path) -> str:
 
 def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
     """(results.json path, record) of every completed run under ``paths`` whose artifacts exist."""
+    from compresslab.track.checks import usable_records
     from compresslab.track.results import collect_job_results
 
     out = []
+    warn = lambda message: print(f"warning: {message}", file=sys.stderr)  # noqa: E731
     for root in paths:
-        for record in collect_job_results(Path(root)):
+        for record in usable_records(collect_job_results(Path(root)), warn):
             path = Path(record.pop("_path"))
             ref, student = record.get("reference") or {}, record.get("student") or {}
             if record.get("status") == "completed" and ref.get("artifact") and student.get("artifact"):
@@ -97,6 +99,8 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
     results.json to {row: model key} with the ONNX files under ``<row>@onnxruntime``;
     ``skipped`` says which files couldn't be timed and why."""
     from compresslab.artifact import read_payload
+    from compresslab.deploy.ort import refuse_external_data
+    from compresslab.errors import CheckpointError
 
     groups: dict[tuple, dict[str, Path]] = {}
     per_run: dict[Path, dict[str, str]] = {}
@@ -128,6 +132,11 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
             onnx_path = _resolve(results_path, onnx)
             if not onnx_path.is_file():
                 skipped.append(f"{onnx_path}: no such ONNX file ({row} of {results_path}); not timed in {ORT}")
+                continue
+            try:
+                refuse_external_data(onnx_path.read_bytes(), str(onnx_path))
+            except CheckpointError as exc:  # a crafted or foreign file: say why, time the rest
+                skipped.append(f"{exc} ({row} of {results_path}); not timed in {ORT}")
                 continue
             onnx_key = f"{onnx_path.name}@{_digest(onnx_path)}"
             groups[(shape, batch)][onnx_key] = onnx_path
