@@ -169,7 +169,7 @@ def measure_main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--round-ms", type=_number(float, 0.0, low_open=True), help="timed work per model per round")
     parser.add_argument("--warmup", type=_number(int, 0), help="untimed calls per model first")
     parser.add_argument("--clock", choices=["cpu", "wall"])
-    parser.add_argument("--threads-bN", help="threads at batch N: a number or auto")
+    parser.add_argument("--threads-bN", type=_threads_value, help="threads at batch N: a number >= 1 or auto")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, don't write results.json")
     args = parser.parse_args(argv)
     _require_dirs(parser, args.paths)
@@ -182,16 +182,14 @@ def measure_main(argv: Sequence[str] | None = None) -> None:
         if value is not None:
             setattr(settings, field, value)
     if args.threads_bN is not None:
-        settings.threads_bN = args.threads_bN if args.threads_bN == "auto" else _threads_arg(parser, args.threads_bN)
+        settings.threads_bN = args.threads_bN
     LatencySettings(**asdict(settings))  # re-validate the overridden values
     print_measured(measure_together(args.paths, settings, write=not args.dry_run))
 
 
-def _threads_arg(parser: argparse.ArgumentParser, text: str) -> int:
-    try:
-        return _number(int, 1)(text)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"argument --threads-bN: {exc} (a thread count >= 1, or auto)")
+def _threads_value(text: str) -> int | str:
+    """``--threads-bN``: ``auto`` or a thread count >= 1."""
+    return text if text == "auto" else _number(int, 1)(text)
 
 
 def reproduce_main(argv: list[str] | None = None) -> int:
