@@ -102,8 +102,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
                                      description="Ablation tables and accuracy/size/latency plots from many runs.")
     parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories (searched for results.json)")
     parser.add_argument("--wandb-project", help="read runs from this W&B project (entity/project) instead")
-    parser.add_argument("--rows", default="student", help="axis or dotted config key for table rows")
-    parser.add_argument("--cols", default="distill", help="axis or config key for columns ('' for none)")
+    parser.add_argument("--rows", help="axis or dotted config key for table rows (default: student)")
+    parser.add_argument("--cols", help="axis or config key for columns ('' for none; default: distill)")
     parser.add_argument("--metric", action="append", dest="metrics",
                         help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup, "
                              "deployed_speedup, or a dotted path such as backends.onnxruntime.speedup")
@@ -123,7 +123,7 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         _require_dirs(parser, args.paths)
         records = [r for p in args.paths for r in collect_job_results(p)]
     records = usable_records(records, lambda message: print(f"warning: {message}", file=sys.stderr))
-    for option, key in (("--rows", args.rows), ("--cols", args.cols)):
+    for option, key in (("--rows", args.rows), ("--cols", args.cols)):  # a key the user named: some run has it
         missing = unknown_key(records, key) if key else None
         if missing:
             axes = sorted({a for r in records if r.get("status") == "completed" for a in r.get("axes") or {}})
@@ -131,7 +131,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
                          f"(axes: {', '.join(axes)}; or a dotted config key such as prune.final_sparsity)")
     failed = [r for r in records if r.get("status") != "completed"]
     out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
-    report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
+    rows, cols = args.rows or "student", "distill" if args.cols is None else args.cols
+    report = build_report(records, rows, cols or None, args.metrics or ["acc_top1"], out_dir,
                           args.formats or ("md", "latex", "csv"), plots=not args.no_plots, backend=args.backend)
     print(f"{len(records) - len(failed)} completed runs, {len(failed)} failed")
     for r in failed:
