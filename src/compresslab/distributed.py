@@ -87,7 +87,8 @@ class JobProcessGroup:
     destroys its process group too, before its interpreter exits. Left to interpreter shutdown,
     gloo's worker threads were destroyed while still joinable, which aborts the rank
     ("terminate called without an active exception", SIGABRT) when the timing of the exit falls
-    badly, as on a loaded machine. Ranks started by torchrun or SLURM (``LOCAL_RANK`` set without
+    badly, as on a loaded machine (pytorch/pytorch#190489; torch registers no atexit destroy for
+    gloo, and Lightning registers one for NCCL only). Ranks started by torchrun or SLURM (``LOCAL_RANK`` set without
     the mark) keep their group: their launcher owns it."""
 
     def __enter__(self) -> "JobProcessGroup":
