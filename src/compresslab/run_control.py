@@ -43,8 +43,11 @@ class RunDirLock:
                 f"{self.path.parent} is in use by another compresslab process (pid {holder}): two jobs in one run "
                 "directory would write the same checkpoints and results.json. Wait for it to finish, or start this "
                 "one with another hydra.run.dir (or paths.run_dir).") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:  # the pid is only for the message: a full disk must not stop the run here
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass
         self._fd = fd
         return self
 
