@@ -338,7 +338,7 @@ def test_report_skips_bad_records_naming_file_and_field(tmp_path, capsys):
     captured = capsys.readouterr()
     for path, field in bad.values():
         assert f"warning: skipped {path.resolve()}: {field}" in captured.err
-    assert "2 completed runs, 0 failed" in captured.out
+    assert "2 completed runs, 0 pruned by the search, 0 failed" in captured.out
     assert "| mlp | **90.00 ± 0.00 (2)** |" in captured.out  # neither inf nor the NaN run in the cell
     with pytest.raises(SystemExit) as exit_:
         report_main([str(sweep), "--rows", "no_such_key", "--no-plots"])

@@ -1,7 +1,7 @@
 """What makes a fit a result: it runs at least one optimizer step, and its loss and weights stay finite.
 
 :func:`check_training_config` refuses, before anything trains, a configuration under which a fit
-would run no step (``epochs < 1``, ``trainer.limit_train_batches=0``, ``trainer.max_steps=0``).
+would run no step (``trainer.limit_train_batches=0``, ``trainer.max_steps=0``).
 :class:`FiniteTraining` is the cheap per-step guard every fit carries
 (:func:`compresslab.train.fit_with_checkpoints`): one ``isfinite`` of the loss per step (no
 Lightning has this check: ``detect_anomaly`` costs a backward-graph walk per step and raises on
@@ -12,7 +12,7 @@ and what to try, so the run ends ``failed`` instead of ``completed`` at chance a
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -24,17 +24,9 @@ _TRY = ("Try a lower learning rate (teacher.optimizer.lr / student.optimizer.lr)
         "(trainer.gradient_clip_val=1.0), or a learning-rate warm-up; if the data can hold NaN or inf, check it.")
 
 
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def check_training_config(cfg: Mapping[str, Any], roles: Iterable[str]) -> None:
-    """Refuse settings under which the fits of ``roles`` (teacher, student) would run no step."""
-    for role in roles:
-        value = cfg[role].get("epochs")
-        if value is not None and not _positive_int(value):
-            raise ConfigError(f"{role}.epochs must be a positive integer, got {value!r} (an untrained "
-                              f"{role} is not a result; for a trained teacher pass teacher.ckpt=<file>)")
+def check_training_config(cfg: Mapping[str, Any]) -> None:
+    """Refuse trainer settings under which a fit would run no step (``epochs >= 1`` is checked with
+    the other options, :mod:`compresslab.run_options`)."""
     trainer = cfg.get("trainer") or {}
     limit = trainer.get("limit_train_batches")
     if limit is not None and not isinstance(limit, bool) and isinstance(limit, (int, float)) and limit <= 0:
