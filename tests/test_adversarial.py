@@ -76,11 +76,12 @@ def test_a_crafted_teacher_planted_in_the_cache_is_refused(make_cfg, hub_repo):
     repo, marker = hub_repo
     cfg = make_cfg()
     dense_file(teacher_cache_path(cfg), crafted_specs(repo)["hub_load_through_common"])
-    with pytest.raises(ConfigError, match="Refused architecture"):
+    # refused as soon as its spec is compared with the configured teacher's, before anything is built
+    with pytest.raises(CheckpointError, match="is not the configured teacher: its arch is"):
         run_experiment(cfg)
     assert not marker.exists()
     record = json.loads((Path(cfg.paths.run_dir) / "results.json").read_text())
-    assert record["status"] == "failed" and "Refused architecture" in record["error"]
+    assert record["status"] == "failed" and "not the configured teacher" in record["error"]
 
 
 def test_crafted_files_are_refused_in_the_fresh_measuring_process(tmp_path, hub_repo):

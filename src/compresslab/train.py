@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from compresslab.data.regime import UNLABELED, labelled_cross_entropy
 from compresslab.files import AtomicCheckpointIO
+from compresslab.train_guard import FiniteTraining
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ def fit_with_checkpoints(
     clock = FitTime()
     preemption = CheckpointOnPreemption(ckpt_dir / "last.ckpt")
     trainer: pl.Trainer = trainer_factory(
-        max_epochs=int(max_epochs), callbacks=[checkpoint, last_checkpoint, clock, preemption, *callbacks],
+        max_epochs=int(max_epochs),
+        callbacks=[checkpoint, last_checkpoint, clock, preemption, FiniteTraining(), *callbacks],
         logger=logger,
         default_root_dir=str(ckpt_dir), plugins=[AtomicCheckpointIO()],
     )
