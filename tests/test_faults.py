@@ -57,7 +57,7 @@ def _onnx_with_external_weight(path: Path, location: str) -> Path:
 @pytest.mark.parametrize("location", ["secret.bin", "../../../x"])
 def test_onnx_external_data_is_refused_and_measure_skips_the_file(tmp_path, monkeypatch, capsys, location):
     from compresslab.cli import measure_main
-    from compresslab.deploy.ort import OrtModel
+    from compresslab.runtime.ort import OrtModel
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "secret.bin").write_bytes(os.urandom(640 * 4))  # what ORT read as the weight before the fix

@@ -103,7 +103,7 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
     results.json to {row: model key} with the ONNX files under ``<row>@onnxruntime``;
     ``skipped`` says which files couldn't be timed and why."""
     from compresslab.artifact import read_payload
-    from compresslab.deploy.ort import refuse_external_data
+    from compresslab.runtime.ort import refuse_external_data
     from compresslab.errors import CheckpointError
 
     groups: dict[tuple, dict[str, Path]] = {}
