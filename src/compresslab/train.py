@@ -47,7 +47,7 @@ class ClassifierModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.label_smoothing = float(label_smoothing)
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self._tally = TrainTally()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.top5 = num_classes > 5
@@ -66,12 +66,11 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss, logits = self.training_loss(x, y)
-        labelled = y != UNLABELED  # samples of a partly labelled transfer set (dataset.unlabeled_fraction)
-        if bool(labelled.any()):
-            self.train_acc(logits.detach()[labelled], y[labelled])
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self._tally.add(loss, logits, y)
         return loss
+
+    def configure_callbacks(self):
+        return [self._tally]
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch
@@ -104,6 +103,41 @@ class ClassifierModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+class TrainTally(Callback):
+    """``train/loss`` (sample-weighted mean) and ``train/acc`` (over labelled samples) of each epoch,
+    summed in one tensor per step and logged once at the epoch's end (summed over DDP ranks).
+
+    Why not ``self.log(..., on_step=False, on_epoch=True)`` and a torchmetrics metric per step: each
+    per-step ``log`` call moves and copies its value through Lightning's result collection and the
+    metric's ``forward`` computes the batch value too; together that cost more than a small model's
+    whole step (``benchmarks/lightning_overhead.py``).
+    """
+
+    def __init__(self) -> None:
+        self.sums: torch.Tensor | None = None
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add one batch: its mean ``loss``, its ``logits`` and labels (``UNLABELED`` ones not counted)."""
+        with torch.no_grad():
+            labelled = y != UNLABELED
+            correct = (logits.argmax(1) == y).sum()  # an UNLABELED target (-1) never matches
+            step = torch.stack([loss.detach().double() * y.numel(), correct.double(), labelled.sum().double(),
+                                torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
+            self.sums = step if self.sums is None else self.sums + step
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.sums = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sums is None:
+            return
+        loss_sum, correct, labelled, n = trainer.strategy.reduce(self.sums, reduce_op="sum").tolist()
+        pl_module.log("train/loss", loss_sum / n, prog_bar=True, rank_zero_only=True)
+        if labelled:
+            pl_module.log("train/acc", correct / labelled, rank_zero_only=True)
+        self.sums = None
 
 
 def fit_with_checkpoints(

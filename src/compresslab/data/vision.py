@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import StandardTransform
 
-from compresslab.data.base import ClassificationDataModule
+from compresslab.data.base import ArrayDataset, ClassificationDataModule
 from compresslab.errors import ConfigError, DatasetNotFoundError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -117,6 +117,28 @@ class _TorchvisionDataModule(_SharedTrainFiles):
     def _dataset_class(self) -> type:
         return self.dataset_cls
 
+    array_backed = True
+
+    def decoded(self, dataset: Dataset) -> ArrayDataset:
+        """The whole split decoded once from torchvision's uint8 array (``.data``: N×H×W or N×H×W×C)
+        and normalized as ``ToTensor`` + ``Normalize`` do to each sample: the eval-transform view."""
+        data = torch.as_tensor(dataset.data)
+        x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        x = x.float().div_(255).sub_(mean).div_(std).contiguous()
+        return ArrayDataset(x, torch.as_tensor(dataset.targets), classes=getattr(dataset, "classes", ()))
+
+    def _train_dataset(self) -> Dataset:
+        if self.has_augmentation:  # the DataLoader path: torchvision's per-sample random transform
+            return super()._train_dataset()
+        return self._train_dataset_for_eval()
+
+    def _train_dataset_for_eval(self) -> Dataset:
+        if getattr(self, "_train_decoded", None) is None:
+            self._train_decoded = self.decoded(self._base_train())
+        return self._train_decoded
+
     def _make(self, train: bool, transform: Callable | None) -> Dataset:
         try:
             return self._dataset_class()(str(self.root), train=train, transform=transform, download=False)
@@ -148,7 +170,7 @@ class _TorchvisionDataModule(_SharedTrainFiles):
         return self._make(True, None)
 
     def _test_dataset(self) -> Dataset:
-        return self._make(False, self.eval_transform())
+        return self.decoded(self._make(False, None))
 
 
 # ---- MNIST family ------------------------------------------------------------
