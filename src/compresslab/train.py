@@ -18,8 +18,9 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from compresslab.data.regime import UNLABELED, labelled_cross_entropy
+from compresslab.data.regime import labelled_cross_entropy
 from compresslab.files import AtomicCheckpointIO
+from compresslab.measure.train_tally import TrainTally
 
 log = logging.getLogger(__name__)
 
@@ -103,41 +104,6 @@ class ClassifierModule(pl.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
-
-
-class TrainTally(Callback):
-    """``train/loss`` (sample-weighted mean) and ``train/acc`` (over labelled samples) of each epoch,
-    summed in one tensor per step and logged once at the epoch's end (summed over DDP ranks).
-
-    Why not ``self.log(..., on_step=False, on_epoch=True)`` and a torchmetrics metric per step: each
-    per-step ``log`` call moves and copies its value through Lightning's result collection and the
-    metric's ``forward`` computes the batch value too; together that cost more than a small model's
-    whole step (``benchmarks/lightning_overhead.py``).
-    """
-
-    def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None
-
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
-        """Add one batch: its mean ``loss``, its ``logits`` and labels (``UNLABELED`` ones not counted)."""
-        with torch.no_grad():
-            labelled = y != UNLABELED
-            correct = (logits.argmax(1) == y).sum()  # an UNLABELED target (-1) never matches
-            step = torch.stack([loss.detach().double() * y.numel(), correct.double(), labelled.sum().double(),
-                                torch.tensor(float(y.numel()), dtype=torch.float64, device=y.device)])
-            self.sums = step if self.sums is None else self.sums + step
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sums = None
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.sums is None:
-            return
-        loss_sum, correct, labelled, n = trainer.strategy.reduce(self.sums, reduce_op="sum").tolist()
-        pl_module.log("train/loss", loss_sum / n, prog_bar=True, rank_zero_only=True)
-        if labelled:
-            pl_module.log("train/acc", correct / labelled, rank_zero_only=True)
-        self.sums = None
 
 
 def fit_with_checkpoints(
