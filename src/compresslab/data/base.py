@@ -264,8 +264,8 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         augment = self.device_augment if split == "train" and self.has_augmentation else None
         if split != "train":  # every rank evaluates its own shard; metrics are synced
             shuffle = False
-        # the shuffle order follows the run's seed (torch's global generator, seeded alike on every rank)
-        seed = int(torch.randint(0, 2**31 - 1, (1,))) if shuffle else 0
+        # the shuffle order follows the run's seed (torch's initial seed: seed_everything's, alike on every rank)
+        seed = (torch.initial_seed() + self.split_seed) % 2**62 if shuffle else 0
         return TensorBatches(x, y, batch_size, shuffle, augment=augment, seed=seed, rank=rank, world=world,
                              with_index=split == "train" and self.with_index)
 
