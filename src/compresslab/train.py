@@ -106,6 +106,17 @@ class ClassifierModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
+class KeyedCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose ``state_key`` is built once: Lightning formats it for every callback hook
+    of every step (a dict repr each time), and it never changes after construction."""
+
+    @property
+    def state_key(self) -> str:
+        if "_state_key" not in self.__dict__:
+            self.__dict__["_state_key"] = super().state_key
+        return self.__dict__["_state_key"]
+
+
 def fit_with_checkpoints(
     module: pl.LightningModule,
     datamodule: pl.LightningDataModule,
@@ -124,11 +135,11 @@ def fit_with_checkpoints(
     weights loaded in ``module``.
     """
     ckpt_dir = Path(ckpt_dir)
-    checkpoint = ModelCheckpoint(
+    checkpoint = KeyedCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val/acc", mode="max", auto_insert_metric_name=False,
     )
     # Lightning 2.6's save_last only writes when a top-k save happened: keep `last` separately.
-    last_checkpoint = ModelCheckpoint(
+    last_checkpoint = KeyedCheckpoint(
         dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1, enable_version_counter=False,
     )
     clock = FitTime()
@@ -148,8 +159,12 @@ def fit_with_checkpoints(
     best_path = checkpoint.best_model_path
     if best_path and Path(best_path).exists():
         state = torch.load(best_path, map_location="cpu", weights_only=True)
+        current = module.state_dict()
+        same = state["state_dict"].keys() == current.keys() and all(
+            torch.equal(v, current[k].detach().cpu()) for k, v in state["state_dict"].items())
         module.load_state_dict(state["state_dict"])
-        best_acc = _test_acc(trainer, module, datamodule, ckpt_path=None)
+        # the val-selected weights are the last ones: their test accuracy was just measured
+        best_acc = last_acc if same else _test_acc(trainer, module, datamodule, ckpt_path=None)
         best_epoch = int(state.get("epoch", -1))
     else:  # no validation ran (e.g. limit_val_batches=0): the last epoch is the selection
         best_acc, best_epoch = last_acc, trainer.current_epoch - 1
