@@ -26,6 +26,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from functools import partial
@@ -199,7 +200,7 @@ def fixed_cost(args, arch: str, workdir: Path) -> None:
         print(f"  after the fit        {end - stamps.fit_end:6.2f} s  (test x2, save, reload, measure)")
         print(f"  in-process total     {end - t0:6.2f} s", flush=True)
     t = time.perf_counter()
-    subprocess.run(["python", "-c", "import compresslab.pipeline"], check=True, env={**os.environ})
+    subprocess.run([sys.executable, "-c", "import compresslab.pipeline"], check=True)
     print(f"  python start + import compresslab.pipeline: {time.perf_counter() - t:.2f} s")
 
 
