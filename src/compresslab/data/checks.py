@@ -64,12 +64,13 @@ def check_idx_pair(images: Path, labels: Path, shape: tuple[int, int]) -> None:
                             "do not belong together. Replace them with a matching pair.")
 
 
-def check_image_tree(folder: Path) -> int:
-    """Class folders of an ImageFolder split: at least two, each with an image file. Returns the file count."""
+def check_image_tree(folder: Path, min_classes: int = 2) -> int:
+    """Class folders of an ImageFolder split: at least ``min_classes``, each with an image file.
+    Returns the file count."""
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    if len(classes) < 2:
+    if len(classes) < min_classes:
         raise DataFileError(f"{folder}: {len(classes)} class folder(s) ({classes}); a classifier needs at least "
-                            "two: put each class's images in <dir>/<class>/.")
+                            f"{'two' if min_classes == 2 else min_classes}: put each class's images in <dir>/<class>/.")
     empty, count = [], 0
     for name in classes:
         n = sum(1 for _, _, files in os.walk(folder / name) for f in files

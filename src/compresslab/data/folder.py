@@ -93,8 +93,8 @@ class ImageFolderDataModule(_SharedTrainFiles):
             transforms.Normalize(self.mean, self.std),
         ])
 
-    def _folder(self, folder: Path, transform: Callable | None) -> Dataset:
-        check_image_tree(folder)  # >= 2 class folders, none empty (names the folder)
+    def _folder(self, folder: Path, transform: Callable | None, min_classes: int = 2) -> Dataset:
+        check_image_tree(folder, min_classes)  # enough class folders, none empty (names the folder)
         data = datasets.ImageFolder(str(folder), transform=transform, loader=checked_loader)
         verify_images(data.samples)  # small trees: every image decoded once, before training
         return data
@@ -106,7 +106,7 @@ class ImageFolderDataModule(_SharedTrainFiles):
         return base
 
     def _test_dataset(self) -> Dataset:
-        test = self._folder(self.test_dir, self.eval_transform())
+        test = self._folder(self.test_dir, self.eval_transform(), min_classes=1)  # must match train's: below
         if test.classes != self.classes:
             extra = sorted(set(test.classes) - set(self.classes))
             lacking = sorted(set(self.classes) - set(test.classes))
