@@ -184,8 +184,8 @@ def test_a_run_whose_config_cannot_be_read_leaves_a_failed_record(make_cfg, over
 @pytest.mark.parametrize("overrides, message", [
     (["distill=kd", "distill.logit_loss.temperature=0"], "temperature must be > 0"),
     (["distill=fitnet", "distill.feature_losses.fitnet.teacher_layers=[no.such.layer]"], "no.such.layer"),
-    (["dataset.batch_size=0"], "dataset.batch_size must be a positive integer"),
-    (["student.epochs=0"], "student.epochs must be a positive integer"),
+    (["dataset.batch_size=0"], "dataset.batch_size=0 is not allowed: expected an integer >= 1"),
+    (["student.epochs=0"], "student.epochs=0 is not allowed: expected an integer >= 1"),
 ])
 def test_config_errors_fail_before_any_fit(make_cfg, overrides, message):
     import time

@@ -200,7 +200,7 @@ def test_cli_runs_default_experiment_and_logs_wandb_offline(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "completed"
-    assert record["config"]["logger"]["name"] == "wandb"
+    assert record["config"]["logger"]["wandb"]["_target_"].endswith("make_wandb_logger")
     offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
     assert "results.json" in out.stdout

@@ -358,7 +358,7 @@ def test_failed_and_cancelled_jobs_are_recorded_and_the_sweep_finishes(cluster, 
     assert sorted(records) == [0, 1, 2]
     assert [r["status"] for r in (records[0], records[1], records[2])] == ["failed", "failed", "completed"]
     assert records[0]["slurm_state"] == "CANCELLED" and f"SLURM job {job0} ended CANCELLED" in records[0]["error"]
-    assert "student.epochs must be a positive integer" in records[1]["error"]
+    assert "student.epochs=0 is not allowed" in records[1]["error"]
     assert records[2]["student"]["epochs_run"] == 1
     assert "sweep: 1 completed, 2 failed" in out  # ...after every job ended, with a summary
     assert "2 of 3 sweep jobs failed" in err

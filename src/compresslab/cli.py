@@ -26,35 +26,28 @@ from compresslab.config_utils import CONFIG_DIR
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """Run the composed experiment; returns its objective (see ``objective`` in conf/config.yaml)."""
+def main(cfg: DictConfig) -> dict | None:
+    """Run the composed experiment; returns its results record (None for a failed or pruned sweep job).
+    A search (``hydra/sweeper=optuna*``) reads its objectives from each job's results.json."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     from compresslab.pipeline import run_experiment
+    from compresslab.search.pruning import pruned_epoch
 
     try:
         record = run_experiment(cfg)
-    except Exception:
+    except Exception as exc:
+        if pruned_epoch(exc) is not None:  # a search trial its pruner stopped: recorded as pruned, not failed
+            logging.getLogger(__name__).info("%s", exc)
+            return None
         # In a sweep a failed job is recorded (results.json, W&B) and the others go on;
         # the SweepSummary callback lists it at the end. A single run fails loudly.
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             logging.getLogger(__name__).exception("job failed; the sweep goes on")
             return None
         raise
-    return objective_value(record, cfg.objective)
-
-
-def objective_value(record: dict, objective: DictConfig) -> float | None:
-    """The number a sweeper optimizes: ``objective.metric`` of the student, or ``objective.penalty``
-    when the artifact breaks the size or latency budget."""
-    student = record.get("student") or {}
-    if objective.get("max_size_bytes") is not None and student.get("size_bytes", 0) > objective.max_size_bytes:
-        return float(objective.penalty)
-    if objective.get("max_latency_ms") is not None and student.get("latency_ms_bN", 0) > objective.max_latency_ms:
-        return float(objective.penalty)
-    value = student.get(objective.metric)
-    return None if value is None else float(value)
+    return record
 
 
 def report_main(argv: Sequence[str] | None = None) -> None:
@@ -91,13 +84,17 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         for r in [r for r in records if r.get("status") == "unreadable"]:
             print(f"warning: skipped {r['_path']}: {r.get('error')}", file=sys.stderr)
         records = [r for r in records if r.get("status") != "unreadable"]
-    failed = [r for r in records if r.get("status") != "completed"]
+    failed = [r for r in records if r.get("status") not in ("completed", "pruned")]
+    pruned = [r for r in records if r.get("status") == "pruned"]
     out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
     report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
                           args.formats or ("md", "latex", "csv"), plots=not args.no_plots, backend=args.backend)
-    print(f"{len(records) - len(failed)} completed runs, {len(failed)} failed")
+    print(f"{len(records) - len(failed) - len(pruned)} completed runs, {len(pruned)} pruned by the search, "
+          f"{len(failed)} failed")
     for r in failed:
         print(f"  failed: {r.get('_path', r.get('run_dir'))}: {str(r.get('error'))[:160]}")
+    for path in args.paths:  # a search dir: the Pareto front its study found
+        _print_search_front(path, out_dir, plots=not args.no_plots)
     if report["frame"].empty:
         raise SystemExit("no completed runs to tabulate")
     print("\n\n".join(report["markdown"]))
@@ -107,6 +104,21 @@ def report_main(argv: Sequence[str] | None = None) -> None:
         print(f"wrote {path}")
     if args.log_wandb:
         log_report_to_wandb(report, args.log_wandb)
+
+
+def _print_search_front(sweep_dir: Path, out_dir: Path, plots: bool = True) -> None:
+    """Print the Pareto front of the study behind a search dir and draw ``pareto_front.png`` (nothing
+    for a dir that is not a search)."""
+    from compresslab.search.pareto import front_markdown, load_search, plot_front
+
+    found = load_search(sweep_dir)
+    if found is None:
+        return
+    study, paths = found
+    print(front_markdown(study, paths))
+    plot = plot_front(study, paths, out_dir) if plots else None
+    if plot is not None:
+        print(f"wrote {plot}")
 
 
 def _require_dirs(parser: argparse.ArgumentParser, paths: Sequence[Path]) -> None:

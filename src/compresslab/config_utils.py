@@ -9,8 +9,20 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-#: the Hydra config tree (``conf/``); ``COMPRESSLAB_CONFIG_DIR`` points the commands at another one
-CONFIG_DIR = os.environ.get("COMPRESSLAB_CONFIG_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+def _config_dir() -> str:
+    """The Hydra config tree: ``COMPRESSLAB_CONFIG_DIR`` when set; else the copy an installed wheel ships
+    as ``compresslab/conf`` (setup.py's build step puts the checkout's ``conf/`` there); else the
+    checkout's ``conf/`` (source and editable installs)."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return os.environ.get("COMPRESSLAB_CONFIG_DIR") or str(packaged if (packaged / "config.yaml").is_file()
+                                                           else here.parents[1] / "conf")
+
+
+#: the Hydra config tree (see :func:`_config_dir`)
+CONFIG_DIR = _config_dir()
 
 
 def instantiate_node(node: DictConfig, **kwargs: Any) -> Any:

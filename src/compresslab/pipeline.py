@@ -31,7 +31,7 @@ from pytorch_lightning.callbacks import Callback
 from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
 from compresslab.config_utils import arch_spec, instantiate_node, recipe_kwargs
-from compresslab.data.regime import check_regime_config, check_student_regime
+from compresslab.data.regime import check_student_regime
 from compresslab.deploy import step as deploy
 from compresslab.distill.cache import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
@@ -42,11 +42,14 @@ from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
+from compresslab.search.pruning import pruned_epoch, search_callbacks
+from compresslab.run_options import check_run_options
 from compresslab.teacher import obtain_teacher
 from compresslab.track import base_record, write_results
 from compresslab.track.results import add_ratios, student_row, teacher_row, unresolved_record, write_final_results
 from compresslab.track.console import print_summary
-from compresslab.track.wandb_glue import finish, log_final, make_logger
+from compresslab.track.loggers import config_callbacks, make_loggers
+from compresslab.track.wandb_glue import finish, log_final
 from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def build_datamodule(cfg: DictConfig):
     """Instantiate ``cfg.dataset`` and check its files are there (clear error otherwise)."""
-    check_regime_config(cfg.dataset)  # the student's regime options, as a ConfigError
+    check_run_options(cfg)  # seed, dataset.*, recipes, measure.*, ...: a ConfigError naming the key, not the library's
     dm = instantiate_node(cfg.dataset)
     dm.prepare_data()
     return dm
@@ -71,12 +74,10 @@ def build_student_module(cfg: DictConfig, student: torch.nn.Module, teacher, num
 
 
 def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
-    """Everything that can be checked before training: models build, files exist, methods parse."""
+    """Everything that can be checked before training: the options' types and ranges
+    (:mod:`compresslab.run_options`, each method's ``options``), models build, files exist."""
+    check_run_options(cfg)  # also run by build_datamodule, for a datamodule built another way
     shape, classes = datamodule.input_shape, datamodule.num_classes
-    for key in ("batch_size", "eval_batch_size"):
-        value = cfg.dataset.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"dataset.{key} must be a positive integer, got {value!r}")
     student = build_model(arch_spec(cfg.student), shape, classes)
     teacher = None
     if cfg.teacher.get("arch") is not None:
@@ -90,12 +91,6 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
         check_cache_allowed(datamodule)  # before the teacher trains, not at the student's fit
     check_student_regime(datamodule, cfg.distill.name)  # a transfer set without labels needs soft targets
     parse_class_bias(_eval_cfg(cfg).get("class_bias"), classes)
-    trains_teacher = teacher is not None and not cfg.teacher.get("ckpt")
-    for role in ("teacher", "student") if trains_teacher else ("student",):
-        value = cfg[role].get("epochs")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"{role}.epochs must be a positive integer, got {value!r} (an untrained "
-                              f"{role} is not a result; for a trained teacher pass teacher.ckpt=<file>)")
     if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
         module = build_student_module(cfg, student, teacher, classes)
         train_set = getattr(datamodule, "train_set", None)  # feature shapes at the taps too (FSP pairs, OFD's BN)
@@ -297,18 +292,19 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
     failed = True
     run_error: BaseException | None = None
     try:
+        dm = build_datamodule(cfg)  # checks the run's options first
         if cfg.measure.get("threads"):
             torch.set_num_threads(int(cfg.measure.threads))
-        dm = build_datamodule(cfg)
         dm.setup("fit")
         methods = validate(cfg, dm)
         perf = cfg.get("performance") or {}
         speed = PerformanceOptions(perf.get("channels_last", "auto"), perf.get("compile", False))
         trainer_factory = partial(_trainer_with, cfg.trainer, [speed], **trainer_adjustments(cfg.trainer))
-        logger = make_logger(cfg, run_dir, record["axes"])
+        logger = make_loggers(cfg, run_dir, record["axes"])
 
         teacher, tinfo = obtain_teacher(cfg, dm, trainer_factory)
-        student, fit = fit_student(cfg, dm, methods, teacher, trainer_factory, logger, run_dir, extra_callbacks)
+        student, fit = fit_student(cfg, dm, methods, teacher, trainer_factory, logger, run_dir,
+                                   [*extra_callbacks, *search_callbacks(cfg), *config_callbacks(cfg)])
         if not is_rank_zero():  # DDP ranks > 0 took part in the fits; rank 0 exports and measures
             failed = False
             return record
@@ -322,7 +318,9 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         return record
     except BaseException as exc:
         run_error = exc
-        record["status"] = "failed"
+        record["status"] = "failed" if pruned_epoch(exc) is None else "pruned"  # a search's pruner stopped it
+        if pruned_epoch(exc) is not None:
+            record["pruned_at_epoch"] = pruned_epoch(exc)
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["traceback"] = traceback.format_exc()
         raise

@@ -14,20 +14,34 @@ target and adds nothing. The pipeline calls, in the order of
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from compresslab import axes
+from compresslab.config_schema import check_options
 from compresslab.config_utils import instantiate_node
 from compresslab.errors import ConfigError
+
 
 class CompressionMethod:
     """Base class with pass-through hooks; subclasses override what their method needs."""
 
     axis: str = ""
+    #: the dataclass schema of the method's options (:mod:`compresslab.config_schema`): their types,
+    #: enums and ranges, checked by :meth:`__new__` before ``__init__`` runs
+    options: type | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "CompressionMethod":
+        """Check the constructor's options against ``cls.options`` (a ConfigError naming
+        ``<axis>.<key>``, the value and what is allowed), from a config or a direct call alike."""
+        if cls.options is not None and (args or kwargs):
+            check_options(cls.options, _given_options(cls, args, kwargs), _axis_of(cls))
+        return super().__new__(cls)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -59,8 +73,29 @@ class CompressionMethod:
         return {}
 
 
+def _axis_of(cls: type) -> str:
+    """The axis a method class belongs to: its package under ``compresslab.compress`` (else its ``axis``)."""
+    parts = cls.__module__.split(".")
+    return parts[2] if parts[:2] == ["compresslab", "compress"] and len(parts) > 3 else (cls.axis or cls.__name__)
+
+
+def _given_options(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The options passed to ``cls(...)`` by name (``name`` left out, ``**kwargs`` flattened); an
+    argument the constructor does not take stays in, for the schema to refuse by name."""
+    params = inspect.signature(cls.__init__).parameters
+    try:
+        bound = inspect.signature(cls.__init__).bind_partial(None, *args, **kwargs).arguments
+    except TypeError:
+        bound = dict(kwargs)
+    for p in params.values():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            bound.update(bound.pop(p.name, {}))
+    return {k: v for k, v in bound.items() if k not in ("self", "name")}
+
+
 def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
-    """Instantiate the configured method of each compression axis, in axis order."""
+    """Instantiate the configured method of each compression axis, in axis order (a bad option
+    is the method's ConfigError, naming ``<axis>.<key>``)."""
     methods = []
     for axis in axes.COMPRESSION_AXES:
         node = cfg.get(axis)
@@ -68,7 +103,12 @@ def build_methods(cfg: DictConfig) -> list[CompressionMethod]:
             continue
         if "_target_" not in node:
             raise ConfigError(f"{axis}={node.get('name')} has no _target_; see conf/{axis}/ for the methods")
-        method = instantiate_node(node, name=node.name)
+        try:
+            method = instantiate_node(node, name=node.name)
+        except InstantiationException as exc:  # the method's own ConfigError, not Hydra's wrapping of it
+            if isinstance(exc.__cause__, ConfigError):
+                raise exc.__cause__ from None
+            raise
         if not isinstance(method, CompressionMethod):
             raise ConfigError(f"{axis}: {node._target_} is not a compresslab CompressionMethod")
         method.axis = axis

@@ -13,7 +13,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from compresslab.data.regime import RegimeSubset, check_regime_values, dataset_targets, student_split
+from compresslab.data.options import check_dataset_options
+from compresslab.data.regime import RegimeSubset, dataset_targets, regime_values, student_split
 from compresslab.errors import ConfigError, DatasetNotFoundError
 
 #: ``on_device=auto`` keeps a dataset resident on the CPU when its splits take at most this share of
@@ -123,12 +124,14 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         with_index: bool = False,
     ) -> None:
         super().__init__()
-        if not 0.0 < float(val_fraction) < 1.0:
-            raise ValueError(f"dataset.val_fraction must be in (0, 1), got {val_fraction}")
         if exclude_classes is not None and not isinstance(exclude_classes, (int, str)):
             exclude_classes = list(exclude_classes)
+        check_dataset_options(batch_size=batch_size, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                              val_fraction=val_fraction, split_seed=split_seed, train_fraction=train_fraction,
+                              subset_seed=subset_seed, exclude_classes=exclude_classes,
+                              unlabeled_fraction=unlabeled_fraction)
         (self.train_fraction, self.exclude_classes, self.unlabeled_fraction,
-         self.subset_seed) = check_regime_values(train_fraction, exclude_classes, unlabeled_fraction, subset_seed)
+         self.subset_seed) = regime_values(train_fraction, exclude_classes, unlabeled_fraction, subset_seed)
         self.root = Path(root)
         self.download = bool(download)
         self.batch_size = int(batch_size)

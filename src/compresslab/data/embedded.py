@@ -10,6 +10,7 @@ from filelock import FileLock
 from torch.utils.data import TensorDataset
 
 from compresslab.data.base import ClassificationDataModule
+from compresslab.data.options import check_dataset_options
 
 
 def _standardize(train: np.ndarray, *others: np.ndarray) -> list[torch.Tensor]:
@@ -30,6 +31,7 @@ class DigitsDataModule(ClassificationDataModule):
     num_classes = 10
 
     def __init__(self, test_fraction: float = 0.2, **kwargs) -> None:
+        check_dataset_options(test_fraction=test_fraction)  # sklearn's message would say test_size
         super().__init__(**kwargs)
         self.test_fraction = float(test_fraction)
         self._arrays: tuple | None = None
@@ -72,6 +74,7 @@ class MNIST1DDataModule(ClassificationDataModule):
     num_classes = 10
 
     def __init__(self, num_samples: int = 5000, **kwargs) -> None:
+        check_dataset_options(num_samples=num_samples)
         super().__init__(**kwargs)
         self.num_samples = int(num_samples)
         self._sets: tuple | None = None

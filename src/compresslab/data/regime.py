@@ -36,43 +36,12 @@ UNLABELED = -1
 STUDENT_REGIME_KEYS = ("train_fraction", "subset_seed", "exclude_classes", "unlabeled_fraction")
 
 
-def check_regime_values(train_fraction, exclude_classes, unlabeled_fraction, subset_seed) -> tuple:
-    """Type/range checks that need no data: returns the normalised values or raises ConfigError."""
-    try:
-        f = float(train_fraction)
-    except (TypeError, ValueError):
-        raise ConfigError(f"dataset.train_fraction must be a number in (0, 1], got {train_fraction!r}") from None
-    if isinstance(train_fraction, bool) or not (0.0 < f <= 1.0) or not math.isfinite(f):
-        raise ConfigError(f"dataset.train_fraction must be in (0, 1], got {train_fraction!r}")
-    try:
-        u = float(unlabeled_fraction)
-    except (TypeError, ValueError):
-        raise ConfigError(f"dataset.unlabeled_fraction must be a number in [0, 1], got {unlabeled_fraction!r}") from None
-    if isinstance(unlabeled_fraction, bool) or not (0.0 <= u <= 1.0):
-        raise ConfigError(f"dataset.unlabeled_fraction must be in [0, 1], got {unlabeled_fraction!r}")
-    if exclude_classes is None:
-        exclude_classes = []
-    if isinstance(exclude_classes, (int, str)):
+def regime_values(train_fraction, exclude_classes, unlabeled_fraction, subset_seed) -> tuple:
+    """The regime options normalised (their types and ranges are :class:`~compresslab.data.options.DatasetOptions`):
+    ``(train_fraction, sorted labels, unlabeled_fraction, subset_seed)``."""
+    if isinstance(exclude_classes, int):
         exclude_classes = [exclude_classes]
-    labels = []
-    for c in exclude_classes:
-        if isinstance(c, bool) or not isinstance(c, int):
-            raise ConfigError(f"dataset.exclude_classes must be a list of integer class labels, got {c!r} "
-                              f"in {list(exclude_classes)!r}")
-        labels.append(int(c))
-    if isinstance(subset_seed, bool) or not isinstance(subset_seed, int):
-        raise ConfigError(f"dataset.subset_seed must be an integer, got {subset_seed!r}")
-    return f, sorted(set(labels)), u, int(subset_seed)
-
-
-def check_regime_config(dataset_cfg) -> None:
-    """:func:`check_regime_values` on a ``dataset`` config node (before the datamodule is built, so the
-    message is a plain ConfigError rather than an instantiation error)."""
-    get = dataset_cfg.get
-    exclude = get("exclude_classes", None)
-    if exclude is not None and not isinstance(exclude, (int, str)):
-        exclude = list(exclude)
-    check_regime_values(get("train_fraction", 1.0), exclude, get("unlabeled_fraction", 0.0), get("subset_seed", 0))
+    return float(train_fraction), sorted({int(c) for c in exclude_classes or []}), float(unlabeled_fraction), int(subset_seed)
 
 
 def dataset_targets(dataset: Dataset) -> torch.Tensor:

@@ -4,7 +4,8 @@
 Schema version 2 (later versions extend it, never break it)::
 
     schema_version: 2
-    status: "completed" | "failed" | "running"      error: str | null      stage (unresolved runs)
+    status: "completed" | "failed" | "running" | "pruned" (a search's pruner stopped it; pruned_at_epoch)
+    error: str | null      stage (unresolved runs)
     axes: {<each of compresslab.axes.AXES>: the chosen option's name, seed}
     config: resolved Hydra config               run_dir, run_id, started_at, finished_at
     teacher / reference / student: one row per model (reference: the dense fp32 student, same
@@ -264,7 +265,7 @@ def teacher_row(profile: Mapping[str, Any], size: Mapping[str, Any], accuracy: M
                 info: Mapping[str, Any]) -> dict:
     """The ``teacher`` row: its profile, file size, test accuracy and how it was obtained."""
     return {**profile, **size, **accuracy, "acc_top1_last": info.get("acc_top1_last"),
-            "train_time_s": info.get("train_time_s"), "source": info["source"]}
+            "train_time_s": info.get("train_time_s"), "source": info["source"], "file": info.get("path")}
 
 
 #: the student fit's figures (``train.fit_with_checkpoints``) copied into the student row, as named there

@@ -31,18 +31,27 @@ def launched_job_dirs(config: DictConfig) -> list[Path]:
     return [Path(hydra_cfg.sweep.dir) / str(i) for i in range(n_jobs)]
 
 
+def status_counts(records: list[dict]) -> dict[str, int]:
+    """How many jobs completed, were pruned by a search's pruner (stopped early on purpose), or failed
+    (anything else: failed, unreadable, still running)."""
+    completed = sum(r.get("status") == "completed" for r in records)
+    pruned = sum(r.get("status") == "pruned" for r in records)
+    return {"completed": completed, "pruned": pruned, "failed": len(records) - completed - pruned}
+
+
 def summary_table(records: list[dict], sweep_dir: Path) -> Table:
     """One row per job: directory, axes that vary, status, student accuracy or the error."""
     with_axes = [r.get("axes") for r in records if r.get("axes")]  # a config that didn't resolve has none
     axes_keys = sorted({k for axes in with_axes for k in axes})
     varying = [k for k in axes_keys if len({str(axes.get(k)) for axes in with_axes}) > 1]
-    n_ok = sum(r.get("status") == "completed" for r in records)
-    table = Table(title=f"sweep: {n_ok} completed, {len(records) - n_ok} failed")
+    counts = status_counts(records)
+    table = Table(title=f"sweep: {counts['completed']} completed, {counts['pruned']} pruned, {counts['failed']} failed")
     for col in ["job", *varying, "status", "student acc / error"]:
         table.add_column(col, overflow="fold")
     for r in records:
         job = Path(r["_path"]).parent.name
         detail = (f"{(r.get('student') or {}).get('acc_top1', float('nan')):.4f}" if r.get("status") == "completed"
+                  else f"stopped early after epoch {r.get('pruned_at_epoch')}" if r.get("status") == "pruned"
                   else str(r.get("error") or "")[:120])
         axes = r.get("axes") or {}
         table.add_row(job, *[escape(str(axes.get(k, "?"))) for k in varying], str(r.get("status")),
@@ -51,7 +60,8 @@ def summary_table(records: list[dict], sweep_dir: Path) -> Table:
 
 
 class SweepSummary(Callback):
-    """Prints the completed/failed summary when a multirun ends; exits non-zero if a job failed."""
+    """Prints the completed/pruned/failed summary when a multirun ends; exits non-zero if a job failed
+    (a trial a search's pruner stopped is not a failure)."""
 
     def __init__(self, fail_on_error: bool = True, report: dict | None = None) -> None:
         self.fail_on_error = fail_on_error
@@ -82,7 +92,7 @@ class SweepSummary(Callback):
         if report and report.get("rows") and any(r.get("status") == "completed" for r in records):
             self._print_report(records, sweep_dir, console, report)
         console.print(f"sweep dir: {sweep_dir}", soft_wrap=True, highlight=False)
-        failed = [r for r in records if r.get("status") != "completed"]
+        failed = [r for r in records if r.get("status") not in ("completed", "pruned")]
         if failed and self.fail_on_error:
             raise SystemExit(f"{len(failed)} of {len(records)} sweep jobs failed (see the table above)")
 

@@ -32,6 +32,7 @@ from compresslab.compress.codecs.fuse_bn import BATCHNORMS as _BNS
 from compresslab.compress.codecs.fuse_bn import LAYERS as _LAYERS
 from compresslab.compress.codecs.fuse_bn import fused_payload
 from compresslab.compress.common import set_module
+from compresslab.config_schema import NoOptions
 from compresslab.errors import ConfigError
 _LAYER_OPS = ("aten.conv1d.default", "aten.conv2d.default", "aten.conv3d.default", "aten.linear.default",
               "aten.convolution.default")
@@ -95,6 +96,8 @@ def fold_bn(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, list[tu
 
 class FuseBN(CompressionMethod):
     """``fuse=bn``: fold BatchNorm into the preceding conv/linear after training (see module doc)."""
+
+    options = NoOptions
 
     def __init__(self, name: str) -> None:
         super().__init__(name)

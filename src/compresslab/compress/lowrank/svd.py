@@ -36,6 +36,7 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.lowrank import lowrank_payload
 from compresslab.compress.common import hide_epoch_from_selection, resolve_epoch, select_layers, set_module
 from compresslab.compress.lowrank.factorized import build_svd_factors
+from compresslab.compress.lowrank.options import SVDOptions
 from compresslab.errors import ConfigError
 
 
@@ -184,20 +185,14 @@ class DeferredLowRank(nn.Module):
 class SVDLowRank(CompressionMethod):
     """Truncated-SVD factorization of linear and conv layers (``lowrank=svd``)."""
 
+    options = SVDOptions
+
     def __init__(self, name: str, rank_ratio: float | None = 0.5, energy: float | None = None,
                  conv_mode: str = "channel", when: str = "before", start_epoch: int = -8, min_rank: int = 1,
                  exclude: Sequence[str] = (), keep_first_last: bool = False, only_if_smaller: bool = True) -> None:
         super().__init__(name)
         if energy is None and rank_ratio is None:
             raise ConfigError("lowrank: set rank_ratio or energy")
-        if energy is not None and not 0.0 < float(energy) <= 1.0:
-            raise ConfigError(f"lowrank.energy must be in (0, 1], got {energy}")
-        if energy is None and not 0.0 < float(rank_ratio) <= 1.0:
-            raise ConfigError(f"lowrank.rank_ratio must be in (0, 1], got {rank_ratio}")
-        if conv_mode not in ("channel", "spatial"):
-            raise ConfigError(f"lowrank.conv_mode must be channel or spatial, got {conv_mode!r}")
-        if when not in ("before", "after"):
-            raise ConfigError(f"lowrank.when must be before or after, got {when!r}")
         self.rank_ratio = None if rank_ratio is None else float(rank_ratio)
         self.energy = None if energy is None else float(energy)
         self.conv_mode, self.when = conv_mode, when

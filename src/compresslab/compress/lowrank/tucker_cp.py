@@ -54,11 +54,11 @@ from compresslab.compress.lowrank.tensor_decomp import (
     tucker2_factorize,
     unfold,
 )
+from compresslab.compress.lowrank.options import TensorOptions
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DECOMPOSITIONS = ("tucker2", "cp")
 RANK_MODES = {"tucker2": ("vbmf", "energy", "ratio"), "cp": ("vbmf", "params")}
 
 
@@ -66,13 +66,13 @@ RANK_MODES = {"tucker2": ("vbmf", "energy", "ratio"), "cp": ("vbmf", "params")}
 class TensorLowRank(CompressionMethod):
     """``lowrank=tucker`` / ``lowrank=cp`` (see the module docstring)."""
 
+    options = TensorOptions
+
     def __init__(self, name: str, decomposition: str = "tucker2", rank_mode: str = "vbmf",
                  rank_ratio: float | None = None, energy: float | None = None, param_ratio: float | None = None,
                  ranks: Mapping[str, Any] | None = None, start_epoch: int = -8, min_rank: int = 1,
                  exclude: Sequence[str] = (), only_if_smaller: bool = True, n_iter_max: int = 100) -> None:
         super().__init__(name)
-        if decomposition not in DECOMPOSITIONS:
-            raise ConfigError(f"lowrank.decomposition must be one of {DECOMPOSITIONS}, got {decomposition!r}")
         self.decomposition = decomposition
         modes = RANK_MODES[decomposition]
         if rank_mode not in modes:
@@ -85,15 +85,11 @@ class TensorLowRank(CompressionMethod):
             if mode != rank_mode and value is not None:
                 raise ConfigError(f"lowrank.{key} is only used with lowrank.rank_mode={mode} (here rank_mode="
                                   f"{rank_mode}); remove it or set rank_mode={mode}")
-            if value is not None and not 0.0 < float(value) <= 1.0:
-                raise ConfigError(f"lowrank.{key} must be in (0, 1], got {value}")
         self.rank_ratio = None if rank_ratio is None else float(rank_ratio)
         self.energy = None if energy is None else float(energy)
         self.param_ratio = None if param_ratio is None else float(param_ratio)
         self.ranks = {str(k): self._parse_rank(k, v) for k, v in dict(ranks or {}).items()}
         self.start_epoch, self.min_rank = int(start_epoch), int(min_rank)
-        if self.min_rank < 1:
-            raise ConfigError(f"lowrank.min_rank must be >= 1, got {min_rank}")
         self.exclude, self.only_if_smaller = list(exclude or []), bool(only_if_smaller)
         self.n_iter_max = int(n_iter_max)
         self.layer_info: dict[str, dict] = {}
@@ -101,11 +97,11 @@ class TensorLowRank(CompressionMethod):
         self._callback: TensorLowRankCallback | None = None
 
     def _parse_rank(self, layer: Any, value: Any):
-        if self.decomposition == "tucker2":
-            if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(int(v) >= 1 for v in value)):
+        if self.decomposition == "tucker2":  # the ranks' types and range: TensorOptions
+            if not (isinstance(value, (list, tuple)) and len(value) == 2):
                 raise ConfigError(f"lowrank.ranks.{layer}: Tucker-2 takes [rank_out, rank_in], got {value!r}")
             return [int(v) for v in value]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not isinstance(value, int):
             raise ConfigError(f"lowrank.ranks.{layer}: CP takes one positive integer rank, got {value!r}")
         return int(value)
 

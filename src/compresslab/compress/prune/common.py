@@ -1,4 +1,4 @@
-"""Shared pieces of the pruning methods: option checks, schedules, per-layer sparsity tables
+"""Shared pieces of the pruning methods: schedules, per-layer sparsity tables
 (Distiller-style), MAC counts of the nonzero weights, logging. Which layers are pruned is
 :func:`compresslab.compress.common.select_layers` with ``types=CONV_LINEAR``."""
 
@@ -16,24 +16,6 @@ from torch import nn
 
 from compresslab.compress.common import CONV_LINEAR
 from compresslab.errors import ConfigError
-
-SCOPES = ("layer", "global")
-
-
-def check_scope(scope: str) -> str:
-    """Validate a ``scope`` option (``layer`` or ``global``)."""
-    if scope not in SCOPES:
-        raise ConfigError(f"prune.scope must be one of {SCOPES}, got {scope!r}")
-    return scope
-
-
-def check_fraction(key: str, value: float, high_inclusive: bool = False) -> float:
-    """Validate a sparsity/ratio in [0, 1)."""
-    value = float(value)
-    ok = 0.0 <= value <= 1.0 if high_inclusive else 0.0 <= value < 1.0
-    if not ok:
-        raise ConfigError(f"prune.{key} must be in [0, 1{']' if high_inclusive else ')'}, got {value}")
-    return value
 
 
 def layer_table(model: nn.Module, prunable: Iterable[str] = ()) -> list[dict]:
@@ -103,8 +85,6 @@ def nonzero_macs(model: nn.Module, example: torch.Tensor) -> int:
 
 def schedule_points(start: int, end: int, frequency: int) -> list[int]:
     """Pruning times ``start, start+Δ, ...`` up to ``end`` (``end`` is always one of them)."""
-    if frequency <= 0:
-        raise ConfigError(f"prune.frequency must be a positive integer, got {frequency}")
     if end < start:
         raise ConfigError(f"prune.end ({end}) must be >= prune.start ({start})")
     points = list(range(int(start), int(end) + 1, int(frequency)))

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from compresslab.compress.common import dense_state
+from compresslab.compress.prune.options import MagnitudeOptions
 from compresslab.compress.prune.unstructured import UnstructuredPruning
 from compresslab.errors import ConfigError
 
@@ -34,7 +35,7 @@ class MagnitudePruning(UnstructuredPruning):
     distribution, unrelated to the mask.
     """
 
-    REINITS = ("rewind", "random")
+    options = MagnitudeOptions
 
     def __init__(self, name: str, at: int = 5, rounds: int = 1, lottery: dict | None = None, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
@@ -43,8 +44,6 @@ class MagnitudePruning(UnstructuredPruning):
         self.lottery = bool(lot.get("enabled", False))
         self.reinit = str(lot.get("reinit", "rewind"))
         self.reinit_seed = int(lot.get("reinit_seed", 1))
-        if self.reinit not in self.REINITS:
-            raise ConfigError(f"prune.lottery.reinit must be one of {self.REINITS}, got {self.reinit!r}")
         if self.lottery:
             if int(rounds) != 1:
                 raise ConfigError("prune.rounds is the number of prune-retrain rounds without rewinding; with "
@@ -54,11 +53,8 @@ class MagnitudePruning(UnstructuredPruning):
         else:
             self.rounds = int(rounds)
             self.rewind_to = 0
-        if self.at < 0 or ((self.lottery or self.rounds > 1) and self.at < 1):
-            raise ConfigError(f"prune.at must be >= {1 if self.lottery or self.rounds > 1 else 0}, got {at}")
-        if self.rounds < 1:
-            what = "prune.lottery.rounds" if self.lottery else "prune.rounds"
-            raise ConfigError(f"{what} must be >= 1, got {self.rounds}")
+        if (self.lottery or self.rounds > 1) and self.at < 1:
+            raise ConfigError(f"prune.at must be >= 1 with several rounds, got {at}")
         if self.lottery and not 0 <= self.rewind_to < self.at:
             raise ConfigError(f"prune.lottery.rewind_to must be in [0, prune.at={self.at}), got {self.rewind_to}")
         s_f = self.final_sparsity

@@ -26,6 +26,7 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.common import CONV_LINEAR, select_layers
 from compresslab.compress.prune.common import write_table
 from compresslab.compress.prune.masks import magnitude_masks
+from compresslab.compress.prune.options import SensitivityOptions
 from compresslab.errors import ConfigError
 from compresslab.measure import evaluate_accuracy
 
@@ -136,14 +137,12 @@ class SensitivityAnalysis(CompressionMethod):
     ``tolerance``: accuracy drop that still counts as safe in the summary.
     """
 
+    options = SensitivityOptions
+
     def __init__(self, name: str, sparsities: Sequence[float] = DEFAULT_SPARSITIES, split: str = "val",
                  max_batches: int | None = None, include_classifier: bool = True, tolerance: float = 0.01) -> None:
         super().__init__(name)
-        if split not in ("val", "test"):
-            raise ConfigError(f"prune.split must be val or test, got {split!r}")
         self.sparsities = [float(s) for s in sparsities]
-        if not all(0.0 <= s <= 1.0 for s in self.sparsities):
-            raise ConfigError(f"prune.sparsities must lie in [0, 1], got {self.sparsities}")
         self.split = split
         self.max_batches = max_batches
         self.include_classifier = bool(include_classifier)

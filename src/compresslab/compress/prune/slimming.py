@@ -31,6 +31,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from compresslab.compress.common import matches
 from compresslab.compress.prune.channels import ignored_modules
+from compresslab.compress.prune.options import SlimmingOptions
 from compresslab.compress.prune.structured import StructuredPruning
 from compresslab.errors import ConfigError
 
@@ -116,6 +117,8 @@ class NetworkSlimming(StructuredPruning):
     (see the module docstring). ``ratio``: fraction of the prunable channels removed (the
     paper's "percent"); ``strength``: λ; ``start``: the pruning epoch (sparsity training before it)."""
 
+    options = SlimmingOptions
+
     def __init__(self, name: str, ratio: float = 0.5, strength: float = 1e-4, regularize_after_pruning: bool = False,
                  steps: int = 1, start: int = 8, end: int | None = None, unit: str = "epoch",
                  exclude: Sequence[str] = (), max_layer_ratio: float = 0.9, select_after_pruning: bool = True,
@@ -124,8 +127,6 @@ class NetworkSlimming(StructuredPruning):
                          unit=unit, exclude=exclude, max_layer_ratio=max_layer_ratio,
                          select_after_pruning=select_after_pruning, epochs=epochs)
         self.strength = float(strength)
-        if self.strength < 0:
-            raise ConfigError(f"prune.strength (λ of the L1 penalty on BN scales) must be >= 0, got {strength}")
         self.regularize_after_pruning = bool(regularize_after_pruning)
         self.removed: list[dict[str, int]] = []
 

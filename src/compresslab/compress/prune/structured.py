@@ -37,7 +37,6 @@ from compresslab.compress.codecs.structured import structured_payload
 from compresslab.compress.common import CONV_LINEAR, dense_state, hide_epoch_from_selection
 from compresslab.compress.prune.channels import (
     GRADIENT_IMPORTANCES,
-    IMPORTANCES,
     GroupNormRegularizer,
     cumulative_ratios,
     prune_channels,
@@ -45,13 +44,12 @@ from compresslab.compress.prune.channels import (
 )
 from compresslab.compress.prune.common import (
     ScheduleTicks,
-    check_fraction,
     check_schedule_fits,
-    check_scope,
     log_scalars,
     log_table,
     write_table,
 )
+from compresslab.compress.prune.options import StructuredOptions
 from compresslab.compress.structure import rebuildable_from_spec, resize_to_state_dict, structure_of
 from compresslab.errors import ConfigError
 from compresslab.measure import count_macs
@@ -175,6 +173,8 @@ class StructuredPruning(CompressionMethod):
     gradients score channels for ``importance=taylor``.
     """
 
+    options = StructuredOptions
+
     def __init__(
         self,
         name: str,
@@ -194,35 +194,21 @@ class StructuredPruning(CompressionMethod):
         epochs: int | None = None,
     ) -> None:
         super().__init__(name)
-        self.ratio = check_fraction("ratio", ratio)
-        if importance not in IMPORTANCES:
-            raise ConfigError(f"prune.importance must be one of {IMPORTANCES}, got {importance!r}")
-        self.importance = importance
-        self.scope = check_scope(scope)
+        self.ratio, self.importance, self.scope = float(ratio), importance, scope
         if importance == "lamp" and self.scope != "global":
             raise ConfigError("prune.importance=lamp ranks channels exactly like l2 within one layer (its score is "
                               "monotone in the squared norm); it chooses layer-wise ratios only with one global "
                               "ranking: set prune.scope=global")
         gn = dict(group_norm or {})
-        unknown = set(gn) - {"reg", "alpha"}
-        if unknown:
-            raise ConfigError(f"prune.group_norm takes reg and alpha, got {sorted(unknown)}")
         self.gn_reg = float(gn.get("reg", 1e-4))
         self.gn_alpha = float(gn.get("alpha", 4.0))
-        if self.gn_reg < 0 or self.gn_alpha < 0:
-            raise ConfigError(f"prune.group_norm.reg and alpha must be >= 0, got {gn}")
-        self.steps = int(steps)
-        if self.steps < 1:
-            raise ConfigError(f"prune.steps must be >= 1, got {steps}")
-        if unit not in ("epoch", "step"):
-            raise ConfigError(f"prune.unit must be epoch or step, got {unit!r}")
-        self.unit = unit
+        self.steps, self.unit = int(steps), unit
         self.start = int(start)
         self.end = int(end) if end is not None else self.start + self.steps - 1
-        if self.start < 0 or self.end < self.start or (self.steps > 1 and self.end - self.start < self.steps - 1):
+        if self.end < self.start or (self.steps > 1 and self.end - self.start < self.steps - 1):
             raise ConfigError(f"prune.start={start}, prune.end={end} cannot hold prune.steps={steps} pruning steps")
         self.exclude = list(exclude or [])
-        self.max_layer_ratio = check_fraction("max_layer_ratio", max_layer_ratio, high_inclusive=True)
+        self.max_layer_ratio = float(max_layer_ratio)
         self.round_to = None if round_to is None else int(round_to)
         self.taylor_batches = int(taylor_batches)
         self.select_after_pruning = bool(select_after_pruning)

@@ -30,17 +30,16 @@ from torch import nn
 
 from compresslab.artifact import model_payload
 from compresslab.compress.base import CompressionMethod
-from compresslab.compress.codecs.sparse import COMPRESSIONS, ENCODINGS, serialized_size, sparse_payload
+from compresslab.compress.codecs.sparse import serialized_size, sparse_payload
 from compresslab.compress.common import CONV_LINEAR, select_layers
 from compresslab.compress.prune.common import (
-    check_fraction,
     check_schedule_fits,
-    check_scope,
     layer_table,
     nonzero_macs,
     schedule_points,
     write_table,
 )
+from compresslab.compress.prune.options import AGPOptions, L1ThresholdOptions
 from compresslab.compress.prune.masks import agp_sparsity, magnitude_masks, threshold_masks
 from compresslab.compress.prune.unstructured_callback import UnstructuredPruningCallback
 from compresslab.compress.structure import rebuildable_from_spec
@@ -48,9 +47,6 @@ from compresslab.errors import ConfigError
 from compresslab.measure import count_macs
 
 log = logging.getLogger(__name__)
-
-UNITS = ("epoch", "step")
-
 
 class UnstructuredPruning(CompressionMethod, abc.ABC):
     """Base of the unstructured methods: prunable-weight selection, masks, finalize, sparse export.
@@ -79,18 +75,11 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
         epochs: int | None = None,
     ) -> None:
         super().__init__(name)
-        self.final_sparsity = check_fraction("final_sparsity", final_sparsity)
-        self.scope = check_scope(scope)
+        self.final_sparsity, self.scope = float(final_sparsity), scope
         self.include_classifier = bool(include_classifier)
         self.exclude = list(exclude or [])
-        if unit not in UNITS:
-            raise ConfigError(f"prune.unit must be one of {UNITS}, got {unit!r}")
         self.unit = unit
         self.select_after_pruning = bool(select_after_pruning)
-        if encoding not in ENCODINGS:
-            raise ConfigError(f"prune.encoding must be one of {ENCODINGS}, got {encoding!r}")
-        if compression not in COMPRESSIONS:
-            raise ConfigError(f"prune.compression must be one of {COMPRESSIONS}, got {compression!r}")
         self.encoding, self.compression = encoding, compression
         self.epochs = None if epochs is None else int(epochs)
         self._callback: UnstructuredPruningCallback | None = None
@@ -221,15 +210,15 @@ class AGPPruning(UnstructuredPruning):
     units from ``start`` to ``end``, sparsity following s_t = s_f + (s_i − s_f)(1 − (t − t0)/(nΔt))³,
     then fine-tuning with the final masks."""
 
+    options = AGPOptions
+
     def __init__(self, name: str, initial_sparsity: float = 0.0, start: int = 1, end: int = 8,
                  frequency: int = 1, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
-        self.initial_sparsity = check_fraction("initial_sparsity", initial_sparsity)
+        self.initial_sparsity = float(initial_sparsity)
         if self.initial_sparsity > self.final_sparsity:
             raise ConfigError("prune.initial_sparsity must be <= prune.final_sparsity")
         self.start, self.end, self.frequency = int(start), int(end), int(frequency)
-        if self.start < 0:
-            raise ConfigError(f"prune.start must be >= 0, got {start}")
         self._points = [(t, agp_sparsity(t, self.initial_sparsity, self.final_sparsity, self.start, self.end)
                          if self.end > self.start else self.final_sparsity)
                         for t in schedule_points(self.start, self.end, self.frequency)]
@@ -247,13 +236,11 @@ class L1ThresholdPruning(UnstructuredPruning):
     ``final_sparsity`` fraction of smallest weights) and fine-tune with the masks fixed.
     ``regularize_after_cut`` keeps the penalty on while fine-tuning."""
 
+    options = L1ThresholdOptions
+
     def __init__(self, name: str, penalty: str = "l1", strength: float = 1e-4, cut: int = 8,
                  threshold: float | None = None, regularize_after_cut: bool = False, **kwargs: Any) -> None:
         super().__init__(name, **kwargs)
-        if penalty not in ("l1", "l2"):
-            raise ConfigError(f"prune.penalty must be l1 or l2, got {penalty!r}")
-        if float(strength) < 0:
-            raise ConfigError(f"prune.strength must be >= 0, got {strength}")
         self.penalty, self.strength = penalty, float(strength)
         self.cut = int(cut)
         self.threshold = None if threshold is None else float(threshold)

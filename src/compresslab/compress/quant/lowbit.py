@@ -34,6 +34,7 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.bitpack import dtype_from_name
 from compresslab.compress.codecs.lowbit import encode_lowbit
 from compresslab.compress.common import fake_quant_affine, hide_epoch_from_selection, select_layers, ste
+from compresslab.compress.quant.options import LowBitOptions
 from compresslab.compress.quant.quantizers import parse_bits, quantize_weight
 from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
 from compresslab.errors import ConfigError
@@ -93,17 +94,15 @@ class LowBitCallback(Callback):
 class LowBit(CompressionMethod):
     """Low-bit (8/4/3/2-bit uniform, ternary, binary) weights with STE training; bit-packed artifact."""
 
+    options = LowBitOptions
+
     def __init__(self, name: str, bits: Any = 4, per_channel: bool = True, scale_dtype: str = "float16",
                  act_bits: int | None = None, act_momentum: float = 0.1, keep_first_last: bool = False,
                  exclude: Sequence[str] = (), start_epoch: int = 0) -> None:
         super().__init__(name)
         self.scheme, self.bits = parse_bits(bits)
         self.per_channel = bool(per_channel)
-        if scale_dtype not in ("float16", "float32"):
-            raise ConfigError(f"quant.scale_dtype must be float16 or float32, got {scale_dtype!r}")
         self.scale_dtype = dtype_from_name(scale_dtype)
-        if act_bits is not None and not 2 <= int(act_bits) <= 8:
-            raise ConfigError(f"quant.act_bits must be null or 2..8, got {act_bits!r}")
         self.act_bits = None if act_bits is None else int(act_bits)
         self.act_momentum = float(act_momentum)
         self.keep_first_last = bool(keep_first_last)

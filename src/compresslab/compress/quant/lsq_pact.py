@@ -46,9 +46,8 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.quant.bit_allocation import allocate_bits
 from compresslab.compress.codecs.lsq_pact import QUANT_BUFFERS, QUANT_PARAMS, encode_actquant
 from compresslab.compress.common import select_layers
+from compresslab.compress.quant.options import ActQuantOptions
 from compresslab.compress.quant.quantizers import (
-    ACT_BITS,
-    ACT_SCHEMES,
     FP32,
     dorefa_quantize,
     features_per_sample,
@@ -113,79 +112,53 @@ def _init_weight_step(module: nn.Module, scheme: str) -> None:
 
 
 def parse_layer_bits(value: Any, where: str) -> tuple[int, int]:
-    """``4`` -> (4, 4); ``[4, 8]`` -> (4, 8); 32 or "fp32" keeps the layer fp32."""
-    if isinstance(value, str) and value.lower() == "fp32":
+    """``4`` -> (4, 4); ``[4, 8]`` -> (4, 8); 32 or "fp32" keeps the layer fp32 (the widths themselves
+    are checked by :class:`~compresslab.compress.quant.options.ActQuantOptions`)."""
+    if value == "fp32":
         return FP32, FP32
-    if isinstance(value, (list, tuple)) and len(value) == 2:
-        pair = tuple(int(v) for v in value)
-    elif isinstance(value, int) and not isinstance(value, bool):
-        pair = (int(value), int(value))
-    else:
-        raise ConfigError(f"{where}: a layer's bits are an integer (weights and activations), [w_bits, a_bits] "
-                          f"or 'fp32'; got {value!r}")
-    for b in pair:
-        if b not in ACT_BITS and b != FP32:
-            raise ConfigError(f"{where}: bits must be in {ACT_BITS} (or 32 / 'fp32'), got {value!r}")
-    return pair  # type: ignore[return-value]
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2:
+            raise ConfigError(f"{where}={list(value)!r}: a layer's bits are one width or two, [w_bits, a_bits]")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
 
 
 # ---- the method --------------------------------------------------------------------------------------
 class ActQuant(CompressionMethod):
     """LSQ / PACT QAT of weights and activations (see the module docstring)."""
 
+    options = ActQuantOptions
+
     def __init__(self, name: str, scheme: str = "lsq", weight_bits: int = 4, act_bits: int = 4,
                  first_last_bits: int | None = 8, exclude: Sequence[str] = (), bits_per_layer: Any = None,
                  sensitivity: Mapping[str, Any] | None = None, alpha_init: float | None = None,
                  alpha_decay: float | None = None, start_epoch: int = 0) -> None:
         super().__init__(name)
-        if scheme not in ACT_SCHEMES:
-            raise ConfigError(f"quant.scheme must be one of {ACT_SCHEMES}, got {scheme!r}")
-        self.scheme = scheme
-        self.weight_bits, self.act_bits = parse_layer_bits([weight_bits, act_bits], "quant.weight_bits/act_bits")
-        if FP32 in (self.weight_bits, self.act_bits):
-            raise ConfigError("quant.weight_bits and quant.act_bits must be in 2..8 (use quant=none for fp32)")
+        self.scheme, self.weight_bits, self.act_bits = scheme, int(weight_bits), int(act_bits)
         self.first_last = None if first_last_bits is None else parse_layer_bits(first_last_bits,
                                                                                 "quant.first_last_bits")
         self.exclude = list(exclude or [])
         self.start_epoch = int(start_epoch)
-        if self.start_epoch < 0:
-            raise ConfigError(f"quant.start_epoch must be >= 0, got {start_epoch}")
         if scheme == "lsq" and (alpha_init is not None or alpha_decay is not None):
             raise ConfigError("quant.alpha_init / quant.alpha_decay are PACT's clipping parameter; scheme=lsq learns "
                               "step sizes instead: remove them (or use quant=pact)")
         self.alpha_init = 10.0 if alpha_init is None else float(alpha_init)
         self.alpha_decay = 2e-4 if alpha_decay is None else float(alpha_decay)
-        if self.alpha_init <= 0 or self.alpha_decay < 0:
-            raise ConfigError(f"quant.alpha_init must be > 0 and quant.alpha_decay >= 0, got {alpha_init}, "
-                              f"{alpha_decay}")
-        self.sensitivity_mode = isinstance(bits_per_layer, str) and bits_per_layer == "sensitivity"
+        self.sensitivity_mode = bits_per_layer == "sensitivity"
         self.manual: dict[str, tuple[int, int]] = {}
-        if isinstance(bits_per_layer, str) and not self.sensitivity_mode:
-            raise ConfigError(f"quant.bits_per_layer must be null, a mapping {{layer: bits}} or 'sensitivity'; "
-                              f"got {bits_per_layer!r}")
         if bits_per_layer is not None and not self.sensitivity_mode:
-            if not isinstance(bits_per_layer, Mapping):
-                raise ConfigError(f"quant.bits_per_layer must be null, a mapping {{layer: bits}} or 'sensitivity'; "
-                                  f"got {bits_per_layer!r}")
             self.manual = {str(k): parse_layer_bits(v, f"quant.bits_per_layer.{k}") for k, v in bits_per_layer.items()}
         sens = dict(sensitivity or {})
-        unknown = set(sens) - {"candidates", "budget_bits", "batches"}
-        if unknown:
-            raise ConfigError(f"quant.sensitivity takes candidates, budget_bits and batches; got {sorted(unknown)}")
         self.candidates = sorted(int(b) for b in sens.get("candidates", [2, 4, 8]))
-        if not self.candidates or any(b not in ACT_BITS for b in self.candidates):
-            raise ConfigError(f"quant.sensitivity.candidates must be bit widths in {ACT_BITS}, got {self.candidates}")
         self.budget_bits = float(sens.get("budget_bits", 4.0))
         self.sens_batches = int(sens.get("batches", 4))
         if self.sensitivity_mode:
-            if not self.candidates[0] <= self.budget_bits <= self.candidates[-1]:
+            if not self.candidates or not self.candidates[0] <= self.budget_bits <= self.candidates[-1]:
                 raise ConfigError(f"quant.sensitivity.budget_bits={self.budget_bits} must lie between the smallest and "
                                   f"largest candidate {self.candidates}")
             if self.start_epoch < 1:
                 raise ConfigError("quant.bits_per_layer=sensitivity measures each layer's sensitivity on the trained "
                                   "fp32 weights at quant.start_epoch; set quant.start_epoch >= 1 (e.g. half the epochs)")
-            if self.sens_batches < 1:
-                raise ConfigError(f"quant.sensitivity.batches must be >= 1, got {self.sens_batches}")
         self.active = self.start_epoch <= 0
         self.layer_bits: dict[str, tuple[int, int]] = {}
         self.uniform_layers: list[str] = []

@@ -27,30 +27,21 @@ from torch import nn
 from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.ort_int8 import onnx_qdq_payload
 from compresslab.compress.quant.ptq import calibration_batches
+from compresslab.compress.quant.options import OrtInt8Options
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-_TYPES = ("uint8", "int8")
-_CALIBRATION = ("MinMax", "Entropy", "Percentile")
 
 
 class OrtInt8(CompressionMethod):
     """Static int8 by ``onnxruntime.quantization.quantize_static`` (QDQ)."""
 
+    options = OrtInt8Options
+
     def __init__(self, name: str, num_calibration_batches: int = 16, calibration_split: str = "train",
                  activation_type: str = "uint8", weight_type: str = "int8", per_channel: bool = True,
                  calibrate_method: str = "MinMax") -> None:
         super().__init__(name)
-        if int(num_calibration_batches) < 1:
-            raise ConfigError("quant.num_calibration_batches must be >= 1")
-        if calibration_split not in ("train", "val"):
-            raise ConfigError(f"quant.calibration_split must be train or val, got {calibration_split!r}")
-        for key, value in (("activation_type", activation_type), ("weight_type", weight_type)):
-            if value not in _TYPES:
-                raise ConfigError(f"quant.{key} must be one of {_TYPES}, got {value!r}")
-        if calibrate_method not in _CALIBRATION:
-            raise ConfigError(f"quant.calibrate_method must be one of {_CALIBRATION}, got {calibrate_method!r}")
         try:
             import onnxruntime.quantization  # noqa: F401
         except ImportError as exc:  # a dependency, but say what is missing before any training

@@ -33,6 +33,7 @@ from compresslab.compress.codecs import int8 as int8_pt2e
 from compresslab.compress.common import select_layers
 from compresslab.compress.quant import pt2e
 from compresslab.compress.structure import structure_of
+from compresslab.compress.quant.options import PT2EOptions
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,11 @@ class PT2EInt8(CompressionMethod):
 
     mode = "static"
 
+    options = PT2EOptions
+
     def __init__(self, name: str, num_calibration_batches: int = 16, calibration_split: str = "train",
                  lower: bool = True) -> None:
         super().__init__(name)
-        if int(num_calibration_batches) < 1:
-            raise ConfigError("quant.num_calibration_batches must be >= 1")
         self.num_calibration_batches = int(num_calibration_batches)
         self.calibration_split = calibration_split
         self.lower = bool(lower)

@@ -46,6 +46,7 @@ from compresslab.compress.common import (
 )
 from compresslab.compress.quant.ptq import PT2EInt8
 from compresslab.compress.quant.swap import SwapHooks, strip_swaps, swap_forward
+from compresslab.compress.quant.options import QATOptions
 from compresslab.errors import ConfigError
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -89,12 +90,12 @@ class QATInt8(PT2EInt8):
 
     mode = "static"
 
+    options = QATOptions
+
     def __init__(self, name: str, start_epoch: int = 0, freeze_observer_epoch: int | None = -2,
                  freeze_bn_epoch: int | None = -2, act_momentum: float = 0.01, quantize_activations: bool = True,
                  num_calibration_batches: int = 16, calibration_split: str = "train", lower: bool = True) -> None:
         super().__init__(name, num_calibration_batches, calibration_split, lower)
-        if not 0.0 < float(act_momentum) <= 1.0:
-            raise ConfigError(f"quant.act_momentum must be in (0, 1], got {act_momentum}")
         self.start_epoch = int(start_epoch)
         self.freeze_observer_epoch = None if freeze_observer_epoch is None else int(freeze_observer_epoch)
         self.freeze_bn_epoch = None if freeze_bn_epoch is None else int(freeze_bn_epoch)

@@ -36,9 +36,8 @@ from compresslab.compress.base import CompressionMethod
 from compresslab.compress.codecs.bitpack import dtype_from_name
 from compresslab.compress.codecs.weight_sharing import encode_shared
 from compresslab.compress.common import hide_epoch_from_selection, leaf_weight, resolve_epoch, select_layers
+from compresslab.compress.quant.options import WeightSharingOptions
 from compresslab.errors import ConfigError
-
-UNSHARED_DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ---- k-means -----------------------------------------------------------------------------
@@ -90,18 +89,12 @@ class _Cluster:
 class WeightSharing(CompressionMethod):
     """Deep Compression weight sharing (k-means, centroid fine-tuning) + Huffman-coded artifact."""
 
+    options = WeightSharingOptions
+
     def __init__(self, name: str, bits_conv: int = 8, bits_fc: int = 5, gap_bits_conv: int = 8,
                  gap_bits_fc: int = 5, start_epoch: int = -2, kmeans_iters: int = 30,
                  exclude: Sequence[str] = (), layout: str = "auto", unshared_dtype: str = "float16") -> None:
         super().__init__(name)
-        for key, val in (("bits_conv", bits_conv), ("bits_fc", bits_fc), ("gap_bits_conv", gap_bits_conv),
-                         ("gap_bits_fc", gap_bits_fc)):
-            if not 1 <= int(val) <= 16:
-                raise ConfigError(f"quant.{key} must be in 1..16, got {val}")
-        if layout not in ("auto", "sparse", "dense"):
-            raise ConfigError(f"quant.layout must be auto, sparse or dense, got {layout!r}")
-        if unshared_dtype not in UNSHARED_DTYPES:
-            raise ConfigError(f"quant.unshared_dtype must be one of {list(UNSHARED_DTYPES)}, got {unshared_dtype!r}")
         self.bits_conv, self.bits_fc = int(bits_conv), int(bits_fc)
         self.gap_bits_conv, self.gap_bits_fc = int(gap_bits_conv), int(gap_bits_fc)
         self.start_epoch = int(start_epoch)
