@@ -144,7 +144,7 @@ def test_a_sweep_job_whose_config_cannot_be_read_is_counted_and_recorded(tmp_pat
     out = _cli(["seed=0,abc", "teacher=none", f"hydra.sweep.dir={sweep}",
                 f"paths.teacher_cache={tmp_path / 'teachers'}"], tmp_path, flags=["-m"])
     assert out.returncode != 0
-    assert "1 completed, 1 failed" in out.stdout
+    assert "1 completed, 0 pruned, 1 failed" in out.stdout
     bad = json.loads((sweep / "1" / "results.json").read_text())
     assert bad["status"] == "failed" and "seed must be an integer, got 'abc'" in bad["error"]
     assert "seed=abc" in bad["overrides"] and bad["traceback"]
@@ -389,7 +389,7 @@ def test_the_report_skips_a_record_that_is_not_utf8(tmp_path, capsys):
     report_main([str(tmp_path), "--rows", "student", "--cols", "", "--no-plots"])
     captured = capsys.readouterr()
     assert "warning: skipped" in captured.err and str(tmp_path / "1" / "results.json") in captured.err
-    assert "1 completed runs, 0 failed" in captured.out
+    assert "1 completed runs, 0 pruned by the search, 0 failed" in captured.out
 
 
 @pytest.mark.slow

@@ -227,10 +227,21 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-cache", type=Path, default=None, help="teacher cache (default <out>/teachers)")
     parser.add_argument("--quick", action="store_true", help="one seed per claim on a shortened schedule")
     parser.add_argument("--list", action="store_true", help="list the claims and exit")
+    parser.add_argument("--scale", choices=["digits", "paper"], default="digits",
+                        help="digits (default: 8x8 digits, no files) or paper (the MNIST claims at the papers' "
+                             "scale and architectures; needs --data-root)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset.root of every job (paper scale: the folder holding MNIST/raw/)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    if args.scale == "paper" and not args.list:
+        if args.data_root is None:
+            parser.error("--scale paper needs --data-root DIR (the folder holding MNIST/raw/*-ubyte)")
+        if not (args.data_root / "MNIST" / "raw").is_dir():
+            parser.error(f"--data-root {args.data_root}: no MNIST/raw/ folder there (the four IDX files of MNIST "
+                         "go in <DIR>/MNIST/raw/)")
 
-    claims = available_claims()
+    claims = available_claims(args.scale)
     if args.list:
         for c in claims.values():
             print(f"{c.claim:24s} {c.paper}: {c.statement}")
@@ -243,7 +254,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     out = args.out or Path("outputs/reproduce") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     suite = Suite(out=out, teacher_cache=args.teacher_cache, quick=args.quick, n_seeds=args.seeds,
-                  log=lambda msg: print(msg, flush=True))
+                  log=lambda msg: print(msg, flush=True), data_root=args.data_root)
     start = time.perf_counter()
     rows = suite.run(claims[c] for c in wanted)
     wall = time.perf_counter() - start
