@@ -88,9 +88,10 @@ def main() -> None:
              {"_target_": "compresslab.models.CifarResNet", "depth": 8}),
         ]
         for data_name, model_name, make, arch in cases:
-            for label, kwargs in (("DataLoader, 0 workers", {"num_workers": 0}),
+            for label, kwargs in (("DataLoader, 0 workers", {"num_workers": 0, "on_device": False}),
                                   (f"DataLoader, {args.workers} workers", {"num_workers": args.workers,
-                                                                           "persistent_workers": True}),
+                                                                           "persistent_workers": True,
+                                                                           "on_device": False}),
                                   ("on-device tensors", {"on_device": True})):
                 rate = measure(make(**kwargs), arch, args.epochs, args.accelerator)
                 rows.append((data_name, model_name, label, rate))

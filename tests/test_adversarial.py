@@ -76,11 +76,12 @@ def test_a_crafted_teacher_planted_in_the_cache_is_refused(make_cfg, hub_repo):
     repo, marker = hub_repo
     cfg = make_cfg()
     dense_file(teacher_cache_path(cfg), crafted_specs(repo)["hub_load_through_common"])
-    with pytest.raises(ConfigError, match="Refused architecture"):
+    # refused as soon as its spec is compared with the configured teacher's, before anything is built
+    with pytest.raises(CheckpointError, match="is not the configured teacher: its arch is"):
         run_experiment(cfg)
     assert not marker.exists()
     record = json.loads((Path(cfg.paths.run_dir) / "results.json").read_text())
-    assert record["status"] == "failed" and "Refused architecture" in record["error"]
+    assert record["status"] == "failed" and "not the configured teacher" in record["error"]
 
 
 def test_crafted_files_are_refused_in_the_fresh_measuring_process(tmp_path, hub_repo):
@@ -146,7 +147,7 @@ def test_a_sweep_job_whose_config_cannot_be_read_is_counted_and_recorded(tmp_pat
     out = _cli(["seed=0,abc", "teacher=none", f"hydra.sweep.dir={sweep}",
                 f"paths.teacher_cache={tmp_path / 'teachers'}"], tmp_path, flags=["-m"])
     assert out.returncode != 0
-    assert "1 completed, 1 failed" in out.stdout
+    assert "1 completed, 0 pruned, 1 failed" in out.stdout
     bad = json.loads((sweep / "1" / "results.json").read_text())
     assert bad["status"] == "failed" and "seed must be an integer, got 'abc'" in bad["error"]
     assert "seed=abc" in bad["overrides"] and bad["traceback"]
@@ -399,7 +400,7 @@ def test_the_report_skips_a_record_that_is_not_utf8(tmp_path, capsys):
     report_main([str(tmp_path), "--rows", "student", "--cols", "", "--no-plots"])
     captured = capsys.readouterr()
     assert "warning: skipped" in captured.err and str(tmp_path / "1" / "results.json") in captured.err
-    assert "1 completed runs, 0 failed" in captured.out
+    assert "1 completed runs, 0 pruned by the search, 0 failed" in captured.out
 
 
 @pytest.mark.slow

@@ -422,13 +422,13 @@ def test_every_prune_config_builds_its_method(make_cfg, name, cls, checks):
 def test_sensitivity_command_analyses_a_saved_model_file(tmp_path, capsys):
     """``compresslab-sensitivity MODEL dataset=digits --out DIR`` (compresslab.cli.sensitivity_main)."""
     from compresslab.artifact import save_model_file
-    from compresslab.cli import sensitivity_main
+    from compresslab.cli import run_sensitivity
     from compresslab.models import build_model
 
     arch = {"_target_": "compresslab.models.MLP", "hidden": [32]}
     model = build_model(arch, (1, 8, 8), 10)
     path = save_model_file(tmp_path / "mlp.pt", model, arch, (1, 8, 8), 10)
-    paths = sensitivity_main([str(path), "dataset=digits", f"paths.data_dir={tmp_path}", "--out", str(tmp_path / "s"),
+    paths = run_sensitivity([str(path), "dataset=digits", f"paths.data_dir={tmp_path}", "--out", str(tmp_path / "s"),
                               "--sparsities", "0.5,0.9", "--max-batches", "2"])
     rows = Path(paths["csv"]).read_text().splitlines()
     assert len(rows) == 1 + 2 * 2  # header + (2 layers incl. the classifier) x 2 sparsities

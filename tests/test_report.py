@@ -92,7 +92,7 @@ def test_two_by_two_by_two_seed_multirun_and_report(tmp_path):
     results = sorted(sweep.rglob("results.json"))
     assert len(results) == 8
     assert all(json.loads(p.read_text())["status"] == "completed" for p in results)
-    assert "8 completed, 0 failed" in out.stdout
+    assert "8 completed, 0 pruned, 0 failed" in out.stdout
     # the teacher is trained once per seed and reused by the other jobs
     assert len(list((tmp_path / "teachers").glob("*.pt"))) == 2
 
@@ -100,7 +100,7 @@ def test_two_by_two_by_two_seed_multirun_and_report(tmp_path):
                           "--cols", "student.label_smoothing", "--out", str(tmp_path / "rep")],
                          capture_output=True, text=True, timeout=300)
     assert rep.returncode == 0, rep.stderr[-2000:]
-    assert "8 completed runs, 0 failed" in rep.stdout
+    assert "8 completed runs, 0 pruned by the search, 0 failed" in rep.stdout
     assert rep.stdout.count("(2)") == 4  # 4 cells, each the mean of 2 seeds
     assert (tmp_path / "rep" / "acc_vs_size.png").exists() and (tmp_path / "rep" / "acc_vs_speedup.png").exists()
 
@@ -114,7 +114,7 @@ def test_multirun_with_a_failing_job_finishes_the_others(tmp_path):
     statuses = {json.loads(p.read_text())["axes"]["student"]: json.loads(p.read_text())["status"]
                 for p in sweep.rglob("results.json")}
     assert statuses == {"mlp": "completed", "cnn1d": "failed", "lenet5": "completed"}  # ...after running the rest
-    assert "2 completed, 1 failed" in out.stdout
+    assert "2 completed, 0 pruned, 1 failed" in out.stdout
     assert "1 of 3 sweep jobs failed" in out.stderr
 
 

@@ -22,7 +22,9 @@ CLAIMS = ["hinton_omitted_class", "hinton_soft_targets", "han_pruning", "zhu_gup
           "deep_compression", "jacob_int8", "ternary_binary"]
 CLAIMS += ["deit_distillation"]  # issue 26: DeiT hard token vs soft vs no distillation (order 11)
 CLAIMS += ["michel_heads"]  # issue 26: attention heads by importance vs random (order 12)
-KEYS = {"claim", "paper", "metric", "paper_value", "ours_mean", "ours_std", "seeds", "verdict", "figure"}
+KEYS = {"claim", "scale", "dataset", "paper", "metric", "paper_value", "ours_mean", "ours_std", "seeds", "verdict", "figure"}
+PAPER_CLAIMS = ["hinton_omitted_class", "hinton_mnist_distill", "han_pruning", "frankle_lottery", "deep_compression",
+                "ternary_binary"]
 
 
 def _claim(**repro):
@@ -125,3 +127,70 @@ def test_quick_suite_gives_a_row_and_a_figure_per_claim(tmp_path):
     again = subprocess.run([*_script(), "--quick", "--only", "ternary_binary", "--out", str(out)],
                            capture_output=True, text=True, env=env, timeout=120)
     assert again.returncode == 0 and again.stdout.count("reused") == 3
+
+
+# ---- paper scale: the MNIST claims on the papers' data and architectures ----------------------------
+def test_the_paper_scale_has_the_six_mnist_claims_and_every_job_composes():
+    from compresslab.compress import build_methods
+
+    claims = available_claims("paper")
+    assert list(claims) == PAPER_CLAIMS
+    for name, c in claims.items():
+        assert c.scale == "paper" and c.dataset == "mnist" and c.preset == f"repro/paper/{name}"
+        assert c.schedule and all(check.why for check in c.checks)
+        for job, overrides in c.jobs.items():  # the quick schedule (the full one runs in the README's table)
+            cfg = _compose([f"experiment={c.preset}", *overrides, *c.quick_overrides(job), "paths.run_dir=/tmp/x"])
+            assert cfg.dataset.name == "mnist" and cfg.repro.scale == "paper"
+            build_methods(cfg)
+    # the architectures of the papers
+    cfg = _compose(["experiment=repro/paper/hinton_mnist_distill"])
+    assert list(cfg.teacher.arch.hidden) == [1200, 1200] and cfg.teacher.arch.dropout == 0.5
+    assert list(cfg.student.arch.hidden) == [800, 800] and cfg.distill.logit_loss.temperature == 20.0
+
+
+def test_paper_checks_compare_the_error_with_a_two_standard_error_tolerance():
+    c = _claim(metrics={"err": {"a": "a:student.acc", "scale": -100, "offset": 100}, "x": {"a": "b:student.acc"}},
+               headline="err", checks=[{"metric": "err", "op": "<=", "value": 1.64, "se_n": 10000}])
+    per_seed = {0: {"a": {"student": {"acc": 0.9820}}, "b": {"student": {"acc": 0.5}}},
+                1: {"a": {"student": {"acc": 0.9814}}, "b": {"student": {"acc": 0.5}}}}
+    values = c.values(per_seed)
+    assert values["err"] == pytest.approx([1.80, 1.86])
+    p, sd2 = 0.0164, (0.06 ** 2) / 2  # sample variance of [1.80, 1.86]
+    tol = 2 * (100 ** 2 * p * (1 - p) / 10000 + sd2 * 1.5) ** 0.5
+    verdict, checks = c.verdict(values)
+    assert checks[0]["tolerance"] == pytest.approx(tol)  # 0.27 points
+    assert verdict == "reproduced" and checks[0]["holds"]  # 1.83 <= 1.64 + 0.27
+    assert "2 SE: binomial on 10000 test images + seed spread" in checks[0]["check"]
+    per_seed[0]["a"]["student"]["acc"], per_seed[1]["a"]["student"]["acc"] = 0.9790, 0.9786  # 2.12 > 1.64 + 0.26
+    assert c.verdict(c.values(per_seed))[0] == "not reproduced"
+
+
+def test_paper_scale_needs_a_data_root_with_mnist(tmp_path, capsys):
+    from compresslab.cli import reproduce_main
+
+    for argv, msg in ((["--scale", "paper"], "--scale paper needs --data-root"),
+                      (["--scale", "paper", "--data-root", str(tmp_path)], "no MNIST/raw/ folder there")):
+        with pytest.raises(SystemExit):
+            reproduce_main(argv)
+        assert msg in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_paper_scale_on_tiny_idx_files(tmp_path):
+    """``--quick --scale paper`` end to end on MNIST-format files of 300 + 100 images (one claim: the
+    other five run the same code path with other presets, each composed above)."""
+    from test_vision_data import write_mnist
+
+    from compresslab.cli import reproduce_main
+
+    write_mnist(tmp_path / "data", n_train=300, n_test=100)
+    out = tmp_path / "repro"
+    assert reproduce_main(["--scale", "paper", "--quick", "--data-root", str(tmp_path / "data"),
+                           "--only", "ternary_binary", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "reproduce.json").read_text())
+    assert row["scale"] == "paper" and row["dataset"] == "mnist" and not row["errors"]
+    record = json.loads((Path(row["runs"]["ternary/seed0"]) / "results.json").read_text())
+    assert record["config"]["dataset"]["root"] == str((tmp_path / "data").resolve())
+    assert record["data_regime"]["test_samples"] == 100
+    assert row["ours_mean"] == pytest.approx(100 - 100 * record["student"]["acc_top1"])
+    assert all(c["tolerance"] > 0 for c in row["checks"] if "2 SE" in c["check"])

@@ -112,7 +112,8 @@ def test_preemption_signal_writes_last_ckpt_then_hands_over_and_the_fit_resumes_
 
     from compresslab.data import DigitsDataModule
     from compresslab.models import build_model
-    from compresslab.train import ClassifierModule, JobRequeued, fit_with_checkpoints
+    from compresslab.fit_callbacks import JobRequeued
+    from compresslab.train import ClassifierModule, fit_with_checkpoints
 
     calls = []
     last = tmp_path / "ckpt" / "last.ckpt"
@@ -156,7 +157,7 @@ def test_preemption_signal_writes_last_ckpt_then_hands_over_and_the_fit_resumes_
 def test_checkpoint_on_preemption_leaves_a_run_without_a_handler_alone(tmp_path):
     import signal as sig
 
-    from compresslab.train import CheckpointOnPreemption
+    from compresslab.fit_callbacks import CheckpointOnPreemption
 
     assert sig.getsignal(sig.SIGUSR2) in (sig.SIG_DFL, None)
     callback = CheckpointOnPreemption(tmp_path / "last.ckpt")
@@ -232,7 +233,7 @@ def test_two_by_two_sweep_runs_four_slurm_jobs_and_reports(cluster, tmp_path):
         assert sources == ["cache", "trained"], (seed, sources)
     assert len(list((tmp_path / "teachers").glob("*.pt"))) == 2
     # the end-of-sweep summary and report, printed by the sweep process
-    assert "sweep: 4 completed, 0 failed" in out.stdout
+    assert "sweep: 4 completed, 0 pruned, 0 failed" in out.stdout
     report = (sweep / "report.md").read_text()
     assert "lenet5" in report and "mlp" in report and "(1)" in report
 
@@ -360,6 +361,6 @@ def test_failed_and_cancelled_jobs_are_recorded_and_the_sweep_finishes(cluster, 
     assert records[0]["slurm_state"] == "CANCELLED" and f"SLURM job {job0} ended CANCELLED" in records[0]["error"]
     assert "student.epochs=0 is not allowed" in records[1]["error"]
     assert records[2]["student"]["epochs_run"] == 1
-    assert "sweep: 1 completed, 2 failed" in out  # ...after every job ended, with a summary
+    assert "sweep: 1 completed, 0 pruned, 2 failed" in out  # ...after every job ended, with a summary
     assert "2 of 3 sweep jobs failed" in err
     print(f"cancelled job {job0}: {records[0]['error']!r}; the sweep ended {after_cancel_s:.1f} s after scancel")

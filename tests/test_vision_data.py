@@ -312,11 +312,10 @@ def test_imagefolder_tree(tmp_path):
 
 
 def test_imagefolder_eval_normalization(tmp_path):
-    d = tmp_path / "train" / "a"
-    d.mkdir(parents=True)
-    (tmp_path / "val" / "a").mkdir(parents=True)
-    Image.new("RGB", (16, 16), (255, 0, 128)).save(d / "x.png")
-    Image.new("RGB", (16, 16), (255, 0, 128)).save(tmp_path / "val" / "a" / "x.png")
+    for split in ("train", "val"):
+        for c in ("a", "b"):  # a classifier needs two classes (a one-class tree is refused)
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (16, 16), (255, 0, 128)).save(tmp_path / split / c / "x.png")
     dm = ImageFolderDataModule(root=tmp_path, image_size=8, val_fraction=0.5)
     dm.setup()
     x, _ = dm.test_set[0]

@@ -14,6 +14,7 @@ its module declares (its kind, whether its ONNX form is lossless, how it exports
 
 from __future__ import annotations
 
+import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from compresslab.allowlist import Allowlist
-from compresslab.errors import CheckpointError
+from compresslab.errors import CheckpointError, ConfigError
 from compresslab.files import atomic_torch_save
 from compresslab.models import build_model
 
@@ -143,14 +144,20 @@ def read_payload(path: Path) -> dict:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"No such checkpoint/artifact: {path.resolve()}")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a model file: give the file inside it "
+                              "(artifacts/student.pt, checkpoints/student/best.ckpt, a cached teacher .pt)")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling refused or corrupt
         damage = file_damage(path)
         if damage:
             raise CheckpointError(f"{path} is damaged: it {damage}.") from exc
+        legacy = " It is a legacy (non-zip) torch.save / pickle file." if _is_pickle(path) else ""
+        why = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|$)", str(exc), re.M)  # not torch's advice
         raise CheckpointError(
-            f"Cannot load {path} safely (weights_only=True): {exc}. compresslab only loads files "
+            f"{path} cannot be loaded safely (weights_only=True refused it: {why.group(1) if why else exc})."
+            f"{legacy} compresslab only loads files "
             "holding plain tensors/containers (its own model files, Lightning checkpoints, state dicts)."
         ) from exc
 
@@ -162,6 +169,8 @@ def file_damage(path: Path) -> str | None:
         if size == 0:
             return "is empty (0 bytes; a write that never finished?)"
         if not zipfile.is_zipfile(path):
+            if _is_pickle(path):  # a whole legacy-format file: not damaged, refused for what it holds
+                return None
             return f"is truncated or corrupt ({size} bytes, not a complete torch.save zip archive)"
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
@@ -170,21 +179,88 @@ def file_damage(path: Path) -> str | None:
         return f"cannot be read as a zip archive ({type(exc).__name__}: {exc})"
 
 
-def model_from_payload(payload: Mapping[str, Any]) -> nn.Module:
-    """Rebuild a model from a payload read by :func:`read_payload`."""
+def _is_pickle(path: Path) -> bool:
+    """Whether the file starts like a pickle (protocol 2+ opcode), as legacy ``torch.save`` files do."""
+    with open(path, "rb") as handle:
+        return handle.read(1) == b"\x80"
+
+
+def model_from_payload(payload: Mapping[str, Any], source: str = "the model file") -> nn.Module:
+    """Rebuild a model from a payload read by :func:`read_payload`: after :func:`check_spec_size`
+    (before anything is allocated) and refusing non-finite weights (:func:`check_finite`)."""
     if not isinstance(payload, Mapping):
         raise CheckpointError(f"Not a compresslab model file: it holds a {type(payload).__name__}, not a dict")
     fmt = payload.get("format")
+    if fmt != DENSE_FORMAT:
+        ARTIFACT_LOADERS.resolve(fmt)  # an unknown format is refused before the spec is looked at
+    check_spec_size(payload, source)
     if fmt == DENSE_FORMAT:
         model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
         model.load_state_dict(payload["state_dict"])
-        return model.eval()
-    return ARTIFACT_LOADERS.resolve(fmt)(dict(payload)).eval()
+    else:
+        model = ARTIFACT_LOADERS.resolve(fmt)(dict(payload))
+    return check_finite(model.eval(), source)
 
 
 def load_model_file(path: Path) -> nn.Module:
     """Load any compresslab model file/artifact into a working module in eval mode."""
-    return model_from_payload(read_payload(path))
+    return model_from_payload(read_payload(path), str(path))
+
+
+#: A compressed format may store this many times fewer values than its architecture has
+#: (1-bit packing, 99% sparsity, rank-1 factors), plus :data:`SIZE_SLACK` values for small models.
+MAX_COMPRESSION, SIZE_SLACK = 1000, 1_000_000
+
+
+def _stored_values(data: Any) -> int:
+    if isinstance(data, torch.Tensor):
+        return data.numel()
+    if isinstance(data, Mapping):
+        return sum(_stored_values(v) for v in data.values())
+    if isinstance(data, (list, tuple)):
+        return sum(_stored_values(v) for v in data)
+    return 0
+
+
+def check_spec_size(payload: Mapping[str, Any], source: str = "the model file") -> None:
+    """Refuse a file whose architecture spec implies far more values than the file holds, before
+    building it: the spec is built on the ``meta`` device (no memory), its parameters and buffers
+    counted, and compared with the tensors stored (a dense file: its state dict exactly; another
+    format: :data:`MAX_COMPRESSION` times them plus :data:`SIZE_SLACK`). A crafted spec such as an
+    MLP with ``hidden: [1e6, 1e6]`` would otherwise make the loader allocate terabytes."""
+    if not all(k in payload for k in ("arch", "input_shape", "num_classes")):
+        return  # the format's loader reports what is missing
+    try:
+        with torch.device("meta"):
+            model = build_model(payload["arch"], payload["input_shape"], payload["num_classes"])
+    except (CheckpointError, ConfigError):  # the spec itself is refused
+        raise
+    except Exception:  # noqa: BLE001 - a model that can't be built on meta is checked by its real build
+        return
+    implied = sum(t.numel() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    dense = payload.get("format") == DENSE_FORMAT
+    stored = _stored_values(payload.get("state_dict") if dense else payload)
+    limit = stored if dense else MAX_COMPRESSION * stored + SIZE_SLACK
+    if implied > limit:
+        raise CheckpointError(
+            f"{source}: its architecture spec {dict(payload['arch'])} (input {list(payload['input_shape'])}, "
+            f"{payload['num_classes']} classes) implies {implied:,} values ({4 * implied / 2 ** 30:.1f} GiB as fp32), "
+            f"but the file holds {stored:,}: refused before building it. The file is damaged or crafted; use the "
+            "file the run wrote.")
+
+
+def check_finite(model: nn.Module, source: str = "the model") -> nn.Module:
+    """Refuse a model with NaN or infinite weights (a diverged training run, or a damaged file);
+    returns ``model``. Integer and quantized tensors are exact and not checked."""
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_quantized:
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(
+                    f"{source}: {bad} of {value.numel()} values of {name!r} are NaN or infinite; a model with "
+                    "non-finite weights computes nothing sound (a diverged run, or a damaged file). Retrain it "
+                    "(lower the learning rate) or load another file.")
+    return model
 
 
 def load_state_dict_into(model: nn.Module, path: Path) -> nn.Module:
@@ -210,4 +286,4 @@ def load_state_dict_into(model: nn.Module, path: Path) -> nn.Module:
             f"{path} does not match the configured architecture: {exc}. "
             "Check that teacher=<arch> names the architecture the checkpoint was trained with."
         ) from exc
-    return model
+    return check_finite(model, str(path))

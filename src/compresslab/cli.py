@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -35,8 +36,13 @@ def main(cfg: DictConfig) -> dict | None:
     from compresslab.pipeline import run_experiment
     from compresslab.search.pruning import pruned_epoch
 
+    from compresslab.errors import Interrupted
+
     try:
         record = run_experiment(cfg)
+    except Interrupted as exc:  # a signal stops the whole process, sweep included, with a non-zero status
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(exc.exit_code) from exc
     except Exception as exc:
         if pruned_epoch(exc) is not None:  # a search trial its pruner stopped: recorded as pruned, not failed
             logging.getLogger(__name__).info("%s", exc)
@@ -50,9 +56,38 @@ def main(cfg: DictConfig) -> dict | None:
     return record
 
 
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False, high_open: bool = True):
+    """An argparse ``type`` accepting a ``kind`` number in [low, high) (bounds as flagged); argparse
+    turns its ValueError into a usage error naming the option and the value."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        too_low = value <= low if low_open else value < low
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if value != value or too_low or too_high:  # NaN fails every comparison
+            where = (f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}" if high is not None
+                     else f"{'>' if low_open else '>='} {low:g}")
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range: must be {where}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+def _sparsity_list(text: str) -> list[float]:
+    """``--sparsities``: comma-separated fractions, each in [0, 1)."""
+    one = _number(float, 0.0, 1.0)
+    values = [one(part.strip()) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one sparsity, e.g. 0.5,0.9")
+    return values
+
+
 def report_main(argv: Sequence[str] | None = None) -> None:
     """``compresslab-report``: ablation tables and accuracy/size/latency plots from many runs
     (:mod:`compresslab.track.report`)."""
+    from compresslab.track.checks import unknown_key, usable_records
     from compresslab.track.report import build_report
     from compresslab.track.results import collect_job_results
     from compresslab.track.wandb_records import load_wandb_records, log_report_to_wandb
@@ -61,8 +96,8 @@ def report_main(argv: Sequence[str] | None = None) -> None:
                                      description="Ablation tables and accuracy/size/latency plots from many runs.")
     parser.add_argument("paths", nargs="*", type=Path, help="run or sweep directories (searched for results.json)")
     parser.add_argument("--wandb-project", help="read runs from this W&B project (entity/project) instead")
-    parser.add_argument("--rows", default="student", help="axis or dotted config key for table rows")
-    parser.add_argument("--cols", default="distill", help="axis or config key for columns ('' for none)")
+    parser.add_argument("--rows", help="axis or dotted config key for table rows (default: student)")
+    parser.add_argument("--cols", help="axis or config key for columns ('' for none; default: distill)")
     parser.add_argument("--metric", action="append", dest="metrics",
                         help="metric(s) of the student to tabulate (default: acc_top1); e.g. size_ratio, speedup, "
                              "deployed_speedup, or a dotted path such as backends.onnxruntime.speedup")
@@ -81,13 +116,18 @@ def report_main(argv: Sequence[str] | None = None) -> None:
             parser.error("give run/sweep directories, or --wandb-project")
         _require_dirs(parser, args.paths)
         records = [r for p in args.paths for r in collect_job_results(p)]
-        for r in [r for r in records if r.get("status") == "unreadable"]:
-            print(f"warning: skipped {r['_path']}: {r.get('error')}", file=sys.stderr)
-        records = [r for r in records if r.get("status") != "unreadable"]
+    records = usable_records(records, lambda message: print(f"warning: {message}", file=sys.stderr))
+    for option, key in (("--rows", args.rows), ("--cols", args.cols)):  # a key the user named: some run has it
+        missing = unknown_key(records, key) if key else None
+        if missing:
+            axes = sorted({a for r in records if r.get("status") == "completed" for a in r.get("axes") or {}})
+            parser.error(f"argument {option}: no completed run has {missing!r} as an axis or config key "
+                         f"(axes: {', '.join(axes)}; or a dotted config key such as prune.final_sparsity)")
     failed = [r for r in records if r.get("status") not in ("completed", "pruned")]
     pruned = [r for r in records if r.get("status") == "pruned"]
     out_dir = args.out or (args.paths[0] if args.paths else Path("outputs/report"))
-    report = build_report(records, args.rows, args.cols or None, args.metrics or ["acc_top1"], out_dir,
+    rows, cols = args.rows or "student", "distill" if args.cols is None else args.cols
+    report = build_report(records, rows, cols or None, args.metrics or ["acc_top1"], out_dir,
                           args.formats or ("md", "latex", "csv"), plots=not args.no_plots, backend=args.backend)
     print(f"{len(records) - len(failed) - len(pruned)} completed runs, {len(pruned)} pruned by the search, "
           f"{len(failed)} failed")
@@ -135,19 +175,21 @@ def measure_main(argv: Sequence[str] | None = None) -> None:
 
     from compresslab.measure.latency import LatencySettings
     from compresslab.measure.together import completed_runs, measure_together, print_measured
+    from compresslab.track.checks import usable_records
 
     parser = argparse.ArgumentParser(prog="compresslab-measure",
                                      description="Re-measure the saved artifacts of many runs together, in one process.")
     parser.add_argument("paths", nargs="+", type=Path, help="run or sweep directories (searched for results.json)")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the runs' measure.latency_rounds)")
-    parser.add_argument("--round-ms", type=float, help="timed work per model per round")
-    parser.add_argument("--warmup", type=int, help="untimed calls per model first")
+    parser.add_argument("--rounds", type=_number(int, 1), help="interleaved rounds (default: the runs' measure.latency_rounds)")
+    parser.add_argument("--round-ms", type=_number(float, 0.0, low_open=True), help="timed work per model per round")
+    parser.add_argument("--warmup", type=_number(int, 0), help="untimed calls per model first")
     parser.add_argument("--clock", choices=["cpu", "wall"])
-    parser.add_argument("--threads-bN", help="threads at batch N: a number or auto")
+    parser.add_argument("--threads-bN", type=_threads_value, help="threads at batch N: a number >= 1 or auto")
     parser.add_argument("--dry-run", action="store_true", help="measure and print, don't write results.json")
     args = parser.parse_args(argv)
     _require_dirs(parser, args.paths)
-    runs = completed_runs(args.paths)
+    usable = partial(usable_records, warn=lambda message: print(f"warning: {message}", file=sys.stderr))
+    runs = completed_runs(args.paths, usable)
     if not runs:
         raise SystemExit(f"no completed runs with saved artifacts under {', '.join(map(str, args.paths))}")
     settings = LatencySettings.from_config((runs[0][1].get("config") or {}).get("measure") or {})
@@ -156,9 +198,14 @@ def measure_main(argv: Sequence[str] | None = None) -> None:
         if value is not None:
             setattr(settings, field, value)
     if args.threads_bN is not None:
-        settings.threads_bN = args.threads_bN if args.threads_bN == "auto" else int(args.threads_bN)
+        settings.threads_bN = args.threads_bN
     LatencySettings(**asdict(settings))  # re-validate the overridden values
-    print_measured(measure_together(args.paths, settings, write=not args.dry_run))
+    print_measured(measure_together(args.paths, settings, write=not args.dry_run, usable=usable))
+
+
+def _threads_value(text: str) -> int | str:
+    """``--threads-bN``: ``auto`` or a thread count >= 1."""
+    return text if text == "auto" else _number(int, 1)(text)
 
 
 def reproduce_main(argv: list[str] | None = None) -> int:
@@ -180,10 +227,21 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--teacher-cache", type=Path, default=None, help="teacher cache (default <out>/teachers)")
     parser.add_argument("--quick", action="store_true", help="one seed per claim on a shortened schedule")
     parser.add_argument("--list", action="store_true", help="list the claims and exit")
+    parser.add_argument("--scale", choices=["digits", "paper"], default="digits",
+                        help="digits (default: 8x8 digits, no files) or paper (the MNIST claims at the papers' "
+                             "scale and architectures; needs --data-root)")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="dataset.root of every job (paper scale: the folder holding MNIST/raw/)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    if args.scale == "paper" and not args.list:
+        if args.data_root is None:
+            parser.error("--scale paper needs --data-root DIR (the folder holding MNIST/raw/*-ubyte)")
+        if not (args.data_root / "MNIST" / "raw").is_dir():
+            parser.error(f"--data-root {args.data_root}: no MNIST/raw/ folder there (the four IDX files of MNIST "
+                         "go in <DIR>/MNIST/raw/)")
 
-    claims = available_claims()
+    claims = available_claims(args.scale)
     if args.list:
         for c in claims.values():
             print(f"{c.claim:24s} {c.paper}: {c.statement}")
@@ -196,7 +254,7 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     out = args.out or Path("outputs/reproduce") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     suite = Suite(out=out, teacher_cache=args.teacher_cache, quick=args.quick, n_seeds=args.seeds,
-                  log=lambda msg: print(msg, flush=True))
+                  log=lambda msg: print(msg, flush=True), data_root=args.data_root)
     start = time.perf_counter()
     rows = suite.run(claims[c] for c in wanted)
     wall = time.perf_counter() - start
@@ -207,9 +265,14 @@ def reproduce_main(argv: list[str] | None = None) -> int:
     return 1 if any(r["errors"] for r in rows) else 0
 
 
-def sensitivity_main(argv: Sequence[str] | None = None) -> dict[str, str]:
+def sensitivity_main(argv: Sequence[str] | None = None) -> None:
     """``compresslab-sensitivity MODEL [overrides] --out DIR``: prune each layer of a saved model file
-    alone to a range of sparsities and tabulate the accuracy (:mod:`compresslab.compress.prune.sensitivity`)."""
+    alone to a range of sparsities and tabulate the accuracy (:func:`run_sensitivity`); exits 0."""
+    run_sensitivity(argv)
+
+
+def run_sensitivity(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """:func:`sensitivity_main`'s work; returns the written paths (:mod:`compresslab.compress.prune.sensitivity`)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -222,9 +285,10 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> dict[str, str]:
     parser.add_argument("model", help="a compresslab model file (artifacts/student.pt, a cached teacher .pt, ...)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides picking the data, e.g. dataset=digits")
     parser.add_argument("--out", default="sensitivity", help="output directory (default: ./sensitivity)")
-    parser.add_argument("--sparsities", default=",".join(str(s) for s in sensitivity.DEFAULT_SPARSITIES))
+    parser.add_argument("--sparsities", type=_sparsity_list, default=list(sensitivity.DEFAULT_SPARSITIES),
+                        help="comma-separated fractions in [0, 1) (default: 0,0.1,...,0.9,0.95)")
     parser.add_argument("--split", choices=("val", "test"), default="val")
-    parser.add_argument("--max-batches", type=int, default=None)
+    parser.add_argument("--max-batches", type=_number(int, 1), default=None)
     parser.add_argument("--no-classifier", action="store_true", help="leave the classifier out")
     args = parser.parse_args(argv)
 
@@ -235,7 +299,7 @@ def sensitivity_main(argv: Sequence[str] | None = None) -> dict[str, str]:
     dm.setup("fit")
     model = load_model_file(Path(args.model))
     loader_fn = dm.val_dataloader if args.split == "val" else dm.test_dataloader
-    sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
+    sparsities = args.sparsities
     baseline, rows = sensitivity.layer_sensitivity(model, sensitivity.batch_evaluator(loader_fn, args.max_batches),
                                                    sparsities, include_classifier=not args.no_classifier)
     paths = sensitivity.write_sensitivity(rows, baseline, Path(args.out),

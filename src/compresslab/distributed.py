@@ -45,6 +45,7 @@ def install_hydra_ddp_fix() -> None:
 
     for module in (fabric_launcher, pl_launcher):
         module._hydra_subprocess_cmd = job_subprocess_cmd
+    os.environ[OWN_RANK_MARK] = "1"  # inherited by the ranks Lightning starts from this job (JobProcessGroup)
 
 
 def world_size(trainer_cfg: Any) -> int:
@@ -70,14 +71,25 @@ def scale_lr(lr: float, world: int, rule: str) -> float:
     raise ConfigError(f"scaling.lr must be none, linear or sqrt, got {rule!r}")
 
 
-#: Variables Lightning's launcher sets in the launching process.
-_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
+#: Set by :func:`install_hydra_ddp_fix` before Lightning starts ranks 1..N-1, which inherit it: a rank
+#: started with it is one of ours (it exits after its job), not one started by torchrun or SLURM.
+OWN_RANK_MARK = "COMPRESSLAB_LAUNCHED_RANK"
+#: Variables Lightning's launcher (and :func:`install_hydra_ddp_fix`) set in the launching process.
+_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", OWN_RANK_MARK)
 
 
 class JobProcessGroup:
     """Context manager around one job: afterwards, tears down the process group and the launcher's
     environment variables that this job created, so the next job of a multirun in the same
-    process launches its own ranks instead of waiting for the previous job's."""
+    process launches its own ranks instead of waiting for the previous job's.
+
+    A rank that Lightning started for this job (ranks 1..N-1, marked by :data:`OWN_RANK_MARK`)
+    destroys its process group too, before its interpreter exits. Left to interpreter shutdown,
+    gloo's worker threads were destroyed while still joinable, which aborts the rank
+    ("terminate called without an active exception", SIGABRT) when the timing of the exit falls
+    badly, as on a loaded machine (pytorch/pytorch#190489; torch registers no atexit destroy for
+    gloo, and Lightning registers one for NCCL only). Ranks started by torchrun or SLURM (``LOCAL_RANK`` set without
+    the mark) keep their group: their launcher owns it."""
 
     def __enter__(self) -> "JobProcessGroup":
         self._env = {k: os.environ.get(k) for k in _LAUNCH_ENV}
@@ -86,8 +98,8 @@ class JobProcessGroup:
     def __exit__(self, *exc: Any) -> None:
         import torch.distributed as dist
 
-        if self._env.get("LOCAL_RANK") is not None:  # launched externally (SLURM, torchrun): leave as is
-            return
+        if self._env.get("LOCAL_RANK") is not None and self._env.get(OWN_RANK_MARK) is None:
+            return  # launched externally (SLURM, torchrun): leave as is
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
         for key, value in self._env.items():

@@ -14,6 +14,7 @@ claiming method's codec, what it stacks, the reference, export ONNX),
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import tempfile
@@ -46,6 +47,7 @@ from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
 from compresslab.measure.per_class import class_metrics, parse_class_bias
 from compresslab.models import build_model
+from compresslab.run_control import RunDirLock, as_interrupted
 from compresslab.search.pruning import pruned_epoch, search_callbacks
 from compresslab.run_options import check_run_options
 from compresslab.teacher import obtain_teacher
@@ -55,6 +57,7 @@ from compresslab.track.console import print_summary
 from compresslab.track.loggers import config_callbacks, make_loggers
 from compresslab.track.wandb_glue import finish, log_final
 from compresslab.train import ClassifierModule, PerformanceOptions, fit_with_checkpoints
+from compresslab.train_guard import check_training_config
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
         check_cache_allowed(datamodule)  # before the teacher trains, not at the student's fit
     check_student_regime(datamodule, cfg.distill.name)  # a transfer set without labels needs soft targets
     parse_class_bias(_eval_cfg(cfg).get("class_bias"), classes)
+    check_training_config(cfg)  # a fit runs steps (epochs >= 1 is run_options')
     if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
         module = build_student_module(cfg, student, teacher, classes)
         train_set = getattr(datamodule, "train_set", None)  # feature shapes at the taps too (FSP pairs, OFD's BN)
@@ -266,7 +270,7 @@ def record_rows(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], saved
 
 def run_experiment(cfg: DictConfig, extra_callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Run one experiment described by ``cfg`` and return its results record."""
-    with JobProcessGroup():
+    with JobProcessGroup(), RunDirLock(job_run_dir(cfg)) if is_rank_zero() else contextlib.nullcontext():
         return _run(cfg, extra_callbacks)
 
 
@@ -312,12 +316,14 @@ def _run(cfg: DictConfig, extra_callbacks: Sequence[Callback]) -> dict[str, Any]
         failed = False
         return record
     except BaseException as exc:
-        run_error = exc
+        run_error = as_interrupted(exc, run_dir) or exc  # a signal: say how to resume, exit non-zero
         record["status"] = "failed" if pruned_epoch(exc) is None else "pruned"  # a search's pruner stopped it
         if pruned_epoch(exc) is not None:
             record["pruned_at_epoch"] = pruned_epoch(exc)
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["error"] = f"{type(run_error).__name__}: {run_error}"
         record["traceback"] = traceback.format_exc()
+        if run_error is not exc:
+            raise run_error from exc
         raise
     finally:
         record["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -22,7 +22,8 @@ from torch import nn
 
 from compresslab.config_utils import arch_spec, recipe_kwargs
 from compresslab.distributed import is_rank_zero
-from compresslab.artifact import load_state_dict_into, model_from_payload, read_payload, save_model_file
+from compresslab.artifact import DENSE_FORMAT, load_state_dict_into, model_from_payload, read_payload, save_model_file
+from compresslab.errors import CheckpointError
 from compresslab.data.regime import STUDENT_REGIME_KEYS
 from compresslab.models import build_model
 from compresslab.train import ClassifierModule, fit_with_checkpoints
@@ -35,6 +36,37 @@ _DATA_KEYS_IGNORED = {"root", "download", "num_workers", "eval_batch_size", "pin
 _TRAINER_KEYS_HASHED = ("precision", "limit_train_batches", "limit_val_batches", "max_steps",
                         "accumulate_grad_batches", "gradient_clip_val")
 CACHE_VERSION = 1
+#: What a cached teacher file records about its training (its ``meta``).
+META_KEYS = ("acc_top1", "acc_top1_last", "best_epoch", "train_time_s")
+
+
+def load_cached_teacher(path: Path, spec: dict, shape, classes: int) -> tuple[nn.Module, dict]:
+    """The teacher in the cache file ``path`` and its ``meta``, after checking that the file is the
+    configured teacher: a complete dense model file of this architecture, input shape and class count,
+    with its training figures, and finite weights. Otherwise a :class:`CheckpointError` naming the
+    file to delete (the next run then trains the teacher into it again)."""
+    way_out = (f" Delete {path} (and {path.with_suffix('.json')}) to train the teacher again into the cache, "
+               "or set paths.teacher_cache to another directory.")
+    try:
+        payload = read_payload(path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"The cached teacher is unusable: {exc}{way_out}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != DENSE_FORMAT:
+        what = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"The cached teacher {path} is not a dense compresslab model file ({what!r}).{way_out}")
+    wanted = {"arch": dict(spec), "input_shape": [int(v) for v in shape], "num_classes": int(classes)}
+    for key, value in wanted.items():
+        if json.dumps(payload.get(key), sort_keys=True, default=str) != json.dumps(value, sort_keys=True, default=str):
+            raise CheckpointError(f"The cached teacher {path} is not the configured teacher: its {key} is "
+                                  f"{payload.get(key)!r}, the configuration asks for {value!r}.{way_out}")
+    meta = payload.get("meta")
+    if not isinstance(meta, dict) or not set(META_KEYS) <= set(meta):
+        raise CheckpointError(f"The cached teacher {path} lacks its training figures (meta with "
+                              f"{', '.join(META_KEYS)}).{way_out}")
+    try:
+        return model_from_payload(payload, str(path)), meta
+    except CheckpointError as exc:
+        raise CheckpointError(f"The cached teacher is unusable: {exc}{way_out}") from exc
 
 
 def teacher_identity(cfg: DictConfig) -> dict:
@@ -84,17 +116,17 @@ def obtain_teacher(
     with FileLock(str(path) + ".lock") if is_rank_zero() else contextlib.nullcontext():
         if path.exists():
             log(f"teacher: cached {path}")
-            payload = read_payload(path)
-            return model_from_payload(payload), {"path": str(path), "source": "cache", **payload["meta"]}
+            model, meta = load_cached_teacher(path, spec, shape, classes)
+            return model, {"path": str(path), "source": "cache", **meta}
         log(f"teacher: training {cfg.teacher.name} -> {path}")
         pl.seed_everything(int(cfg.seed), workers=True)
         model = build_model(spec, shape, classes)
         module = build_recipe_module(model, cfg.teacher, cfg, classes)
         work_dir = path.with_suffix(".work")
-        fit = fit_with_checkpoints(
-            module, datamodule, trainer_factory, work_dir, cfg.teacher.epochs, resume=True,
+        fit = fit_with_checkpoints(  # resume=false (the way out of a damaged last.ckpt) holds for the teacher too
+            module, datamodule, trainer_factory, work_dir, cfg.teacher.epochs, resume=bool(cfg.get("resume", True)),
         )
-        meta = {k: fit[k] for k in ("acc_top1", "acc_top1_last", "best_epoch", "train_time_s")}
+        meta = {k: fit[k] for k in META_KEYS}
         if not is_rank_zero():
             return model.eval(), {"path": str(path), "source": "trained", **meta}
         save_model_file(path, model, spec, shape, classes, meta=meta)

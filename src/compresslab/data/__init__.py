@@ -2,13 +2,8 @@
 
 from compresslab.data.base import ClassificationDataModule
 from compresslab.data.embedded import DigitsDataModule, MNIST1DDataModule
-from compresslab.data.vision import (
-    CIFAR10DataModule,
-    CIFAR100DataModule,
-    FashionMNISTDataModule,
-    ImageFolderDataModule,
-    MNISTDataModule,
-)
+from compresslab.data.folder import ImageFolderDataModule
+from compresslab.data.vision import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
     "ClassificationDataModule",

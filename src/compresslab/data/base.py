@@ -3,17 +3,56 @@
 from __future__ import annotations
 
 import copy
+import math
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from compresslab.data.options import check_dataset_options
 from compresslab.data.regime import RegimeSubset, dataset_targets, regime_values, student_split
-from compresslab.errors import DatasetNotFoundError
+from compresslab.errors import ConfigError, DatasetNotFoundError
+
+#: ``on_device=auto`` keeps a dataset resident on the CPU when its splits take at most this share of
+#: the machine's memory (and at most :data:`CPU_RESIDENT_CAP` bytes); on a GPU, half its free memory.
+CPU_RESIDENT_SHARE, CPU_RESIDENT_CAP = 0.25, 4 << 30
+
+
+class ArrayDataset(TensorDataset):
+    """Samples decoded once into two tensors (inputs as the eval transform gives them, long labels);
+    ``classes`` names the labels, ``targets`` is the label tensor (as on torchvision datasets)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, classes: Sequence[str] = ()) -> None:
+        super().__init__(x, y.long())
+        self.classes = list(classes)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tensors[1]
+
+
+def parse_on_device(value) -> bool | str:
+    """``dataset.on_device``: true, false or "auto"."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        v = value.strip().lower()
+        return "auto" if v == "auto" else v == "true"
+    raise ConfigError(f"dataset.on_device must be true, false or auto, got {value!r}")
+
+
+def _memory_budget(device: torch.device) -> float:
+    if device.type == "cuda":
+        return 0.5 * torch.cuda.mem_get_info(device)[0]
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return min(CPU_RESIDENT_CAP, CPU_RESIDENT_SHARE * total)
 
 
 class IndexedDataset(Dataset):
@@ -46,7 +85,13 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
 
     ``with_index``: the training loader yields ``(x, y, index)``, ``index`` the sample's position in
     ``train_set`` (a teacher-output cache and CRD's memory bank look samples up by it). A distillation
-    module that needs it switches it on for its fit. ``on_device`` batches carry no index.
+    module that needs it switches it on for its fit.
+
+    ``on_device`` (true / false / "auto"): serve batches from tensors resident on the training device
+    (:class:`~compresslab.data.on_device.TensorBatches`, augmentation batched by
+    :meth:`device_augment`) instead of a DataLoader. "auto" (the default) does so for array-backed
+    datasets (``array_backed``: the samples are decoded once into tensors) whose splits fit the
+    memory budget (:data:`CPU_RESIDENT_SHARE`); image folders keep the DataLoader with workers.
     """
 
     name: str = "dataset"
@@ -55,6 +100,9 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
     #: True when the training transform is random (crop/flip...): per-sample
     #: caches of teacher outputs are then invalid.
     has_augmentation: bool = False
+    #: True when the splits are held as decoded tensors (:class:`ArrayDataset`): ``on_device=auto``
+    #: batches them as tensors.
+    array_backed: bool = False
 
     def __init__(
         self,
@@ -68,7 +116,7 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         augment: bool = True,
-        on_device: bool = False,
+        on_device: bool | str = "auto",
         train_fraction: float = 1.0,
         subset_seed: int = 0,
         exclude_classes: Sequence[int] | None = None,
@@ -94,7 +142,7 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         self.pin_memory = bool(pin_memory)
         self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
         self.augment = bool(augment)
-        self.on_device = bool(on_device)
+        self.on_device = parse_on_device(on_device)
         self.with_index = bool(with_index)
         self._resident: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.train_set: Dataset | None = None
@@ -198,6 +246,15 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
             return torch.device("cpu"), 0, 1
         return trainer.strategy.root_device, trainer.global_rank, trainer.world_size
 
+    def resident(self) -> bool:
+        """Whether batches come from resident tensors (``on_device`` resolved; see the class doc)."""
+        if self.on_device != "auto":
+            return bool(self.on_device)
+        if not self.array_backed or self.train_set is None:
+            return False
+        n = len(self.train_set) + len(self.val_set) + len(self.test_set)
+        return n * math.prod(self.input_shape) * 4 <= _memory_budget(self._device_and_shard()[0])
+
     def _resident_batches(self, split: str, shuffle: bool, batch_size: int):
         from compresslab.data.on_device import TensorBatches, stack_dataset
 
@@ -210,10 +267,20 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         augment = self.device_augment if split == "train" and self.has_augmentation else None
         if split != "train":  # every rank evaluates its own shard; metrics are synced
             shuffle = False
-        return TensorBatches(x, y, batch_size, shuffle, augment=augment, seed=self.split_seed, rank=rank, world=world)
+        # the shuffle order follows the run's seed (torch's initial seed: seed_everything's, alike on every rank)
+        seed = (torch.initial_seed() + self.split_seed) % 2**62 if shuffle else 0
+        return TensorBatches(x, y, batch_size, shuffle, augment=augment, seed=seed, rank=rank, world=world,
+                             with_index=split == "train" and self.with_index)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """A batch of tensors already on ``device`` (``on_device``) as it is (Lightning's generic move
+        walks and copies the collection each step); others as Lightning does."""
+        if isinstance(batch, (list, tuple)) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        if self.on_device:
+        if self.resident():
             return self._resident_batches(split, shuffle, batch_size)
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         if split == "train" and self.with_index:

@@ -26,6 +26,7 @@ class DigitsDataModule(ClassificationDataModule):
     """
 
     name = "digits"
+    array_backed = True
     input_shape = (1, 8, 8)
     num_classes = 10
 
@@ -69,6 +70,7 @@ class MNIST1DDataModule(ClassificationDataModule):
     """
 
     name = "mnist1d"
+    array_backed = True
     num_classes = 10
 
     def __init__(self, num_samples: int = 5000, **kwargs) -> None:

@@ -12,13 +12,38 @@ import math
 from typing import Callable, Iterator
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from compresslab.data.regime import UNLABELED
+
+
+def tensor_view(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(x, y)`` of a TensorDataset, or of (nested) Subsets of one, by indexing its tensors: no
+    per-sample call. Hidden labels of a :class:`~compresslab.data.regime.RegimeSubset` become
+    ``UNLABELED``. None for any other dataset."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        return dataset.tensors[0], dataset.tensors[1].long()
+    if not isinstance(dataset, Subset):
+        return None
+    inner = tensor_view(dataset.dataset)
+    if inner is None:
+        return None
+    idx = torch.as_tensor(list(dataset.indices), dtype=torch.long)
+    x, y = inner[0][idx], inner[1][idx]
+    hidden = getattr(dataset, "hidden", None)
+    if hidden:
+        y = torch.where(torch.as_tensor([int(i) in hidden for i in dataset.indices]), UNLABELED, y)
+    return x, y
 
 
 def stack_dataset(dataset: Dataset, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """All (x, y) samples of ``dataset`` as two tensors on ``device``."""
-    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
-    return torch.stack(xs).to(device), torch.as_tensor(ys, dtype=torch.long).to(device)
+    """All (x, y) samples of ``dataset`` as two tensors on ``device`` (array-backed datasets by
+    indexing their tensors, others sample by sample)."""
+    view = tensor_view(dataset)
+    if view is None:
+        xs, ys = zip(*(dataset[i][:2] for i in range(len(dataset))))
+        view = torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
+    return view[0].to(device), view[1].to(device)
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, pad_value: torch.Tensor | None = None,
@@ -51,17 +76,20 @@ class TensorBatches:
     """An iterable of (x, y) mini-batches drawn from tensors that already live on the device.
 
     Shuffles each epoch (seeded by ``seed`` + epoch), shards indices across DDP ranks
-    (``rank``/``world``), and applies ``augment`` to each training batch.
+    (``rank``/``world``), and applies ``augment`` to each training batch. ``with_index``: batches
+    are ``(x, y, index)``, ``index`` the samples' rows of ``x`` (the teacher-output cache and CRD
+    look samples up by it).
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool,
                  augment: Callable[[torch.Tensor], torch.Tensor] | None = None, seed: int = 0,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, with_index: bool = False) -> None:
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
         self.shuffle = shuffle
         self.augment = augment
         self.seed, self.rank, self.world = int(seed), int(rank), int(world)
+        self.with_index = bool(with_index)
         self.epoch = 0
 
     def _indices(self) -> torch.Tensor:
@@ -76,12 +104,16 @@ class TensorBatches:
     def __len__(self) -> int:
         return math.ceil(len(range(self.rank, self.x.shape[0], self.world)) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         idx = self._indices()
         self.epoch += 1
-        for start in range(0, idx.numel(), self.batch_size):
-            b = idx[start:start + self.batch_size]
-            xb = self.x[b]
+        if not self.shuffle and self.world == 1 and self.augment is None and not self.with_index:
+            # in order: contiguous slices, no gather
+            for start in range(0, idx.numel(), self.batch_size):
+                yield self.x[start:start + self.batch_size], self.y[start:start + self.batch_size]
+            return
+        for b in idx.split(self.batch_size):
+            xb = self.x.index_select(0, b)
             if self.augment is not None:
                 xb = self.augment(xb)
-            yield xb, self.y[b]
+            yield (xb, self.y.index_select(0, b), b) if self.with_index else (xb, self.y.index_select(0, b))

@@ -1,4 +1,4 @@
-"""torchvision-backed datamodules: MNIST, Fashion-MNIST, CIFAR-10/100 and ImageNet-style folders.
+"""torchvision-backed datamodules: MNIST, Fashion-MNIST, CIFAR-10/100 (ImageNet-style folders: :mod:`.folder`).
 
 The samples are read by torchvision's own dataset classes from their usual
 on-disk layout under ``root``:
@@ -27,8 +27,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.vision import StandardTransform
 
-from compresslab.data.base import ClassificationDataModule
-from compresslab.errors import ConfigError, DatasetNotFoundError
+from compresslab.data.base import ArrayDataset, ClassificationDataModule
+from compresslab.data.checks import CIFAR10Unverified, CIFAR100Unverified, check_idx_pair
+from compresslab.errors import DatasetNotFoundError
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
@@ -49,27 +50,6 @@ def with_transform(dataset: Dataset, transform: Callable | None) -> Dataset:
     if hasattr(out, "transforms"):
         out.transforms = StandardTransform(transform, getattr(out, "target_transform", None))
     return out
-
-
-# ---- CIFAR without the md5 check (opt-in: verify_integrity=false) -----------
-# torchvision's CIFAR classes compare every batch file with the md5 of the
-# official release. These subclasses change only the expected checksums (None:
-# check_integrity then tests that the file exists); the reading code is the
-# stock one. A download still fetches the official archive and checks its md5.
-class CIFAR10Unverified(datasets.CIFAR10):
-    """torchvision's CIFAR10 with the per-file md5 comparison turned off."""
-
-    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
-    meta = {**datasets.CIFAR10.meta, "md5": None}
-
-
-class CIFAR100Unverified(datasets.CIFAR100):
-    """torchvision's CIFAR100 with the per-file md5 comparison turned off."""
-
-    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
-    meta = {**datasets.CIFAR100.meta, "md5": None}
 
 
 class _SharedTrainFiles(ClassificationDataModule):
@@ -117,6 +97,28 @@ class _TorchvisionDataModule(_SharedTrainFiles):
     def _dataset_class(self) -> type:
         return self.dataset_cls
 
+    array_backed = True
+
+    def decoded(self, dataset: Dataset) -> ArrayDataset:
+        """The whole split decoded once from torchvision's uint8 array (``.data``: N×H×W or N×H×W×C)
+        and normalized as ``ToTensor`` + ``Normalize`` do to each sample: the eval-transform view."""
+        data = torch.as_tensor(dataset.data)
+        x = data.unsqueeze(1) if data.dim() == 3 else data.permute(0, 3, 1, 2)
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        x = x.float().div_(255).sub_(mean).div_(std).contiguous()
+        return ArrayDataset(x, torch.as_tensor(dataset.targets), classes=getattr(dataset, "classes", ()))
+
+    def _train_dataset(self) -> Dataset:
+        if self.has_augmentation:  # the DataLoader path: torchvision's per-sample random transform
+            return super()._train_dataset()
+        return self._train_dataset_for_eval()
+
+    def _train_dataset_for_eval(self) -> Dataset:
+        if getattr(self, "_train_decoded", None) is None:
+            self._train_decoded = self.decoded(self._base_train())
+        return self._train_decoded
+
     def _make(self, train: bool, transform: Callable | None) -> Dataset:
         try:
             return self._dataset_class()(str(self.root), train=train, transform=transform, download=False)
@@ -148,7 +150,7 @@ class _TorchvisionDataModule(_SharedTrainFiles):
         return self._make(True, None)
 
     def _test_dataset(self) -> Dataset:
-        return self._make(False, self.eval_transform())
+        return self.decoded(self._make(False, None))
 
 
 # ---- MNIST family ------------------------------------------------------------
@@ -165,6 +167,13 @@ class MNISTDataModule(_TorchvisionDataModule):
     def raw_folder(self) -> Path:
         # torchvision: <root>/<class name>/raw (MNIST, FashionMNIST)
         return self.root / self.dataset_cls.__name__ / "raw"
+
+    def _make(self, train: bool, transform: Callable | None) -> Dataset:
+        prefix = "train" if train else "t10k"
+        images, labels = (self.raw_folder / f"{prefix}-{k}-ubyte" for k in ("images-idx3", "labels-idx1"))
+        if images.is_file() and labels.is_file():  # the files torchvision reads (not the legacy .pt cache)
+            check_idx_pair(images, labels, self.input_shape[1:])
+        return super()._make(train, transform)
 
     def expected_files(self) -> Sequence[Path]:
         # torchvision first accepts the legacy processed/{training,test}.pt cache.
@@ -247,100 +256,3 @@ class CIFAR100DataModule(CIFAR10DataModule):
     dataset_cls = datasets.CIFAR100
     unverified_cls = CIFAR100Unverified
     mean, std = CIFAR100_MEAN, CIFAR100_STD
-
-
-# ---- ImageNet-style folders --------------------------------------------------
-class ImageFolderDataModule(_SharedTrainFiles):
-    """``<root>/<train_dir>/<class>/*.jpg`` + ``<root>/<test_dir>/<class>/*.jpg`` via ``torchvision.datasets.ImageFolder``.
-
-    The ImageNet recipe: RandomResizedCrop(image_size) + RandomHorizontalFlip
-    for training (when ``augment``), Resize(resize_size, default
-    image_size/0.875) + CenterCrop(image_size) for evaluation, ImageNet
-    normalization. ``num_classes`` is the number of class folders in the train
-    dir (read on first use); the test dir must hold the same class folders.
-    Nothing can be downloaded: the tree must already be on disk.
-    """
-
-    name = "imagefolder"
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-
-    def __init__(
-        self,
-        train_dir: str = "train",
-        test_dir: str = "val",
-        image_size: int = 224,
-        resize_size: int | None = None,
-        name: str | None = None,
-        **kwargs,
-    ) -> None:
-        super().__init__(**kwargs)
-        self.train_dir = self.root / train_dir
-        self.test_dir = self.root / test_dir
-        self.image_size = int(image_size)
-        self.resize_size = int(resize_size) if resize_size else int(round(self.image_size / 0.875))
-        if name:
-            self.name = str(name)
-        self.has_augmentation = self.augment
-        self._classes: list[str] | None = None
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:  # type: ignore[override]
-        return (3, self.image_size, self.image_size)
-
-    @property
-    def classes(self) -> list[str]:
-        if self._classes is None:
-            self.check_available()
-            self._classes = datasets.folder.find_classes(str(self.train_dir))[0]
-        return self._classes
-
-    @property
-    def num_classes(self) -> int:  # type: ignore[override]
-        return len(self.classes)
-
-    def expected_files(self) -> Sequence[Path]:
-        return [self.train_dir, self.test_dir]
-
-    def check_available(self) -> None:
-        # An ImageFolder tree cannot be downloaded, so check even with download=true.
-        missing = [p for p in self.expected_files() if not Path(p).is_dir()]
-        if missing:
-            raise DatasetNotFoundError(
-                f"Dataset '{self.name}' not found under {self.root.resolve()} "
-                f"(missing: {', '.join(str(m) for m in missing)}). Set dataset.root=<dir with "
-                f"{self.train_dir.name}/ and {self.test_dir.name}/ class folders>; torchvision cannot fetch an "
-                f"ImageFolder tree, so dataset.download=true does not help here."
-            )
-
-    def train_transform(self) -> Callable:
-        if self.augment:
-            aug = [transforms.RandomResizedCrop(self.image_size), transforms.RandomHorizontalFlip()]
-        else:
-            aug = [transforms.Resize(self.resize_size), transforms.CenterCrop(self.image_size)]
-        return transforms.Compose(aug + [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)])
-
-    def eval_transform(self) -> Callable:
-        return transforms.Compose([
-            transforms.Resize(self.resize_size),
-            transforms.CenterCrop(self.image_size),
-            transforms.ToTensor(),
-            transforms.Normalize(self.mean, self.std),
-        ])
-
-    def _load_train_base(self) -> Dataset:
-        self.check_available()
-        base = datasets.ImageFolder(str(self.train_dir))
-        self._classes = list(base.classes)
-        return base
-
-    def _test_dataset(self) -> Dataset:
-        test = datasets.ImageFolder(str(self.test_dir), transform=self.eval_transform())
-        if test.classes != self.classes:
-            extra = sorted(set(test.classes) - set(self.classes))
-            lacking = sorted(set(self.classes) - set(test.classes))
-            raise ConfigError(
-                f"The class folders of {self.test_dir} differ from those of {self.train_dir} "
-                f"(only in test: {extra[:5]}, only in train: {lacking[:5]}): labels would not match. "
-                f"Give both dirs the same class folders."
-            )
-        return test

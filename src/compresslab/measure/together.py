@@ -45,7 +45,7 @@ import sys
 import uuid
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -54,6 +54,9 @@ from compresslab.measure.latency import LatencySettings, time_models
 ROWS = ("teacher", "reference", "student")
 #: Backends besides torch that compresslab-measure times (their files: ``<row>.onnx.path``).
 ORT = "onnxruntime"
+
+#: drops the records a caller can't use (``track.checks.usable_records``)
+RecordFilter = Callable[[list[dict]], list[dict]]
 
 
 def _digest(path: Path) -> str:
@@ -64,13 +67,16 @@ def _digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def completed_runs(paths: Sequence[Path]) -> list[tuple[Path, dict]]:
-    """(results.json path, record) of every completed run under ``paths`` whose artifacts exist."""
+def completed_runs(paths: Sequence[Path], usable: RecordFilter | None = None) -> list[tuple[Path, dict]]:
+    """(results.json path, record) of every completed run under ``paths`` whose artifacts exist.
+    ``usable`` drops the records a caller can't trust (``track.checks.usable_records``, with its
+    warnings: ``measure/`` sits below ``track/`` and does not import it)."""
     from compresslab.records import collect_job_results
 
     out = []
     for root in paths:
-        for record in collect_job_results(Path(root)):
+        records = collect_job_results(Path(root))
+        for record in (usable(records) if usable is not None else records):
             path = Path(record.pop("_path"))
             ref, student = record.get("reference") or {}, record.get("student") or {}
             if record.get("status") == "completed" and ref.get("artifact") and student.get("artifact"):
@@ -97,6 +103,8 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
     results.json to {row: model key} with the ONNX files under ``<row>@onnxruntime``;
     ``skipped`` says which files couldn't be timed and why."""
     from compresslab.artifact import read_payload
+    from compresslab.runtime.ort import refuse_external_data
+    from compresslab.errors import CheckpointError
 
     groups: dict[tuple, dict[str, Path]] = {}
     per_run: dict[Path, dict[str, str]] = {}
@@ -128,6 +136,11 @@ def plan(runs: list[tuple[Path, dict]]) -> tuple[dict[tuple, dict[str, Path]], d
             onnx_path = _resolve(results_path, onnx)
             if not onnx_path.is_file():
                 skipped.append(f"{onnx_path}: no such ONNX file ({row} of {results_path}); not timed in {ORT}")
+                continue
+            try:
+                refuse_external_data(onnx_path.read_bytes(), str(onnx_path))
+            except CheckpointError as exc:  # a crafted or foreign file: say why, time the rest
+                skipped.append(f"{exc} ({row} of {results_path}); not timed in {ORT}")
                 continue
             onnx_key = f"{onnx_path.name}@{_digest(onnx_path)}"
             groups[(shape, batch)][onnx_key] = onnx_path
@@ -178,13 +191,13 @@ def run_block(measured, rows: dict[str, str], session: dict) -> dict[str, Any]:
 
 
 def measure_together(paths: Sequence[Path], settings: LatencySettings | None = None,
-                     seed: int = 0, write: bool = True) -> dict[str, Any]:
+                     seed: int = 0, write: bool = True, usable: RecordFilter | None = None) -> dict[str, Any]:
     """Time the artifacts of every completed run under ``paths`` in this process, interleaved,
     and (``write``) add the ``measured_together`` block to each run's results.json.
     Returns ``{"session": ..., "runs": {results.json: block}, "skipped": [...]}``."""
     from compresslab.records import write_results
 
-    runs = completed_runs(paths)
+    runs = completed_runs(paths, usable)
     if not runs:
         raise SystemExit(f"no completed runs with saved artifacts under {', '.join(map(str, paths))}")
     if settings is None:

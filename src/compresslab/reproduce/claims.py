@@ -10,10 +10,19 @@ A preset ``conf/experiment/repro/<claim>.yaml`` carries, besides the setup it pi
     ``jobs`` (name → overrides: one run per job and seed), ``quick`` (overrides for
     ``--quick``), ``metrics`` (name → ``{a: "job:key", op: "-"|"/", b: "job:key", scale, label}``),
     ``headline`` (the metric of the table row) and ``paper_value`` (the paper's number for it),
-    ``checks`` (``{metric, op: ">="|"<="|">"|"<", value, why}``), ``figure`` and ``note``.
+    ``checks`` (``{metric, op: ">="|"<="|">"|"<", value, why}``), ``figure`` and ``note``;
+``scale`` (``digits``, the default, or ``paper``: the claim on the paper's own data and architectures,
+``conf/experiment/repro/paper/``).
 
 The verdict: every check holds on the mean over seeds → ``reproduced``; some → ``partly``;
 none → ``not reproduced``.
+
+A check with ``se_n`` (the number of test images a percentage is measured on: 10,000 for MNIST)
+compares our mean with the paper's number directly, with a tolerance of two standard errors:
+``tol = 2·sqrt(100²·p(1−p)/se_n + s²·(1 + 1/k))``, ``p`` the paper's value as a fraction, ``s`` the
+sample standard deviation of our ``k`` seeds (the training noise of our mean and of the paper's single
+run; 0 with one seed). ``op: "<="`` then holds when ``mean ≤ value + tol``, ``">="`` when
+``mean ≥ value − tol``.
 """
 
 from __future__ import annotations
@@ -48,8 +57,8 @@ def lookup(record: Mapping[str, Any], key: str) -> float:
 
 @dataclass
 class Metric:
-    """``scale · (a op b)`` where ``a``, ``b`` are ``job:key`` references into the records, or the
-    names of metrics defined before this one."""
+    """``scale · (a op b) + offset`` where ``a``, ``b`` are ``job:key`` references into the records, or
+    the names of metrics defined before this one (an error rate in %: ``scale: -100, offset: 100``)."""
 
     name: str
     a: str
@@ -57,14 +66,16 @@ class Metric:
     b: str | None = None
     scale: float = 1.0
     label: str = ""
+    offset: float = 0.0
 
     @classmethod
     def parse(cls, name: str, spec: Mapping[str, Any], jobs: Sequence[str], earlier: Sequence[str] = ()) -> "Metric":
-        unknown = set(spec) - {"a", "op", "b", "scale", "label"}
+        unknown = set(spec) - {"a", "op", "b", "scale", "label", "offset"}
         if unknown or "a" not in spec:
-            raise ConfigError(f"repro.metrics.{name}: needs `a` (job:key), optional op/b/scale/label; got {dict(spec)}")
+            raise ConfigError(f"repro.metrics.{name}: needs `a` (job:key), optional op/b/scale/offset/label; "
+                              f"got {dict(spec)}")
         metric = cls(name, str(spec["a"]), spec.get("op"), spec.get("b"), float(spec.get("scale", 1.0)),
-                     str(spec.get("label", name)))
+                     str(spec.get("label", name)), float(spec.get("offset", 0.0)))
         if (metric.op is None) != (metric.b is None) or (metric.op is not None and metric.op not in _COMBINE):
             raise ConfigError(f"repro.metrics.{name}: `op` ({'/'.join(_COMBINE)}) and `b` go together")
         for ref in (metric.a, metric.b):
@@ -89,22 +100,38 @@ class Metric:
         done = done or {}
         a = self._value(self.a, records, done)
         if self.op is None:
-            return self.scale * a
-        return self.scale * _COMBINE[self.op](a, self._value(self.b, records, done))
+            return self.scale * a + self.offset
+        return self.scale * _COMBINE[self.op](a, self._value(self.b, records, done)) + self.offset
 
 
 @dataclass
 class Check:
+    """``metric op value`` on the mean over seeds; with ``se_n``, against the paper's number with the
+    two-standard-error tolerance of the module doc."""
+
     metric: str
     op: str
     value: float
     why: str = ""
+    se_n: int | None = None
 
-    def holds(self, x: float) -> bool:
-        return bool(_COMPARE[self.op](x, self.value))
+    def tolerance(self, xs: Sequence[float]) -> float:
+        """Two standard errors (binomial on ``se_n`` test images, plus the seed spread); 0 without ``se_n``."""
+        if not self.se_n:
+            return 0.0
+        p = min(max(self.value / 100.0, 0.0), 1.0)
+        seeds = statistics.variance(xs) * (1 + 1 / len(xs)) if len(xs) > 1 else 0.0
+        return 2.0 * math.sqrt(100.0 ** 2 * p * (1 - p) / self.se_n + seeds)
 
-    def text(self) -> str:
-        return f"{self.metric} {self.op} {self.value:g}"
+    def holds(self, x: float, tol: float = 0.0) -> bool:
+        bound = self.value + tol if self.op in ("<=", "<") else self.value - tol
+        return bool(_COMPARE[self.op](x, bound))
+
+    def text(self, tol: float = 0.0) -> str:
+        if not self.se_n:
+            return f"{self.metric} {self.op} {self.value:g}"
+        sign = "+" if self.op in ("<=", "<") else "-"
+        return f"{self.metric} {self.op} {self.value:g} {sign} {tol:.2f} (2 SE: binomial on {self.se_n} test images + seed spread)"
 
 
 @dataclass
@@ -126,6 +153,9 @@ class Claim:
     schedule: str = ""
     note: str = ""
     figure: dict = field(default_factory=dict)
+    scale: str = "digits"
+    dataset: str = ""
+    preset: str = ""
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "Claim":
@@ -140,7 +170,9 @@ class Claim:
         for c in repro.get("checks") or []:
             if c.get("metric") not in metrics or c.get("op") not in _COMPARE:
                 raise ConfigError(f"repro.checks: {dict(c)} needs a metric of {list(metrics)} and op in {list(_COMPARE)}")
-            checks.append(Check(str(c["metric"]), str(c["op"]), float(c["value"]), str(c.get("why", ""))))
+            se_n = c.get("se_n")
+            checks.append(Check(str(c["metric"]), str(c["op"]), float(c["value"]), str(c.get("why", "")),
+                                None if se_n is None else int(se_n)))
         if not checks:
             raise ConfigError(f"repro {repro.get('claim')}: a claim needs at least one check (its verdict rule)")
         headline = str(repro["headline"])
@@ -153,7 +185,9 @@ class Claim:
                    seeds=seeds, jobs=jobs, quick=cls._quick(repro.get("quick"), jobs), metrics=metrics,
                    headline=headline, paper_value=None if pv is None else float(pv), checks=checks,
                    schedule=str(repro.get("schedule", "")), note=str(repro.get("note", "")),
-                   figure=dict(repro.get("figure") or {}))
+                   figure=dict(repro.get("figure") or {}), scale=str(repro.get("scale", "digits")),
+                   dataset=str((cfg.get("dataset") or {}).get("name", "")),
+                   preset=str(repro.get("preset", f"repro/{repro['claim']}")))
 
     @staticmethod
     def _quick(spec: Any, jobs: Mapping[str, list[str]]) -> dict[str, list[str]]:
@@ -192,8 +226,9 @@ class Claim:
         for check in self.checks:
             xs = values.get(check.metric) or []
             mean = statistics.fmean(xs) if xs else math.nan
-            results.append({"check": check.text(), "why": check.why, "mean": mean,
-                            "holds": bool(xs) and check.holds(mean)})
+            tol = check.tolerance(xs) if xs else 0.0
+            results.append({"check": check.text(tol), "why": check.why, "mean": mean, "tolerance": tol,
+                            "holds": bool(xs) and check.holds(mean, tol)})
         held = sum(r["holds"] for r in results)
         verdict = "reproduced" if held == len(results) else "partly" if held else "not reproduced"
         return verdict, results

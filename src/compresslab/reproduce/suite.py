@@ -54,14 +54,25 @@ def _compose(overrides: Sequence[str]):
         return compose("config", overrides=list(overrides))
 
 
-def available_claims() -> dict[str, Claim]:
-    """Every preset in ``conf/experiment/repro/``, parsed, in suite order."""
+#: Where each scale's presets live under ``conf/experiment/``: digits (the default, no files needed)
+#: and paper (the papers' own data, MNIST, and architectures; needs ``--data-root``).
+SCALES = {"digits": "repro", "paper": "repro/paper"}
+
+
+def available_claims(scale: str = "digits") -> dict[str, Claim]:
+    """Every preset of ``scale`` (``conf/experiment/repro/`` or ``repro/paper/``), parsed, in suite order."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; one of {list(SCALES)}")
     claims = []
-    for path in sorted((config_dir() / "experiment" / "repro").glob("*.yaml")):
-        cfg = _compose([f"experiment=repro/{path.stem}"])
+    for path in sorted((config_dir() / "experiment" / SCALES[scale]).glob("*.yaml")):
+        preset = f"{SCALES[scale]}/{path.stem}"
+        cfg = _compose([f"experiment={preset}"])
         claim = Claim.from_config(OmegaConf.to_container(cfg, resolve=False))
         if claim.claim != path.stem:
             raise ValueError(f"{path}: repro.claim is {claim.claim!r}, the file name says {path.stem!r}")
+        if claim.scale != scale:
+            raise ValueError(f"{path}: repro.scale is {claim.scale!r}, its folder says {scale!r}")
+        claim.preset = preset
         claims.append(claim)
     return {c.claim: c for c in sorted(claims, key=lambda c: (c.order, c.claim))}
 
@@ -94,11 +105,13 @@ class Suite:
     quick: bool = False
     n_seeds: int = 3
     log: Any = print
+    data_root: Path | None = None
     jobs: list[Job] = field(default_factory=list)
 
     def job_overrides(self, claim: Claim, job: str, seed: int, settings: Sequence[str]) -> list[str]:
         cache = self.teacher_cache or self.out / "teachers"
-        return [f"experiment=repro/{claim.claim}", *settings, *claim.jobs[job],
+        root = [f"dataset.root={Path(self.data_root).resolve()}"] if self.data_root is not None else []
+        return [f"experiment={claim.preset or 'repro/' + claim.claim}", *settings, *root, *claim.jobs[job],
                 *(claim.quick_overrides(job) if self.quick else []), f"seed={seed}", f"paths.teacher_cache={cache}"]
 
     def seeds(self, claim: Claim) -> list[int]:
@@ -176,6 +189,8 @@ class Suite:
         errors = [f"{j.name} seed={j.seed}: {j.error}" for j in jobs if j.error]
         return {
             "claim": claim.claim,
+            "scale": claim.scale,
+            "dataset": claim.dataset,
             "paper": claim.paper,
             "metric": claim.metrics[claim.headline].label,
             "paper_value": claim.paper_value,

@@ -41,10 +41,56 @@ def versions() -> dict[str, str]:
     return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
 
 
+def refuse_external_data(model: bytes, source: str) -> None:
+    """Refuse an ONNX model whose tensors keep their data in external files (or that is not a
+    readable ONNX model), raising :class:`~compresslab.errors.CheckpointError` naming ``source``.
+
+    compresslab writes self-contained ONNX files only (``deploy/export.py``: ``external_data=False``),
+    so any external reference is foreign. ONNX Runtime resolves it against the model's directory, or
+    the working directory for a model given as bytes, which lets a crafted file read any file there
+    (``location=secret.bin``) or outside it (``../../x``) as its weights. Checked on every tensor:
+    initializers, sparse initializers, node attributes, subgraphs and functions."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    from compresslab.errors import CheckpointError
+
+    try:
+        proto = onnx.load_from_string(model)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise CheckpointError(f"{source} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+
+    def tensors(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            yield from nodes_tensors([node])
+
+    def nodes_tensors(nodes):
+        for node in nodes:
+            for attr in node.attribute:
+                yield from ([attr.t] if attr.HasField("t") else [])
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors(sub)
+
+    for tensor in [*tensors(proto.graph), *(t for f in proto.functions for t in nodes_tensors(f.node))]:
+        if uses_external_data(tensor) or tensor.external_data:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise CheckpointError(
+                f"{source}: tensor {tensor.name!r} keeps its data in an external file (location={location!r}). "
+                "compresslab writes self-contained ONNX files and refuses external data: ONNX Runtime would read "
+                "that file from the model's or the working directory. Re-export the model as one file.")
+
+
 def make_session(model: bytes | str | Path, threads: int, optimized_path: Path | None = None):
-    """An ``InferenceSession`` with :data:`SETTINGS` and ``threads`` intra-op threads."""
+    """An ``InferenceSession`` with :data:`SETTINGS` and ``threads`` intra-op threads, for a model
+    that passes :func:`refuse_external_data`."""
     import onnxruntime as ort
 
+    data = model if isinstance(model, bytes) else Path(model).read_bytes()
+    refuse_external_data(data, "the ONNX model" if isinstance(model, bytes) else str(model))
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
@@ -54,8 +100,7 @@ def make_session(model: bytes | str | Path, threads: int, optimized_path: Path |
     so.log_severity_level = 3
     if optimized_path is not None:
         so.optimized_model_filepath = str(optimized_path)
-    source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
 
 
 class OrtModel:
@@ -64,6 +109,7 @@ class OrtModel:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self.data = self.path.read_bytes()
+        refuse_external_data(self.data, str(self.path))  # at load, before any session is made
         self.sessions: dict[int, Any] = {}
 
     def session(self, threads: int | None = None):

@@ -45,7 +45,8 @@ def cell_notes(frame: pd.DataFrame, rows: str, cols: str | None, metric: str, in
 def aggregate(frame: pd.DataFrame, rows: str, cols: str | None, metric: str) -> pd.DataFrame:
     """mean, std (ddof=1; 0 for one run) and n per (row, col) cell."""
     keys = [rows] + ([cols] if cols else [])
-    values = frame[keys].assign(**{metric: pd.to_numeric(frame[metric], errors="coerce")})
+    numbers = pd.to_numeric(frame[metric], errors="coerce")  # never an inf cell, never bolded as best
+    values = frame[keys].assign(**{metric: numbers.where(numbers.abs() != math.inf)})
     grouped = values.groupby(keys)[metric].agg(["mean", "std", "count"]).reset_index()
     grouped["std"] = grouped["std"].fillna(0.0)
     return grouped
