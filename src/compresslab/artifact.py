@@ -253,6 +253,8 @@ def check_finite(model: nn.Module, source: str = "the model") -> nn.Module:
     """Refuse a model with NaN or infinite weights (a diverged training run, or a damaged file);
     returns ``model``. Integer and quantized tensors are exact and not checked."""
     for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and hasattr(type(value), "__tensor_flatten__") and hasattr(value, "dequantize"):
+            value = value.dequantize()  # a torchao weight-only tensor: check the values it computes with
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not value.is_quantized:
             bad = int((~torch.isfinite(value)).sum())
             if bad:
