@@ -9,6 +9,8 @@ import ast
 from pathlib import Path
 
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -193,3 +195,13 @@ def test_the_back_edges_issue_23_removed_would_fail_again(low, high):
     assert high not in graph[low]
     graph[low].add(high)
     assert layer_violations(graph, read_layers(ARCHITECTURE.read_text(encoding="utf-8")), "compresslab")
+
+
+def test_hydra_plugins_load_without_lightning():
+    """Hydra imports every plugin before it sets up a job's logging; Lightning imported then gives its
+    logger a handler of its own (propagate=False), and the job's log file loses Lightning's lines
+    (the DDP ranks' "GLOBAL_RANK" lines among them). The plugins must stay light."""
+    code = ("import sys, hydra_plugins.compresslab_optuna_sweeper, hydra_plugins.compresslab_slurm_launcher; "
+            "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -22,7 +22,6 @@ import optuna
 
 from compresslab.axes import COMPRESSION_AXES
 from compresslab.errors import ConfigError
-from compresslab.run_options import OBJECTIVE_METRICS
 
 #: the rows of results.json an objective can read
 ROWS = ("student", "teacher", "reference")
@@ -77,6 +76,9 @@ def check_objective_path(path: str) -> None:
     """A ConfigError unless ``path`` names a results.json figure: ``<row>.<figure>`` with a row of
     :data:`ROWS` and a figure of :data:`compresslab.run_options.OBJECTIVE_METRICS`, or
     ``student.<axis>.<key>`` (a method's own report)."""
+    from compresslab.run_options import OBJECTIVE_METRICS  # here: run_options imports the datamodules (Lightning),
+    # and this module is imported by the sweeper plugin before Hydra configures the job's logging
+
     parts = path.split(".")
     row, figure = parts[0], parts[1] if len(parts) > 1 else None
     if row not in ROWS or figure is None:

@@ -28,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from compresslab.search.space import search_space
 from compresslab.search.study import (STUDY_FILE, create_studies, objective_values, parse_objectives,
                                       storage_url)
-from compresslab.track.results import read_results
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,10 @@ class OptunaSweeper(Sweeper):
     def _tell(self, study: optuna.Study, companion: optuna.Study, trial: optuna.Trial, twin: optuna.Trial,
               job: Any) -> None:
         """Tell both studies how the job ended, from its results.json."""
+        # imported here: it imports Lightning, which must not load while Hydra discovers its plugins (before
+        # a job's logging is set up, Lightning would give its logger a handler of its own, off the job's log file)
+        from compresslab.records import read_results
+
         run_dir = Path(OmegaConf.select(job.hydra_cfg, "hydra.runtime.output_dir"))
         trial.set_user_attr("run_dir", str(run_dir))
         try:
