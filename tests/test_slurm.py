@@ -325,7 +325,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_where_it_was(cluster, tm
 
     dm = DigitsDataModule()
     dm.setup("test")
-    n_test = len(dm.test_dataloader().dataset)
+    n_test = len(dm.test_set)
     tolerance = 3 * (2 * acc_ref * (1 - acc_ref) / n_test) ** 0.5
     print(f"|difference| {abs(acc_p - acc_ref):.4f}, tolerance {tolerance:.4f} ({n_test} test images)")
     assert acc_ref > 0.85 and abs(acc_p - acc_ref) <= tolerance

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+from filelock import FileLock
 
 from compresslab.axes import COMPRESSION_AXES
 from compresslab.errors import ConfigError
@@ -51,11 +52,14 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     if "://" not in url:
         raise ConfigError(f"hydra.sweeper.storage={url!r} is neither an RDB URL (sqlite:///file.db, "
                           "postgresql://...) nor journal:<file>; leave it null for SQLite in the sweep dir")
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
-    # SQLite under parallel jobs: wait for the lock instead of failing at once
-    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    if not url.startswith("sqlite:///"):
+        return optuna.storages.RDBStorage(url)
+    db = Path(url[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    # SQLite under parallel jobs: wait for the database lock instead of failing at once; and let one
+    # process at a time create the schema (two sweeps starting together both insert alembic's version row)
+    with FileLock(str(db) + ".lock"):
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
 
 
 def parse_objectives(objectives: Mapping[str, str]) -> tuple[list[str], list[str]]:
