@@ -1,17 +1,28 @@
 """Time per training epoch: compresslab's Lightning path vs a plain PyTorch loop doing the same work.
 
-Same model, data, batch size and optimizer (the config's: AdamW 3e-3, batch from the dataset
-config), 1 thread, interleaved in one process (plain, compresslab, plain, compresslab...); the
-first epoch of each fit is warm-up. compresslab runs its real path at default settings:
-``build_datamodule`` (``dataset.on_device=auto``), the configured module and Trainer with
-:func:`fit_with_checkpoints` (best/last checkpoints, progress bar and logging as configured); its
-epoch is timed from the epoch's start to the start of validation, and validation is printed apart.
-The plain loop shuffles the same resident tensors with ``randperm`` and steps
-``cross_entropy → zero_grad → backward → step``.
+Both sides, interleaved in one process (plain, compresslab, plain, compresslab...) at 1 thread, train
+the same model on the same resident tensors with the same batch size, optimizer and learning-rate
+schedule (the config's: AdamW with its lr and weight decay, cosine annealing stepped per epoch); the
+first epoch of each fit is warm-up and not in the median.
 
-``--kd``: the same for a KD epoch (Hinton et al. 2015) with the teacher-output cache
-(``distill=kd distill.cache_teacher_outputs=true``, epoch 2 onwards reads the cache) against a plain
-loop that reads precomputed teacher logits by sample index.
+- **plain loop**: a user's loop. Per epoch: ``randperm`` of the training rows; per step:
+  ``index_select`` of the batch, forward, ``cross_entropy``, ``zero_grad(set_to_none=True)``,
+  ``backward``, ``step``; at the epoch's end the scheduler steps. It runs with the environment of a
+  process that never imported Lightning (``import lightning_fabric`` sets
+  ``PYTORCH_NVML_BASED_CUDA_CHECK=1``, which makes every optimizer step probe NVML; the plain loop
+  is timed without that, as a plain PyTorch process would be).
+- **compresslab**: its real path at default settings: ``build_datamodule`` (``dataset.on_device=auto``:
+  seeded ``randperm`` and ``index_select`` per batch), the configured module, Trainer and callbacks
+  through :func:`fit_with_checkpoints` (best/last checkpoints, finiteness guard, train tally, progress
+  bar and profiler as configured). An epoch is timed from its ``on_train_epoch_start`` to the next
+  epoch's (or the end of training), so the end-of-epoch work (the tally's reduction, the weight check,
+  the checkpoint writes, Lightning's loop between epochs) is in it; the validation loop
+  (``on_validation_start`` to ``on_validation_end``) is taken out and printed apart, since the plain
+  loop does not validate.
+
+``--kd``: the same for a KD epoch (Hinton et al. 2015; the ``distill=kd`` config's temperature and
+weights) with the teacher-output cache (``distill.cache_teacher_outputs=true``, epoch 2 onwards reads
+the cache) against a plain loop that reads precomputed teacher logits by sample index.
 
 ``--fixed``: the fixed cost of one ``run_experiment`` (``student.epochs=1``): start to first step,
 the epoch, and everything after the fit (tests, save, reload, measurement), at default settings.
@@ -23,6 +34,7 @@ the epoch, and everything after the fit (tests, save, reload, measurement), at d
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -33,6 +45,9 @@ from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+_NVML_FLAG = "PYTORCH_NVML_BASED_CUDA_CHECK"
+_NVML_BEFORE_LIGHTNING = os.environ.get(_NVML_FLAG)  # what a process without Lightning has
+CLOCK = {"now": time.perf_counter}  # --clock cpu: time.process_time
 
 import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
@@ -41,31 +56,53 @@ from pytorch_lightning.callbacks import Callback  # noqa: E402
 
 
 class EpochTimer(Callback):
-    """Wall time of each training epoch up to validation, and of each validation."""
+    """Wall time of each training epoch (its start to the next one's, validation loop taken out) and
+    of each validation loop of the fit."""
 
     def __init__(self):
         self.train: list[float] = []
         self.val: list[float] = []
         self._start = self._val_start = None
+        self._val_total = 0.0
+
+    def _close_epoch(self, now: float) -> None:
+        if self._start is not None:
+            self.train.append(now - self._start - self._val_total)
+        self._start, self._val_total = None, 0.0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self._start = time.perf_counter()
+        now = CLOCK["now"]()
+        self._close_epoch(now)
+        self._start = now
 
-    def on_validation_epoch_start(self, trainer, pl_module):
+    def on_train_end(self, trainer, pl_module):
+        self._close_epoch(CLOCK["now"]())
+
+    def on_validation_start(self, trainer, pl_module):
         if trainer.state.fn == "fit" and self._start is not None:
-            self._val_start = time.perf_counter()
-            self.train.append(self._val_start - self._start)
-            self._start = None
+            self._val_start = CLOCK["now"]()
 
-    def on_validation_epoch_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):
         if self._val_start is not None:
-            self.val.append(time.perf_counter() - self._val_start)
+            took = CLOCK["now"]() - self._val_start
+            self.val.append(took)
+            self._val_total += took
             self._val_start = None
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        if self._start is not None:  # no validation this epoch
-            self.train.append(time.perf_counter() - self._start)
-            self._start = None
+
+@contextlib.contextmanager
+def without_lightning_env():
+    """The plain loop runs with the NVML setting of a process that never imported Lightning."""
+    now = os.environ.get(_NVML_FLAG)
+    if _NVML_BEFORE_LIGHTNING is None:
+        os.environ.pop(_NVML_FLAG, None)
+    else:
+        os.environ[_NVML_FLAG] = _NVML_BEFORE_LIGHTNING
+    try:
+        yield
+    finally:
+        if now is not None:
+            os.environ[_NVML_FLAG] = now
 
 
 def compose(overrides):
@@ -113,37 +150,44 @@ def compresslab_epochs(cfg, dm, teacher, epochs: int, workdir: Path) -> tuple[li
 
 
 def plain_epochs(cfg, dm, teacher, epochs: int, workdir: Path) -> tuple[list[float], list[float]]:
-    from compresslab.data.on_device import stack_dataset
+    from hydra.utils import instantiate
+
     from compresslab.config_utils import arch_spec
+    from compresslab.data.on_device import stack_dataset
     from compresslab.models import build_model
 
     pl.seed_everything(0, verbose=False)
     model = build_model(arch_spec(cfg.student), dm.input_shape, dm.num_classes)
     x, y = stack_dataset(dm.train_set)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.student.optimizer.lr))
+    opt = instantiate(cfg.student.optimizer)(model.parameters())
+    sched = instantiate(cfg.student.scheduler)(opt) if cfg.student.get("scheduler") else None
     bs = int(cfg.dataset.batch_size)
     cached = None
     if teacher is not None:  # the teacher's logits, computed once (the cache)
         with torch.no_grad():
             cached = torch.cat([teacher(xb) for xb in x.split(512)])
-        temp, w_kd, w_ce = 4.0, 0.9, 0.1
+        temp = float(cfg.distill.logit_loss.temperature)
+        w_kd, w_ce = float(cfg.distill.kd_weight), float(cfg.distill.ce_weight)
     times = []
     model.train()
-    for _ in range(epochs):
-        start = time.perf_counter()
-        for b in torch.randperm(len(x)).split(bs):
-            xb, yb = x.index_select(0, b), y.index_select(0, b)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb)
-            if cached is not None:
-                t = cached.index_select(0, b)
-                kd = F.kl_div(F.log_softmax(logits / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
-                              log_target=True) * temp ** 2
-                loss = w_ce * loss + w_kd * kd
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - start)
+    with without_lightning_env():
+        for _ in range(epochs):
+            start = CLOCK["now"]()
+            for b in torch.randperm(len(x)).split(bs):
+                xb, yb = x.index_select(0, b), y.index_select(0, b)
+                logits = model(xb)
+                loss = F.cross_entropy(logits, yb)
+                if cached is not None:
+                    t = cached.index_select(0, b)
+                    kd = F.kl_div(F.log_softmax(logits / temp, 1), F.log_softmax(t / temp, 1), reduction="batchmean",
+                                  log_target=True) * temp ** 2
+                    loss = w_ce * loss + w_kd * kd
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            if sched is not None:
+                sched.step()
+            times.append(CLOCK["now"]() - start)
     return times, []
 
 
@@ -213,14 +257,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="interleaved plain/compresslab rounds")
     parser.add_argument("--kd", action="store_true", help="also a KD epoch with the teacher cache")
     parser.add_argument("--fixed", action="store_true", help="also the fixed cost of a 1-epoch run")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="epoch time: wall clock, or this process's CPU time (all its threads: less "
+                             "disturbed by other processes on a loaded machine)")
     args = parser.parse_args()
+    if args.clock == "cpu":
+        CLOCK["now"] = time.process_time
     args.dataset = "mnist" if args.data_root else "digits"
     torch.set_num_threads(1)
     import logging
 
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "compresslab"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    print(f"load: {os.getloadavg()}")
+    print(f"load: {os.getloadavg()}  clock: {args.clock}")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.models:
             compare(args, arch, False, Path(tmp))

@@ -41,6 +41,7 @@ from compresslab.deploy import step as deploy
 from compresslab.distill.cache import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
+from compresslab.fit_speed import default_fit_kwargs
 from compresslab.measure import evaluate_accuracy, file_size, profile_many
 from compresslab.measure.backends import load_backends
 from compresslab.measure.fresh import measure_in_fresh_process
@@ -121,8 +122,9 @@ def _eval_cfg(cfg: DictConfig) -> dict:
 
 
 def _trainer_with(trainer_cfg: DictConfig, extra: list, callbacks=(), **kwargs) -> pl.Trainer:
-    """Instantiate the configured Trainer with ``extra`` callbacks appended."""
-    return instantiate(trainer_cfg, callbacks=[*callbacks, *extra], **kwargs)
+    """Instantiate the configured Trainer with ``extra`` callbacks appended, and the project's progress bar
+    and no-op hook profiler unless configured otherwise (:func:`~compresslab.fit_speed.default_fit_kwargs`)."""
+    return instantiate(trainer_cfg, **{**kwargs, **default_fit_kwargs(trainer_cfg, [*callbacks, *extra], kwargs)})
 
 
 def trainer_adjustments(trainer_cfg: DictConfig) -> dict:

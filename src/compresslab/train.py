@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from compresslab.data.regime import labelled_cross_entropy
 from compresslab.files import AtomicCheckpointIO
 from compresslab.fit_callbacks import CheckpointOnPreemption, FitTime
+from compresslab.fit_speed import no_failing_nvml_probe
 from compresslab.measure.train_tally import TrainTally
 from compresslab.train_guard import FiniteTraining
 
@@ -53,6 +54,14 @@ class ClassifierModule(pl.LightningModule):
         if self.top5:
             self.val_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
             self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # Lightning sets `_current_fx_name` (a str or None) around each of a step's ~40 hook calls;
+        # nn.Module.__setattr__'s parameter/buffer/submodule checks cannot apply to it.
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -152,7 +161,8 @@ def fit_with_checkpoints(
     resume_from = str(last) if resume and last.exists() else None
     if resume_from:
         check_resumable(last)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+    with no_failing_nvml_probe():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
     train_time = clock.total_s()
     last_acc = _test_acc(trainer, module, datamodule, ckpt_path=None)
     best_path = checkpoint.best_model_path

@@ -3,15 +3,17 @@
 :func:`check_training_config` refuses, before anything trains, a configuration under which a fit
 would run no step (``trainer.limit_train_batches=0``, ``trainer.max_steps=0``).
 :class:`FiniteTraining` is the cheap per-step guard every fit carries
-(:func:`compresslab.train.fit_with_checkpoints`): one ``isfinite`` of the loss per step (no
-Lightning has this check: ``detect_anomaly`` costs a backward-graph walk per step and raises on
-finite-but-suspicious values), a look at every weight at the end of each epoch, and a fit that ended
+(:func:`compresslab.train.fit_with_checkpoints`): a finiteness check of the loss per step (one
+``item()`` read of the scalar, no extra kernel; no Lightning option has this check: ``detect_anomaly``
+costs a backward-graph walk per step and raises on finite-but-suspicious values), a look at every
+weight at the end of each epoch, and a fit that ended
 without a step. Each raises :class:`~compresslab.errors.TrainingDiverged` with the epoch, the step
 and what to try, so the run ends ``failed`` instead of ``completed`` at chance accuracy.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import pytorch_lightning as pl
@@ -44,8 +46,12 @@ class FiniteTraining(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
                            batch: Any, batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if isinstance(loss, torch.Tensor) and not bool(loss.detach().isfinite().all()):
+        loss = outputs.get("loss") if type(outputs) is dict or isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        # one read of a scalar loss (no isfinite/all kernels); a non-scalar loss is reduced first
+        finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(loss.detach().isfinite().all())
+        if not finite:
             raise TrainingDiverged(
                 f"training diverged: the loss is {float(loss.detach().float().flatten()[0])} at epoch "
                 f"{trainer.current_epoch}, step {trainer.global_step} (batch {batch_idx} of the epoch). {_TRY}")

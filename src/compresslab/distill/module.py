@@ -97,8 +97,8 @@ class DistillationModule(ClassifierModule):
         self.init_stage_losses: dict[str, list[float]] = {}
         self._indexed: tuple[Any, bool] | None = None  # (datamodule, its with_index before the fit)
         self._batch_index: torch.Tensor | None = None
-        self._term_sums: dict[str, torch.Tensor] = {}
-        self._term_count = 0
+        self._terms: dict[str, list[torch.Tensor]] = {}  # each term's per-step values this epoch
+        self._term_sizes: list[int] = []
 
     # ------------------------------------------------------------------ the pieces
     @property
@@ -202,12 +202,11 @@ class DistillationModule(ClassifierModule):
             if index is not None and len(index) != len(x):
                 index = None
         total, logits, terms = self.distill_terms(x, y, index)
-        # Summed here and logged once per epoch: a self.log per term and step costs more than
-        # a small student's whole step.
-        n = len(x)
+        # Kept here (no tensor op) and averaged once per epoch: a self.log, or even a sum, per term
+        # and step costs more than a small student's whole step.
         for name, value in terms.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + value.detach() * n
-        self._term_count += n
+            self._terms.setdefault(name, []).append(value.detach())
+        self._term_sizes.append(len(x))
         return total, logits
 
     def training_step(self, batch, batch_idx):
@@ -219,15 +218,16 @@ class DistillationModule(ClassifierModule):
         return super().training_step(batch, batch_idx)
 
     def on_train_epoch_start(self) -> None:
-        """Start the epoch's sums of the loss terms."""
-        self._term_sums, self._term_count = {}, 0
+        """Start the epoch's record of the loss terms."""
+        self._terms, self._term_sizes = {}, []
 
     def on_train_epoch_end(self) -> None:
         """Log each loss term's epoch mean as ``train/<name>``."""
-        if self._term_count:
-            for name, value in self._term_sums.items():
-                self.log(f"train/{name}", value / self._term_count)
-        self._term_sums, self._term_count = {}, 0
+        for name, values in self._terms.items():
+            stacked = torch.stack([v.reshape(()) for v in values]).double()
+            sizes = torch.as_tensor(self._term_sizes, dtype=torch.float64, device=stacked.device)
+            self.log(f"train/{name}", ((stacked * sizes).sum() / sizes.sum()).float())
+        self._terms, self._term_sizes = {}, []
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:

@@ -10,28 +10,50 @@ from compresslab.data.regime import UNLABELED
 
 
 class TrainTally(Callback):
-    """``train/loss`` (sample-weighted mean) and ``train/acc`` (labelled samples) per epoch: one tensor
-    of sums per step, logged at the epoch's end (summed over DDP ranks). Per-step ``self.log`` and a
-    torchmetrics ``forward`` cost more than a small model's step (``benchmarks/lightning_overhead.py``)."""
+    """``train/loss`` (sample-weighted mean) and ``train/acc`` (labelled samples) per epoch, logged at
+    the epoch's end (summed over DDP ranks).
+
+    A step costs one tensor op (the predictions' ``argmax``): the step's loss, predictions and labels
+    are kept (no copy, no device sync) and reduced once per epoch. Per-step ``self.log``, a torchmetrics
+    ``forward`` or a handful of small tensor ops per step cost more than a small model's step on a CPU
+    (``benchmarks/lightning_overhead.py``). What is kept is two int64 rows per sample and a scalar per step.
+    """
 
     def __init__(self) -> None:
-        self.sums: torch.Tensor | None = None
+        self._losses: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._preds: list[torch.Tensor] = []
+        self._targets: list[torch.Tensor] = []
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         """Add one batch: its mean ``loss``, ``logits`` and labels (``UNLABELED`` ones not counted)."""
-        with torch.no_grad():
-            correct = (logits.argmax(1) == y).sum()  # an UNLABELED target (-1) never matches
-            step = torch.stack([loss.detach().double() * y.numel(), correct.double(),
-                                (y != UNLABELED).sum().double(), torch.tensor(float(y.numel()), device=y.device).double()])
-            self.sums = step if self.sums is None else self.sums + step
+        self._losses.append(loss.detach())
+        self._sizes.append(y.numel())
+        self._preds.append(logits.detach().argmax(1))
+        self._targets.append(y)
+
+    def sums(self) -> torch.Tensor | None:
+        """``[loss · samples, correct, labelled samples, samples]`` of the epoch so far (float64), or None."""
+        if not self._losses:
+            return None
+        losses = torch.stack([t.reshape(()) for t in self._losses]).double()
+        sizes = torch.as_tensor(self._sizes, dtype=torch.float64, device=losses.device)
+        preds, targets = torch.cat(self._preds), torch.cat(self._targets)
+        correct = (preds == targets).sum()  # an UNLABELED target (-1) never matches
+        labelled = (targets != UNLABELED).sum()
+        return torch.stack([(losses * sizes).sum(), correct.double(), labelled.double(), sizes.sum()])
+
+    def _clear(self) -> None:
+        self._losses, self._sizes, self._preds, self._targets = [], [], [], []
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.sums = None
+        self._clear()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.sums is not None:
-            loss_sum, correct, labelled, n = trainer.strategy.reduce(self.sums, reduce_op="sum").tolist()
+        sums = self.sums()
+        if sums is not None:
+            loss_sum, correct, labelled, n = trainer.strategy.reduce(sums, reduce_op="sum").tolist()
             pl_module.log("train/loss", loss_sum / n, prog_bar=True, rank_zero_only=True)
             if labelled:
                 pl_module.log("train/acc", correct / labelled, rank_zero_only=True)
-        self.sums = None
+        self._clear()
