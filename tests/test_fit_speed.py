@@ -108,3 +108,31 @@ def test_the_nvml_probe_is_skipped_only_where_nvml_cannot_load(monkeypatch):
     monkeypatch.setattr(fit_speed, "nvml_loadable", lambda: True)
     with fit_speed.no_failing_nvml_probe():
         assert os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] == "1"
+
+
+def test_only_inherited_no_op_step_hooks_are_skipped_and_a_fit_still_calls_the_overridden_ones(tmp_path):
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+
+    from compresslab.fit_speed import skip_noop_hooks
+    from compresslab.train import ClassifierModule
+
+    class Counting(Callback):
+        calls = 0
+
+        def on_train_batch_end(self, *args):
+            Counting.calls += 1
+
+    torch.manual_seed(0)
+    counting = Counting()
+    module = ClassifierModule(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), 3,
+                              optimizer=partial(torch.optim.SGD, lr=0.1))
+    skip_noop_hooks([counting, module])
+    assert counting.on_before_backward is None and module.on_after_backward is None
+    assert counting.on_train_batch_end is not None and module.training_step is not None
+    data = torch.utils.data.TensorDataset(torch.randn(12, 1, 2, 2), torch.randint(0, 3, (12,)))
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[counting],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
+    assert Counting.calls == 3 and trainer.global_step == 3

@@ -9,6 +9,10 @@ step is about 3 ms, so every 0.1 ms is 3 %):
 - :class:`HookProfiler`: Lightning wraps every hook call (about 100 per step with the project's
   callbacks) in ``trainer.profiler.profile(...)``, a generator context manager even when nothing
   profiles; this one hands back one shared no-op context. Used unless ``trainer.profiler`` is set.
+- :func:`skip_noop_hooks`: Lightning calls every callback's per-step hooks (about 60 calls per step
+  with the project's ten callbacks, each with a profiler context and a name string) and the module's,
+  most of them the base class's no-ops; it skips an attribute that is not callable, so the no-ops are
+  set to ``None`` on the instance.
 - :func:`no_failing_nvml_probe`: ``import lightning_fabric`` sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1``,
   and torch's optimizers ask ``torch.cuda.is_available()`` on every ``step()``; on a machine without
   NVML that tries to ``dlopen`` ``libnvidia-ml.so.1`` on every step (about 0.2–0.5 ms), fails, and
@@ -27,10 +31,17 @@ import sys
 import time
 from typing import Any, Iterator
 
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.core.hooks import ModelHooks
 from pytorch_lightning.profilers import PassThroughProfiler
 
 _NVML_FLAG = "PYTORCH_NVML_BASED_CUDA_CHECK"
+# Per-batch hooks whose return value Lightning does not use (on_train_batch_start's -1 is checked
+# with ==, so None means "go on"); hooks that return a batch or a loss are never touched.
+STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_start",
+              "on_validation_batch_end", "on_test_batch_start", "on_test_batch_end", "on_predict_batch_start",
+              "on_predict_batch_end")
 
 
 class TimedProgressBar(TQDMProgressBar):
@@ -63,6 +74,21 @@ class HookProfiler(PassThroughProfiler):
 
     def profile(self, action_name: str) -> contextlib.AbstractContextManager:  # type: ignore[override]
         return self._NULL
+
+
+def skip_noop_hooks(objects: list) -> list:
+    """Set each per-batch hook (:data:`STEP_HOOKS`) that a callback or LightningModule in ``objects``
+    inherits unchanged from Lightning's no-op base (``Callback``, ``ModelHooks``) to ``None`` on the
+    instance: Lightning's hook dispatch skips a non-callable attribute, so the call it would make does
+    nothing either way. Overridden hooks are left alone. Returns ``objects``."""
+    for obj in objects:
+        base = Callback if isinstance(obj, Callback) else ModelHooks if isinstance(obj, ModelHooks) else None
+        if base is None:
+            continue
+        for name in STEP_HOOKS:
+            if getattr(type(obj), name, None) is getattr(base, name) and name not in vars(obj):
+                setattr(obj, name, None)
+    return objects
 
 
 def default_fit_kwargs(trainer_cfg: Any, callbacks: list, overrides: dict | None = None) -> dict:

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from compresslab.data.regime import labelled_cross_entropy
 from compresslab.files import AtomicCheckpointIO
 from compresslab.fit_callbacks import CheckpointOnPreemption, FitTime
-from compresslab.fit_speed import no_failing_nvml_probe
+from compresslab.fit_speed import no_failing_nvml_probe, skip_noop_hooks
 from compresslab.measure.train_tally import TrainTally
 from compresslab.train_guard import FiniteTraining
 
@@ -78,7 +78,7 @@ class ClassifierModule(pl.LightningModule):
         return loss
 
     def configure_callbacks(self):
-        return [self._tally]
+        return skip_noop_hooks([self._tally])
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch
@@ -157,6 +157,7 @@ def fit_with_checkpoints(
         logger=logger,
         default_root_dir=str(ckpt_dir), plugins=[AtomicCheckpointIO()],
     )
+    skip_noop_hooks([*trainer.callbacks, module])
     last = ckpt_dir / "last.ckpt"
     resume_from = str(last) if resume and last.exists() else None
     if resume_from:
