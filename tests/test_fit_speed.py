@@ -134,5 +134,7 @@ def test_only_inherited_no_op_step_hooks_are_skipped_and_a_fit_still_calls_the_o
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[counting],
                          default_root_dir=str(tmp_path))
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=4))
-    assert Counting.calls == 3 and trainer.global_step == 3
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
+    trainer.test(module, dataloaders=loader, verbose=False)
+    assert Counting.calls == 3 and trainer.global_step == 3 and callable(module.on_validation_batch_end)

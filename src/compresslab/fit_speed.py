@@ -42,6 +42,9 @@ STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward"
               "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_start",
               "on_validation_batch_end", "on_test_batch_start", "on_test_batch_end", "on_predict_batch_start",
               "on_predict_batch_end")
+# The module's training-step hooks only: Lightning reads the signatures of the module's
+# validation/test/predict batch hooks (their dataloader_idx), so those stay methods.
+MODULE_STEP_HOOKS = STEP_HOOKS[:6]
 
 
 class TimedProgressBar(TQDMProgressBar):
@@ -77,15 +80,19 @@ class HookProfiler(PassThroughProfiler):
 
 
 def skip_noop_hooks(objects: list) -> list:
-    """Set each per-batch hook (:data:`STEP_HOOKS`) that a callback or LightningModule in ``objects``
-    inherits unchanged from Lightning's no-op base (``Callback``, ``ModelHooks``) to ``None`` on the
-    instance: Lightning's hook dispatch skips a non-callable attribute, so the call it would make does
-    nothing either way. Overridden hooks are left alone. Returns ``objects``."""
+    """Set each per-batch hook that a callback (:data:`STEP_HOOKS`) or LightningModule
+    (:data:`MODULE_STEP_HOOKS`) in ``objects`` inherits unchanged from Lightning's no-op base
+    (``Callback``, ``ModelHooks``) to ``None`` on the instance: Lightning's hook dispatch skips a
+    non-callable attribute, so the call it would make does nothing either way. Overridden hooks are
+    left alone. Returns ``objects``."""
     for obj in objects:
-        base = Callback if isinstance(obj, Callback) else ModelHooks if isinstance(obj, ModelHooks) else None
-        if base is None:
+        if isinstance(obj, Callback):
+            base, hooks = Callback, STEP_HOOKS
+        elif isinstance(obj, ModelHooks):
+            base, hooks = ModelHooks, MODULE_STEP_HOOKS
+        else:
             continue
-        for name in STEP_HOOKS:
+        for name in hooks:
             if getattr(type(obj), name, None) is getattr(base, name) and name not in vars(obj):
                 setattr(obj, name, None)
     return objects
