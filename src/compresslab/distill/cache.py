@@ -32,6 +32,7 @@ class TeacherOutputCache:
         self.feats = {tap: torch.zeros(self.num_samples, *shape) for tap, shape in feature_shapes.items()}
         self.hits = 0
         self.misses = 0
+        self.complete = self.num_samples == 0  # every sample's outputs stored
 
     @staticmethod
     def nbytes(num_samples: int, num_classes: int, feature_shapes: Mapping[str, tuple[int, ...]]) -> int:
@@ -43,6 +44,9 @@ class TeacherOutputCache:
             compute: Callable[[torch.Tensor], tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
         """Cached outputs for the samples ``index`` (computing and storing the missing ones)."""
         idx = index.detach().cpu().long()
+        if self.complete:  # every sample is in: no lookup of which are missing (the epochs after the first)
+            self.hits += len(idx)
+            return self._rows(idx, x.device)
         missing = ~self.filled[idx]
         n_missing = int(missing.sum())
         if n_missing:
@@ -53,10 +57,14 @@ class TeacherOutputCache:
             for tap, store in self.feats.items():
                 store[rows] = feats[tap].detach().float().cpu()
             self.filled[rows] = True
+            self.complete = bool(self.filled.all())
         self.misses += n_missing
         self.hits += len(idx) - n_missing
-        logits = self.logits[idx].to(x.device, non_blocking=True)
-        feats = {tap: store[idx].to(x.device, non_blocking=True) for tap, store in self.feats.items()}
+        return self._rows(idx, x.device)
+
+    def _rows(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, dict]:
+        logits = self.logits.index_select(0, idx).to(device, non_blocking=True)
+        feats = {tap: store.index_select(0, idx).to(device, non_blocking=True) for tap, store in self.feats.items()}
         return logits, feats
 
 

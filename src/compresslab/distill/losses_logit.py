@@ -22,7 +22,8 @@ def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     """``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over the batch."""
     log_p_s = F.log_softmax(student / temperature, dim=1)
     log_p_t = F.log_softmax(teacher / temperature, dim=1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean()
+    # Σ_c p_t (log p_t − log p_s), averaged over the batch, in one fused kernel (fewer ops per step)
+    kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature ** 2
 
 
