@@ -41,6 +41,9 @@ class CausalLM(nn.Module):
         return int(self.lm.config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)``; floating-point ids (the zeros that shape probes pass) are cast to long."""
+        if input_ids.is_floating_point():
+            input_ids = input_ids.long()
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
     def prefill(self, input_ids: torch.Tensor):
