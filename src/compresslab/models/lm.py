@@ -30,6 +30,8 @@ class CausalLM(nn.Module):
     """A ``transformers`` causal LM whose forward maps token ids ``(B, T)`` to logits ``(B, T, V)``."""
 
     is_causal_lm = True
+    #: the dtype of the inputs (token ids): exporters trace with it
+    input_dtype = torch.long
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
