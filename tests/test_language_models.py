@@ -47,6 +47,10 @@ def test_char_splits_are_contiguous_and_targets_are_shifted_inputs(tmp_path):
     assert calib.shape == (4, 16) and all(any(torch.equal(c, r) for r in x) for c in calib)  # from training blocks
     with pytest.raises(ConfigError, match="exclude_classes"):
         TextFileDataModule(path="x", exclude_classes=[1])
+    from compresslab.distill.cache import check_cache_allowed
+
+    with pytest.raises(ConfigError, match="not supported for language models"):
+        check_cache_allowed(dm)
 
 
 def test_bpe_is_trained_on_the_training_split_and_cached_by_settings(tmp_path):
@@ -206,6 +210,8 @@ def test_shakespeare_llama_tiny_end_to_end_and_its_reload_as_hf_checkpoint(make_
     with torch.no_grad():  # the artifact (rebuilt through the allowlisted factory) and the safetensors dir agree
         assert torch.equal(load_model_file(Path(s["artifact"]))(x), hf_causal_lm((16,), 73, path=hf_dir)(x))
     again = run_experiment(make_cfg([*quick, "student=hf_causal_lm", f"student.arch.path={hf_dir}", "student.epochs=0",
+                                     "teacher=hf_causal_lm", f"teacher.arch.path={hf_dir}", "teacher.epochs=0",
                                      f"paths.run_dir={tmp_path / 'run2'}"]))
-    assert again["student"]["epochs_run"] == 0
+    assert again["student"]["epochs_run"] == 0 and again["teacher"]["source"] == "pretrained"
     assert again["student"]["perplexity"] == pytest.approx(s["perplexity"], rel=1e-6)
+    assert again["teacher"]["perplexity"] == pytest.approx(s["perplexity"], rel=1e-6)
