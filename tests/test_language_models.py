@@ -215,3 +215,17 @@ def test_shakespeare_llama_tiny_end_to_end_and_its_reload_as_hf_checkpoint(make_
     assert again["student"]["epochs_run"] == 0 and again["teacher"]["source"] == "pretrained"
     assert again["student"]["perplexity"] == pytest.approx(s["perplexity"], rel=1e-6)
     assert again["teacher"]["perplexity"] == pytest.approx(s["perplexity"], rel=1e-6)
+
+
+def test_reproduce_set_adds_an_override_to_every_job_last(tmp_path):
+    from omegaconf import OmegaConf
+
+    from compresslab.reproduce.claims import Claim
+    from compresslab.reproduce.suite import Suite, _compose
+
+    claim = Claim.from_config(OmegaConf.to_container(_compose(["experiment=repro/lm_distillation"])))
+    suite = Suite(out=tmp_path, quick=True, overrides=["dataset.path=/data/shakespeare.txt"])
+    for job in claim.jobs:
+        overrides = suite.job_overrides(claim, job, 0, [])
+        assert overrides.index("dataset.path=/data/shakespeare.txt") > overrides.index(claim.quick_overrides(job)[-1])
+    assert "dataset.path=/data/shakespeare.txt" not in Suite(out=tmp_path).job_overrides(claim, "kd", 0, [])
