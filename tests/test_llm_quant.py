@@ -180,3 +180,34 @@ def test_bad_options_name_the_key():
         SmoothQuant("smoothquant", alpha=1.5)
     with pytest.raises(ConfigError, match=r"quant.group_size=7 .*in_features \[32, 64\]"):
         RTNQuant("rtn", group_size=7).validate_student(tiny_llama(), None)
+
+
+def test_gptq_end_to_end_on_an_mlp_artifact_reloads_and_is_small(make_cfg):
+    from compresslab.artifact import load_model_file
+    from compresslab.pipeline import run_experiment
+
+    cfg = make_cfg(["student=lenet300", "teacher=none", "quant=gptq", "quant.bits=4", "quant.group_size=4",
+                    "quant.num_calibration_batches=2", "measure.fresh_process=true"])
+    record = run_experiment(cfg)
+    assert record["status"] == "completed", record.get("error")
+    s, q = record["student"], record["student"]["quant"]
+    assert q["layers"] == ["features.1", "features.3"] and q["calibration_batches"] == 2
+    assert q["output_error_vs_rtn"] < 1.0
+    # 4-bit codes + one fp16 scale per 4 weights: 8 bits/weight, a quarter of fp32
+    assert q["linear_packed_vs_fp32"] == pytest.approx(0.25, abs=0.01)
+    assert s["encodings"]["format"] == "compresslab.packed_int/1"
+    assert s["measured_in"] == "fresh_process" and s["fresh_process_max_abs_diff"] <= 1e-5
+    model = load_model_file(s["artifact"])
+    assert type(model.features[1].weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert s["size_bytes"] < 0.3 * record["reference"]["size_bytes"]
+
+
+def test_bad_group_size_fails_before_training(make_cfg, tmp_path):
+    import json
+
+    from compresslab.pipeline import run_experiment
+
+    with pytest.raises(ConfigError, match=r"quant.group_size=128 .*in_features \[64, 300\]"):
+        run_experiment(make_cfg(["student=lenet300", "teacher=none", "quant=rtn", "quant.group_size=128"]))
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and "train_time_s" not in (record.get("student") or {})
