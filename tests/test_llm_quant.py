@@ -140,11 +140,11 @@ def test_smoothquant_scale_balances_the_maxima_and_folding_keeps_the_output():
 class _Calib:
     """A datamodule stand-in with a calibration set (as the text datamodule provides)."""
 
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, sequences, batch_size):
+        self.sequences, self.batch_size = sequences, batch_size
 
-    def calibration_batches(self, n):
-        return self.batches[:n]
+    def calibration_sequences(self, n, seed=0):
+        return self.sequences[:n]
 
 
 @pytest.mark.parametrize("method", [RTNQuant("rtn", bits=4, group_size=16),
@@ -157,9 +157,10 @@ def test_methods_on_a_tiny_llama(method):
     with torch.no_grad():
         ref = model(ids).logits
     method.validate_student(model, None)
-    out_model = method.finalize(model, _Calib([ids[:2], ids[2:]]))
+    out_model = method.finalize(model, _Calib(ids, 2))
     rep = method.report()
     assert rep["layers"] == llama_linears(tiny_llama())  # every Linear but lm_head
+    assert rep["calibration_batches"] == 2
     assert rep["layer_output_error"] <= rep["rtn_layer_output_error"] * (1.0 + 1e-9)
     with torch.no_grad():
         got = out_model(ids).logits
