@@ -101,6 +101,20 @@ def test_packing_round_trip_and_bytes(bits, symmetric, zeros):
     assert layer_bytes(rec) < 8 * 64 * 4 * (bits + 2) / 32
 
 
+def test_pruned_zeros_stack_with_the_packed_codes():
+    from compresslab.compress.codecs.packed_int import packed_int_payload
+    from compresslab.compress.codecs.stacking import stacked_encodings
+
+    model = nn.Sequential(nn.Linear(64, 8))
+    model[0].weight.data[:, ::2] = 0.0
+    x = correlated(128, 64).float()
+    q = grid.gptq(model[0].weight.detach(), 2 * (x.T @ x).double() / 128, 4, 64, False)
+    payload = packed_int_payload(model, {"arch": {"name": "x"}, "input_shape": [64], "num_classes": 8},
+                                 {"0": encode_layer(q)})
+    assert stacked_encodings(payload) == ["packed_int", "sparse"]
+    assert (decode_layer(payload["layers"]["0"]).dequantize()[:, ::2] == 0).all()
+
+
 def test_awq_scale_formula_and_search_never_worse_than_rtn():
     mean = torch.tensor([0.1, 1.0, 10.0])
     s = awq_scale(mean, 0.5)
