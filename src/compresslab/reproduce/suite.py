@@ -7,6 +7,10 @@ that need the same run (a dense baseline) share it, and a completed run found th
 (re-running the suite into the same ``--out`` resumes it). Teachers come from the teacher cache
 (``<out>/teachers`` unless ``--teacher-cache``). Every number of the table is computed from the
 records the jobs wrote.
+
+A job may use an earlier job's run dir (same seed) in an override as ``{run:<job>}``: the
+post-training claims train ONE model in a first job and compress that very model in the next ones
+(``student=hf_causal_lm student.arch.path={run:train}/artifacts/student_hf student.epochs=0``).
 """
 
 from __future__ import annotations
@@ -82,6 +86,19 @@ def _settings(base_cfg) -> list[str]:
     for key, value in LATENCY_SETTINGS.items():
         if OmegaConf.select(base_cfg, key, default="__missing__") != "__missing__":
             out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def earlier_runs(overrides: Sequence[str], dirs: dict[str, Path]) -> list[str]:
+    """``overrides`` with each ``{run:<job>}`` replaced by that earlier job's run dir."""
+    out = []
+    for item in overrides:
+        for name, path in dirs.items():
+            item = item.replace("{run:" + name + "}", str(path))
+        if "{run:" in item:
+            raise ValueError(f"override {item!r} names a job that has not run before it (jobs run in their "
+                             f"listed order; done: {list(dirs)})")
+        out.append(item)
     return out
 
 
@@ -171,9 +188,12 @@ class Suite:
             claim_jobs: list[Job] = []
             t0 = time.perf_counter()
             for seed in self.seeds(claim):
+                dirs: dict[str, Path] = {}
                 for name in claim.jobs:
-                    job = Job(claim.claim, name, seed, self.job_overrides(claim, name, seed, settings))
+                    job = Job(claim.claim, name, seed, earlier_runs(self.job_overrides(claim, name, seed, settings), dirs))
                     self.run_job(job)
+                    if job.run_dir is not None:
+                        dirs[name] = job.run_dir.resolve()
                     claim_jobs.append(job)
                     self.jobs.append(job)
                     state = "reused" if job.reused else f"{job.wall_s:.1f}s" if not job.error else f"FAILED {job.error}"
