@@ -9,16 +9,15 @@ LM, an image MLP), from calibration activations: the shared body of ``prune=wand
 beside it; torchao has neither. The algorithms are short and are tested against independent
 computations of their formulas (``tests/test_llm_pruning.py``).
 
-**Sequential calibration.** The calibration batches (the first ``num_calibration_batches`` of
-the ``calibration_split`` loader, the mechanism every post-training method of the project uses)
-are concatenated and run through the model **once**, in eval mode, with a forward pre-hook on
-every selected Linear: when the pass reaches a layer, the hook receives its whole calibration
-input X (all tokens: rows of X), prunes the layer's weight in place from X, and the layer then
-computes its output with the pruned weight. So every layer sees the inputs produced by the
-already-pruned layers before it: the papers' sequential scheme (Frantar & Alistarh 2023 Sec. 3.5;
-Sun et al. 2024 Sec. 3), at the granularity of single layers rather than transformer blocks,
-which needs no knowledge of the model's block structure. Embeddings are no Linear and the output
-layer (an LM's ``lm_head``) is left dense unless ``include_classifier``.
+**Sequential calibration** is the shared helper :mod:`compresslab.compress.calibration`: the
+calibration batches (the datamodule's calibration set, else the first ``num_calibration_batches``
+of the ``calibration_split`` loader) are run through the model with forward hooks, and the
+selected Linears are pruned group by group in forward order (a group: the layers reading the same
+input, e.g. q/k/v), each group's input statistics ``XᵀX`` captured with every earlier group
+already pruned: the papers' sequential scheme (Frantar & Alistarh 2023 Sec. 3.5; Sun et al. 2024
+Sec. 3), at the granularity of input groups, which needs no knowledge of the model's blocks.
+Embeddings are no Linear and the output layer (an LM's ``lm_head``) is left dense unless
+``include_classifier``.
 
 **Patterns.** Unstructured at ``final_sparsity``, or N:M with ``n`` and ``m`` set: exactly ``n``
 nonzeros in every ``m`` consecutive input weights of each output row (the reduction dimension,
@@ -31,11 +30,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from compresslab.compress.calibration import InputStats, calibration_batches, sequential
 from compresslab.compress.codecs.nm import nm_bytes, nm_pattern_ok, nm_payload
 from compresslab.compress.common import select_layers
 from compresslab.compress.prune.unstructured import UnstructuredPruning
@@ -43,10 +43,6 @@ from compresslab.compress.structure import rebuildable_from_spec
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-#: ``prune_fn(name, layer, x)``: prune ``layer`` in place from its calibration input ``x`` (tokens × in)
-LayerPruner = Callable[[str, nn.Linear, torch.Tensor], dict]
-
 
 def check_pattern(n: int | None, m: int | None, final_sparsity: float) -> float:
     """The sparsity a method prunes to: ``final_sparsity``, or ``1 - n/m`` with an N:M pattern.
@@ -83,45 +79,10 @@ def row_keep_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sequential_prune(model: nn.Module, layers: Mapping[str, nn.Linear], batches: Sequence[torch.Tensor],
-                     prune_fn: LayerPruner) -> dict[str, dict]:
-    """Run the concatenated calibration ``batches`` through ``model`` once (eval mode), pruning each
-    of ``layers`` from its input when the pass reaches it (module doc); returns each layer's
-    ``prune_fn`` figures plus its relative output error on the calibration tokens
-    ``‖X(W'−W)ᵀ‖² / ‖XWᵀ‖²``. A layer the pass never reaches is an error."""
-    if not batches:
-        raise ConfigError("prune: no calibration batches (prune.num_calibration_batches and the split's loader)")
-    figures: dict[str, dict] = {}
-
-    def hook_for(name: str, layer: nn.Linear):
-        def hook(module, args):
-            if name in figures:  # a layer called twice in one pass is pruned at its first call
-                return
-            x = args[0].detach().reshape(-1, layer.in_features).float()
-            dense = layer.weight.detach().float().clone()
-            start = time.perf_counter()
-            figures[name] = dict(prune_fn(name, layer, x))
-            ref = x @ dense.T
-            err = x @ (layer.weight.detach().float() - dense).T
-            figures[name].update(seconds=time.perf_counter() - start, calibration_tokens=int(x.shape[0]),
-                                 output_rel_error=float(err.pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)))
-        return hook
-
-    handles = [layer.register_forward_pre_hook(hook_for(name, layer)) for name, layer in layers.items()]
-    was_training = model.training
-    device = next(model.parameters()).device
-    try:
-        model.eval()
-        model(torch.cat([b for b in batches]).to(device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    missed = [n for n in layers if n not in figures]
-    if missed:
-        raise RuntimeError(f"prune: the calibration forward pass never reached the Linear layers {missed[:6]}; "
-                           "exclude them with prune.exclude")
-    return figures
+def output_rel_error(dense: torch.Tensor, pruned: torch.Tensor, xtx: torch.Tensor) -> float:
+    """``‖X(W'−W)ᵀ‖² / ‖XWᵀ‖²`` on the calibration rows, from ``xtx = XᵀX`` alone."""
+    d, w = (pruned.double() - dense.double()), dense.double()
+    return float(torch.einsum("oi,ij,oj->", d, xtx, d) / torch.einsum("oi,ij,oj->", w, xtx, w).clamp_min(1e-30))
 
 
 class OneShotPruning(UnstructuredPruning):
@@ -146,7 +107,6 @@ class OneShotPruning(UnstructuredPruning):
         self.num_calibration_batches = int(num_calibration_batches)
         self.calibration_split = calibration_split
         self._skipped: list[str] = []
-        self._layer_figures: dict[str, dict] = {}
 
     post_training = True
 
@@ -166,22 +126,35 @@ class OneShotPruning(UnstructuredPruning):
                               f"(skipped for prune.m={self.m}: {self._skipped[:6]}); check prune.exclude / "
                               "prune.include_classifier / prune.m")
 
-    def prune_layer(self, name: str, layer: nn.Linear, x: torch.Tensor) -> dict:
-        """Prune ``layer.weight`` in place from its calibration input ``x`` (tokens × in); return figures."""
+    def pruned_weight(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        """The pruned (and, for SparseGPT, reconstructed) weight from the layer's calibration statistics."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def prune_after_training(self, student: nn.Module, datamodule) -> None:
-        from compresslab.compress.quant.ptq import calibration_batches
-
         batches = calibration_batches(datamodule, self.num_calibration_batches, self.calibration_split)
+        layers = self.prunable(student)
+        errors: dict[str, float] = {}
+        tokens = 0
+
+        def transform(group: list[str], stats: Mapping[str, InputStats]) -> None:
+            nonlocal tokens
+            for name in group:
+                w = layers[name].weight
+                new = self.pruned_weight(w, stats[name]).to(w.dtype)
+                errors[name] = round(output_rel_error(w, new, stats[name].xtx), 8)
+                w.copy_(new)
+                tokens = max(tokens, stats[name].count)
+
         start = time.perf_counter()
-        self._layer_figures = sequential_prune(student, self.prunable(student), batches, self.prune_layer)
-        self._report.update(calibration_batches=len(batches),
-                            calibration_tokens=max((f["calibration_tokens"] for f in self._layer_figures.values()),
-                                                   default=0),
-                            prune_seconds=time.perf_counter() - start,
-                            layer_output_rel_error={k: round(v["output_rel_error"], 8)
-                                                    for k, v in self._layer_figures.items()})
+        groups = sequential(student, list(layers), batches, transform)
+        missed = [n for n in layers if n not in errors]
+        if missed:
+            raise ConfigError(f"prune={self.name}: the calibration forward pass never reaches the Linear layers "
+                              f"{missed[:6]}; leave them out with prune.exclude")
+        self._report.update(calibration_batches=len(batches), calibration_tokens=tokens,
+                            prune_seconds=time.perf_counter() - start, calibration_groups=len(groups),
+                            layer_output_rel_error=errors)
 
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
         student = super().finalize(student, datamodule)

@@ -19,8 +19,8 @@ beside this project's torch; see :mod:`compresslab.compress.prune.oneshot`).
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from compresslab.compress.calibration import InputStats
 from compresslab.compress.prune.oneshot import OneShotPruning
 from compresslab.compress.prune.options import SparseGPTOptions
 from compresslab.errors import ConfigError
@@ -93,8 +93,5 @@ class SparseGPTPruning(OneShotPruning):
             raise ConfigError(f"prune.blocksize={blocksize} must be a multiple of prune.m={self.m} "
                               "(N:M groups must not straddle two lazy blocks)")
 
-    def prune_layer(self, name: str, layer: nn.Linear, x: torch.Tensor) -> dict:
-        h = x.double().T @ x.double()
-        new = sparsegpt_prune(layer.weight, h, self.final_sparsity, self.n, self.m, self.blocksize, self.percdamp)
-        layer.weight.copy_(new)
-        return {}
+    def pruned_weight(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        return sparsegpt_prune(weight, stats.xtx, self.final_sparsity, self.n, self.m, self.blocksize, self.percdamp)

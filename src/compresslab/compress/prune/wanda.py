@@ -12,25 +12,27 @@ taken from llm-compressor (it cannot be installed beside this project's torch; s
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from compresslab.compress.calibration import InputStats
 from compresslab.compress.prune.nm import nm_mask
 from compresslab.compress.prune.oneshot import OneShotPruning, row_keep_mask
 from compresslab.compress.prune.options import OneShotOptions
 
 
 @torch.no_grad()
-def wanda_scores(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``|W| · ‖X_j‖₂``: ``weight`` (out × in), ``x`` the calibration inputs (tokens × in)."""
-    return weight.detach().abs().float() * x.float().norm(p=2, dim=0).unsqueeze(0)
+def wanda_mask(weight: torch.Tensor, x: torch.Tensor, sparsity: float, n: int | None = None,
+               m: int | None = None) -> torch.Tensor:
+    """Wanda's keep-mask from the calibration inputs ``x`` (tokens × in) of ``weight`` (out × in)."""
+    return wanda_mask_from_norms(weight, x.double().norm(p=2, dim=0), sparsity, n, m)
 
 
 @torch.no_grad()
-def wanda_mask(weight: torch.Tensor, x: torch.Tensor, sparsity: float, n: int | None = None,
-               m: int | None = None) -> torch.Tensor:
-    """Wanda's keep-mask: per output row the ``int(sparsity·in)`` lowest scores removed, or with
-    ``n``/``m`` the ``n`` highest scores of every ``m`` consecutive inputs kept."""
-    score = wanda_scores(weight, x)
+def wanda_mask_from_norms(weight: torch.Tensor, norms: torch.Tensor, sparsity: float, n: int | None = None,
+                          m: int | None = None) -> torch.Tensor:
+    """Wanda's keep-mask from the input norms ``‖X_j‖₂`` (``sqrt(diag XᵀX)``): score ``|W_ij|·‖X_j‖₂``;
+    per output row the ``int(sparsity·in)`` lowest scores removed, or with ``n``/``m`` the ``n``
+    highest of every ``m`` consecutive inputs kept."""
+    score = weight.detach().abs().double() * norms.to(weight.device).double().unsqueeze(0)
     if n is not None:
         return nm_mask(score, n, m)
     return row_keep_mask(score, sparsity)
@@ -41,7 +43,6 @@ class WandaPruning(OneShotPruning):
 
     options = OneShotOptions
 
-    def prune_layer(self, name: str, layer: nn.Linear, x: torch.Tensor) -> dict:
-        keep = wanda_mask(layer.weight, x, self.final_sparsity, self.n, self.m)
-        layer.weight.masked_fill_(~keep.to(layer.weight.device), 0.0)
-        return {}
+    def pruned_weight(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
+        keep = wanda_mask_from_norms(weight, stats.xtx.diagonal().sqrt(), self.final_sparsity, self.n, self.m)
+        return weight.detach().masked_fill(~keep.to(weight.device), 0.0)
