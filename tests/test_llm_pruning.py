@@ -195,3 +195,16 @@ def test_sparsegpt_2_4_end_to_end_artifact_has_exactly_2_of_4_in_a_fresh_process
     out = subprocess.run([sys.executable, "-c", _COUNT, str(run_dir / "artifacts" / "student.pt")],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["compresslab.nm/1", "2", "True"]
+
+
+def test_a_job_names_an_earlier_jobs_run_dir_and_fails_clearly_without_it(tmp_path):
+    from compresslab.reproduce.suite import Job, resolve_run_refs
+
+    dense = Job("c", "dense", 0, [], run_dir=tmp_path / "d", record={"status": "completed"})
+    assert resolve_run_refs(["student.arch.path={run:dense}/artifacts/student_hf", "prune=wanda"], {"dense": dense}) \
+        == [f"student.arch.path={tmp_path / 'd'}/artifacts/student_hf", "prune=wanda"]
+    failed = Job("c", "dense", 0, [], error="boom")
+    with pytest.raises(ValueError, match="job 'dense' .*failed"):
+        resolve_run_refs(["x={run:dense}"], {"dense": failed})
+    with pytest.raises(ValueError, match="job 'base' .*has not run"):
+        resolve_run_refs(["x={run:base}"], {})
