@@ -29,7 +29,8 @@ class UnstructuredOptions:
     select_after_pruning: bool = option()
     encoding: Literal[ENCODINGS] = option()
     compression: Literal[COMPRESSIONS] = option()
-    epochs: Optional[int] = option(ge=1, hint=EPOCHS_HINT)
+    # 0: a trained LM pruned without training (student.epochs=0); a schedule then fails to fit, by name
+    epochs: Optional[int] = option(ge=0, hint=EPOCHS_HINT)
 
 
 @dataclass
