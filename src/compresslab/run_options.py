@@ -64,7 +64,8 @@ class RecipeOptions:
     """``teacher.*`` / ``student.*`` training recipe."""
 
     partial: ClassVar[bool] = True
-    epochs: int = option(ge=1, hint="an untrained model is not a result; for a trained teacher pass teacher.ckpt")
+    epochs: int = option(ge=0, hint="an untrained model is not a result: 0 only for a trained checkpoint "
+                         "(hf_causal_lm); for a trained teacher pass teacher.ckpt")
     label_smoothing: float = option(ge=0, lt=1)
     optimizer: OptimizerOptions = option()
 

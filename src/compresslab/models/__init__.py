@@ -2,6 +2,7 @@
 configs in ``conf/arch/`` name them with ``_target_`` and :func:`build_model` builds them."""
 
 from compresslab.models.common import build_model
+from compresslab.models.lm import CausalLM, gpt2_lm, hf_causal_lm, llama_lm
 from compresslab.models.mobilenetv2 import MobileNetV2
 from compresslab.models.resnet_cifar import CifarResNet, resnet8x4, resnet32x4
 from compresslab.models.simple import CNN1D, MLP, ConvNet, LeNet5
@@ -25,4 +26,8 @@ __all__ = [
     "torchvision_model",
     "ViT",
     "DeiT",
+    "CausalLM",
+    "llama_lm",
+    "gpt2_lm",
+    "hf_causal_lm",
 ]
