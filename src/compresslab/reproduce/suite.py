@@ -9,7 +9,7 @@ that need the same run (a dense baseline) share it, and a completed run found th
 records the jobs wrote.
 
 A job's override may name the run dir of an earlier job of the same claim and seed as
-``{run:<job>}`` (e.g. ``student.arch.path={run:dense}/artifacts/student_hf``): the post-training
+``{run:<job>}`` (quoted for Hydra's grammar: ``"student.arch.path='{run:dense}/artifacts/student_hf'"``): the post-training
 methods of a claim then all start from the one model its ``dense`` job trained. A job whose
 referenced job did not complete is not run and reports why.
 """
