@@ -209,3 +209,22 @@ def test_sparsegpt_2_4_on_llama_tiny_end_to_end_artifact_has_exactly_2_of_4_in_a
     out = subprocess.run([sys.executable, "-c", _COUNT, str(run_dir / "artifacts" / "student.pt")],
                          capture_output=True, text=True, check=True)
     assert out.stdout.split()[-3:] == ["compresslab.nm/1", "14", "True"]
+
+
+def test_showcase_lm_grid_composes_and_builds_every_cell(make_cfg):
+    """``experiment=showcase_lm``: quant × prune on llama_tiny, table rows/cols/metrics for the report
+    (the sweep itself is run by hand: minutes; see docs/pruning.md)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["experiment=showcase_lm"], return_hydra_config=True).hydra
+    params = OmegaConf.to_container(hydra_cfg.sweeper.params)
+    assert hydra_cfg.callbacks.sweep_summary.report.metrics[0] == "perplexity"
+    for quant in params["quant"].split(","):
+        for prune in params["prune"].split(","):
+            cfg = make_cfg(["experiment=showcase_lm", f"quant={quant}", f"prune={prune}"])
+            assert cfg.dataset.name == "shakespeare" and cfg.student.name == "llama_tiny"
+            assert [m.name for m in build_methods(cfg)] == [n for n in (prune, quant) if n != "none"]
