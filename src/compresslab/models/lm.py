@@ -30,6 +30,8 @@ class CausalLM(nn.Module):
     """A ``transformers`` causal LM whose forward maps token ids ``(B, T)`` to logits ``(B, T, V)``."""
 
     is_causal_lm = True
+    #: the dtype of the inputs (token ids): exporters trace with it
+    input_dtype = torch.long
 
     def __init__(self, lm: nn.Module) -> None:
         super().__init__()
@@ -41,6 +43,9 @@ class CausalLM(nn.Module):
         return int(self.lm.config.vocab_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, T, V)``; floating-point ids (the zeros that shape probes pass) are cast to long."""
+        if input_ids.is_floating_point():
+            input_ids = input_ids.long()
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
     def prefill(self, input_ids: torch.Tensor):

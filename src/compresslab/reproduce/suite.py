@@ -131,13 +131,15 @@ class Suite:
     n_seeds: int = 3
     log: Any = print
     data_root: Path | None = None
+    overrides: list[str] = field(default_factory=list)  # --set: added to every job, last
     jobs: list[Job] = field(default_factory=list)
 
     def job_overrides(self, claim: Claim, job: str, seed: int, settings: Sequence[str]) -> list[str]:
         cache = self.teacher_cache or self.out / "teachers"
         root = [f"dataset.root={Path(self.data_root).resolve()}"] if self.data_root is not None else []
         return [f"experiment={claim.preset or 'repro/' + claim.claim}", *settings, *root, *claim.jobs[job],
-                *(claim.quick_overrides(job) if self.quick else []), f"seed={seed}", f"paths.teacher_cache={cache}"]
+                *(claim.quick_overrides(job) if self.quick else []), *self.overrides, f"seed={seed}",
+                f"paths.teacher_cache={cache}"]
 
     def seeds(self, claim: Claim) -> list[int]:
         seeds = list(claim.seeds)
