@@ -9,12 +9,12 @@ from torch import nn
 from compresslab.compress.calibration import capture_stats, input_groups, sequential
 
 
-def tiny_llama(seed: int = 0):
-    """A 2-layer Llama built from config (random init, no download)."""
+def tiny_llama(seed: int = 0, layers: int = 1):
+    """A small Llama built from config (random init, no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
     return LlamaForCausalLM(cfg).eval()
 
@@ -24,7 +24,7 @@ def llama_linears(model) -> list[str]:
 
 
 def test_groups_follow_the_shared_inputs_of_a_llama_block():
-    model = tiny_llama()
+    model = tiny_llama(layers=2)
     groups = input_groups(model, llama_linears(model), torch.randint(0, 40, (2, 8)))
     block = "model.layers.0"
     assert groups[:4] == [[f"{block}.self_attn.{p}_proj" for p in "qkv"], [f"{block}.self_attn.o_proj"],

@@ -101,6 +101,20 @@ def test_packing_round_trip_and_bytes(bits, symmetric, zeros):
     assert layer_bytes(rec) < 8 * 64 * 4 * (bits + 2) / 32
 
 
+def test_pruned_zeros_stack_with_the_packed_codes():
+    from compresslab.compress.codecs.packed_int import packed_int_payload
+    from compresslab.compress.codecs.stacking import stacked_encodings
+
+    model = nn.Sequential(nn.Linear(64, 8))
+    model[0].weight.data[:, ::2] = 0.0
+    x = correlated(128, 64).float()
+    q = grid.gptq(model[0].weight.detach(), 2 * (x.T @ x).double() / 128, 4, 64, False)
+    payload = packed_int_payload(model, {"arch": {"name": "x"}, "input_shape": [64], "num_classes": 8},
+                                 {"0": encode_layer(q)})
+    assert stacked_encodings(payload) == ["packed_int", "sparse"]
+    assert (decode_layer(payload["layers"]["0"]).dequantize()[:, ::2] == 0).all()
+
+
 def test_awq_scale_formula_and_search_never_worse_than_rtn():
     mean = torch.tensor([0.1, 1.0, 10.0])
     s = awq_scale(mean, 0.5)
@@ -140,11 +154,11 @@ def test_smoothquant_scale_balances_the_maxima_and_folding_keeps_the_output():
 class _Calib:
     """A datamodule stand-in with a calibration set (as the text datamodule provides)."""
 
-    def __init__(self, batches):
-        self.batches = batches
+    def __init__(self, sequences, batch_size):
+        self.sequences, self.batch_size = sequences, batch_size
 
-    def calibration_batches(self, n):
-        return self.batches[:n]
+    def calibration_sequences(self, n, seed=0):
+        return self.sequences[:n]
 
 
 @pytest.mark.parametrize("method", [RTNQuant("rtn", bits=4, group_size=16),
@@ -157,9 +171,10 @@ def test_methods_on_a_tiny_llama(method):
     with torch.no_grad():
         ref = model(ids).logits
     method.validate_student(model, None)
-    out_model = method.finalize(model, _Calib([ids[:2], ids[2:]]))
+    out_model = method.finalize(model, _Calib(ids, 2))
     rep = method.report()
     assert rep["layers"] == llama_linears(tiny_llama())  # every Linear but lm_head
+    assert rep["calibration_batches"] == 2
     assert rep["layer_output_error"] <= rep["rtn_layer_output_error"] * (1.0 + 1e-9)
     with torch.no_grad():
         got = out_model(ids).logits
@@ -180,3 +195,34 @@ def test_bad_options_name_the_key():
         SmoothQuant("smoothquant", alpha=1.5)
     with pytest.raises(ConfigError, match=r"quant.group_size=7 .*in_features \[32, 64\]"):
         RTNQuant("rtn", group_size=7).validate_student(tiny_llama(), None)
+
+
+def test_gptq_end_to_end_on_an_mlp_artifact_reloads_and_is_small(make_cfg):
+    from compresslab.artifact import load_model_file
+    from compresslab.pipeline import run_experiment
+
+    cfg = make_cfg(["student=lenet300", "teacher=none", "quant=gptq", "quant.bits=4", "quant.group_size=4",
+                    "quant.num_calibration_batches=2", "measure.fresh_process=true"])
+    record = run_experiment(cfg)
+    assert record["status"] == "completed", record.get("error")
+    s, q = record["student"], record["student"]["quant"]
+    assert q["layers"] == ["features.1", "features.3"] and q["calibration_batches"] == 2
+    assert q["output_error_vs_rtn"] < 1.0
+    # 4-bit codes + one fp16 scale per 4 weights: 8 bits/weight, a quarter of fp32
+    assert q["linear_packed_vs_fp32"] == pytest.approx(0.25, abs=0.01)
+    assert s["encodings"]["format"] == "compresslab.packed_int/1"
+    assert s["measured_in"] == "fresh_process" and s["fresh_process_max_abs_diff"] <= 1e-5
+    model = load_model_file(s["artifact"])
+    assert type(model.features[1].weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert s["size_bytes"] < 0.3 * record["reference"]["size_bytes"]
+
+
+def test_bad_group_size_fails_before_training(make_cfg, tmp_path):
+    import json
+
+    from compresslab.pipeline import run_experiment
+
+    with pytest.raises(ConfigError, match=r"quant.group_size=128 .*in_features \[64, 300\]"):
+        run_experiment(make_cfg(["student=lenet300", "teacher=none", "quant=rtn", "quant.group_size=128"]))
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["status"] == "failed" and "train_time_s" not in (record.get("student") or {})

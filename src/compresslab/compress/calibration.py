@@ -5,9 +5,10 @@ Shared by the one-shot LLM methods (``quant=rtn|gptq|awq|smoothquant``, ``prune=
 it works on any model whose Linear layers see their inputs through ``forward`` (a Hugging Face
 causal LM, an image MLP), and never names an architecture.
 
-- :func:`calibration_batches`: ``n`` input batches from the datamodule: its own
-  ``calibration_batches(n)`` when it has one (a text datamodule's calibration set of sequences
-  from the training split), else the inputs of the first ``n`` batches of its ``split`` loader.
+- :func:`calibration_batches`: ``n`` input batches from the datamodule: for a text datamodule,
+  ``n × batch_size`` sequences drawn at random from the training split by its
+  ``calibration_sequences`` (cut into batches of ``batch_size``), else the inputs of the first
+  ``n`` batches of its ``split`` loader.
 - :class:`InputStats`: per Linear, over every input row ``x`` (token positions are rows: a
   ``[B, T, C]`` input counts ``B*T`` rows) — ``xtx = Σ x xᵀ`` (the GPTQ / SparseGPT Hessian is
   ``2 · xtx / count``; Wanda's column norm is ``sqrt(diag(xtx))``), ``abs_sum`` (AWQ's mean
@@ -39,13 +40,15 @@ class StopForward(Exception):
 
 
 def calibration_batches(datamodule, n: int, split: str = "train") -> list[torch.Tensor]:
-    """``n`` calibration input batches (CPU tensors): ``datamodule.calibration_batches(n)`` when the
-    datamodule defines it, else the inputs of the first ``n`` batches of its ``split`` loader."""
+    """``n`` calibration input batches (CPU tensors): ``n × batch_size`` random training sequences
+    from ``datamodule.calibration_sequences`` when it has one (a text datamodule), else the inputs
+    of the first ``n`` batches of its ``split`` loader."""
     if split not in ("train", "val"):
         raise ConfigError(f"quant.calibration_split must be train or val, got {split!r}")
-    own = getattr(datamodule, "calibration_batches", None)
-    if callable(own) and split == "train":
-        return [b.cpu() for b in own(max(0, int(n)))]
+    sequences = getattr(datamodule, "calibration_sequences", None)
+    if callable(sequences) and split == "train" and int(n) > 0:
+        size = max(1, int(getattr(datamodule, "batch_size", 1)))
+        return [b.cpu() for b in sequences(int(n) * size).split(size)]
     loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
     return [batch[0].cpu() for batch in itertools.islice(loader, max(0, int(n)))]
 

@@ -8,10 +8,9 @@ that need the same run (a dense baseline) share it, and a completed run found th
 (``<out>/teachers`` unless ``--teacher-cache``). Every number of the table is computed from the
 records the jobs wrote.
 
-A job's override may name the run dir of an earlier job of the same claim and seed as
-``{run:<job>}`` (quoted for Hydra's grammar: ``"student.arch.path='{run:dense}/artifacts/student_hf'"``): the post-training
-methods of a claim then all start from the one model its ``dense`` job trained. A job whose
-referenced job did not complete is not run and reports why.
+A job may use an earlier job's run dir (same seed) in an override as ``{run:<job>}``: the
+post-training claims train ONE model in a first job and compress that very model in the next ones
+(``student=hf_causal_lm student.arch.path={run:train}/artifacts/student_hf student.epochs=0``).
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -43,25 +41,6 @@ JOB_SETTINGS = [
 #: Shorter latency loops where the config has these keys (the figures are not used by any claim).
 LATENCY_SETTINGS = {"measure.latency_warmup": 1, "measure.latency_rounds": 1,
                     "measure.latency_batch": 8, "measure.latency_round_ms": 1.0, "measure.defer": True}
-
-
-#: ``{run:<job>}`` in a job's override: the run dir of that earlier job (same claim and seed)
-RUN_REF = re.compile(r"\{run:([A-Za-z0-9_]+)\}")
-
-
-def resolve_run_refs(overrides: Sequence[str], done: dict[str, "Job"]) -> list[str]:
-    """``overrides`` with every ``{run:<job>}`` replaced by that job's run dir; a ValueError naming
-    the job when it has not completed."""
-    out = []
-    for o in overrides:
-        for ref in RUN_REF.findall(o):
-            job = done.get(ref)
-            if job is None or job.record is None or job.run_dir is None:
-                why = "failed" if job is not None and job.error else "has not run before it (list it earlier in repro.jobs)"
-                raise ValueError(f"needs the run of job {ref!r} (same seed), which {why}")
-            o = o.replace(f"{{run:{ref}}}", str(job.run_dir))
-        out.append(o)
-    return out
 
 
 def config_dir() -> Path:
@@ -107,6 +86,19 @@ def _settings(base_cfg) -> list[str]:
     for key, value in LATENCY_SETTINGS.items():
         if OmegaConf.select(base_cfg, key, default="__missing__") != "__missing__":
             out.append(f"{key}={str(value).lower() if isinstance(value, bool) else value}")
+    return out
+
+
+def earlier_runs(overrides: Sequence[str], dirs: dict[str, Path]) -> list[str]:
+    """``overrides`` with each ``{run:<job>}`` replaced by that earlier job's run dir."""
+    out = []
+    for item in overrides:
+        for name, path in dirs.items():
+            item = item.replace("{run:" + name + "}", str(path))
+        if "{run:" in item:
+            raise ValueError(f"override {item!r} names a job that has not run before it (jobs run in their "
+                             f"listed order; done: {list(dirs)})")
+        out.append(item)
     return out
 
 
@@ -196,15 +188,12 @@ class Suite:
             claim_jobs: list[Job] = []
             t0 = time.perf_counter()
             for seed in self.seeds(claim):
-                done: dict[str, Job] = {}
+                dirs: dict[str, Path] = {}
                 for name in claim.jobs:
-                    job = done[name] = Job(claim.claim, name, seed, self.job_overrides(claim, name, seed, settings))
-                    try:
-                        job.overrides = resolve_run_refs(job.overrides, done)
-                    except ValueError as exc:
-                        job.error = str(exc)
-                    if job.error is None:
-                        self.run_job(job)
+                    job = Job(claim.claim, name, seed, earlier_runs(self.job_overrides(claim, name, seed, settings), dirs))
+                    self.run_job(job)
+                    if job.run_dir is not None:
+                        dirs[name] = job.run_dir.resolve()
                     claim_jobs.append(job)
                     self.jobs.append(job)
                     state = "reused" if job.reused else f"{job.wall_s:.1f}s" if not job.error else f"FAILED {job.error}"

@@ -36,8 +36,8 @@ from torch import nn
 from compresslab.artifact import Codec, context_fields
 from compresslab.compress.codecs.bitpack import pack_bits, unpack_bits
 from compresslab.compress.codecs.sparse import merge_zeros, pack_state, split_zeros, unpack_state
+from compresslab.compress.codecs.weight_only import quantized_skeleton
 from compresslab.compress.quant.grid import Quantized
-from compresslab.compress.structure import build_structure
 from compresslab.errors import CheckpointError
 
 FORMAT = "compresslab.packed_int/1"
@@ -146,18 +146,11 @@ def packed_int_payload(model: nn.Module, context: Mapping[str, Any], layers: Map
 
 def load_payload(payload: Mapping[str, Any]) -> nn.Module:
     """Rebuild the model of a :data:`FORMAT` payload with torchao weights on its quantized Linears."""
-    model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"], payload.get("structure"))
     layers = payload["layers"]
-    missing, unexpected = model.load_state_dict(unpack_state(payload["dense"]), strict=False)
-    left = sorted(set(missing) - {f"{name}.weight" for name in layers})
-    if left or unexpected:
-        raise CheckpointError(f"packed_int artifact does not match its architecture: missing {left[:4]}, "
-                              f"unexpected {list(unexpected)[:4]}")
+    model = quantized_skeleton(payload, unpack_state(payload["dense"]), {n: r["shape"] for n, r in layers.items()},
+                               "packed_int")
     for name, rec in layers.items():
-        module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear) or list(module.weight.shape) != [int(s) for s in rec["shape"]]:
-            raise CheckpointError(f"packed_int artifact: {name} is not a Linear of shape {rec['shape']}")
-        attach(module, decode_layer(rec), rec.get("act", "none"), rec.get("input_scale"))
+        attach(model.get_submodule(name), decode_layer(rec), rec.get("act", "none"), rec.get("input_scale"))
     return model.eval()
 
 

@@ -56,7 +56,7 @@ class RTNQuant(CompressionMethod):
     codec_kind = "packed_int"
     act = "none"
 
-    def __init__(self, name: str, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
+    def __init__(self, name: str, bits: int = 4, group_size: int | None = None, symmetric: bool = True,
                  include_classifier: bool = False, exclude: Sequence[str] = (), num_calibration_batches: int = 16,
                  calibration_split: str = "train") -> None:
         super().__init__(name)
