@@ -166,13 +166,17 @@ def test_vocabulary_mismatch_and_untrained_epochs_zero_are_refused(make_cfg, tmp
     spec = {"_target_": "compresslab.models.llama_lm", "width": 16, "depth": 1, "heads": 2}
     with pytest.raises(ConfigError, match="same tokenizer"):
         check_same_vocabulary(build_model(spec, (8,), 11), build_model(spec, (8,), 12), "kd")
-    from compresslab.pipeline import build_datamodule, validate
+    from compresslab.pipeline import build_datamodule
 
-    cfg = make_cfg(["dataset=shakespeare", "teacher=none", "student.epochs=0", "dataset.block_size=16"])
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    with pytest.raises(ConfigError, match="student.epochs=0 trains nothing"):
-        validate(cfg, dm)
+    with pytest.raises(ConfigError, match="student.epochs=0 is not allowed.*hf_causal_lm"):  # an untrained arch
+        build_datamodule(make_cfg(["dataset=shakespeare", "teacher=none", "student.epochs=0"]))
+    cfg = make_cfg(["dataset=shakespeare", "teacher=none", "student=hf_causal_lm", "student.arch.path=x",
+                    "student.epochs=0", "distill=kd"])
+    build_datamodule(cfg)  # epochs=0 passes the options for a trained checkpoint ...
+    from compresslab.language import check_untrained_roles
+
+    with pytest.raises(ConfigError, match="distill=kd with student.epochs=0"):  # ... but not with distillation
+        check_untrained_roles(cfg)
 
 
 def test_pickle_only_checkpoint_dir_is_refused(tmp_path):

@@ -21,10 +21,6 @@ from compresslab.measure.lm import is_causal_lm, lm_quality
 from compresslab.measure.per_class import class_metrics
 from compresslab.models.lm import save_hf_dir
 
-#: the arch factories whose models arrive trained (so ``<role>.epochs=0`` is a result)
-PRETRAINED_FACTORIES = ("compresslab.models.hf_causal_lm", "compresslab.models.lm.hf_causal_lm")
-
-
 def is_language_data(dm: Any) -> bool:
     """Whether the datamodule serves token blocks for causal language modelling."""
     return bool(getattr(dm, "is_language_model", False))
@@ -39,22 +35,9 @@ def test_metrics(model: nn.Module, dm, num_classes: int, **class_kwargs) -> dict
             **class_metrics(model, dm, num_classes, **class_kwargs)}
 
 
-def is_pretrained(model_cfg: DictConfig) -> bool:
-    """Whether a teacher/student config loads a trained model (``hf_causal_lm``)."""
-    arch = model_cfg.get("arch")
-    return arch is not None and arch.get("_target_") in PRETRAINED_FACTORIES
-
-
 def check_untrained_roles(cfg: DictConfig) -> None:
-    """``<role>.epochs=0`` only for a model that arrives trained, and then with nothing that needs a fit."""
-    for role in ("student", "teacher"):
-        node = cfg.get(role)
-        if node is None or node.get("arch") is None or int(node.get("epochs", 1)) != 0:
-            continue
-        if not is_pretrained(node):
-            raise ConfigError(f"{role}.epochs=0 trains nothing, and an untrained {node.get('name')} is not a result: "
-                              f"only a trained checkpoint ({role}=hf_causal_lm {role}.arch.path=<dir>) may skip "
-                              f"training{'; for a trained teacher you may also pass teacher.ckpt' if role == 'teacher' else ''}.")
+    """``student.epochs=0`` (allowed by :mod:`compresslab.run_options` only for a trained checkpoint,
+    ``hf_causal_lm``) runs no fit, so nothing that needs one."""
     if int(cfg.student.get("epochs", 1)) == 0 and cfg.distill.name != "none":
         raise ConfigError(f"distill={cfg.distill.name} with student.epochs=0: distillation needs a fit; use "
                           "student.epochs>=1 (the hf_causal_lm weights are its starting point).")

@@ -26,6 +26,10 @@ from compresslab.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 
+#: the arch targets whose models arrive trained (so ``<role>.epochs=0`` is a result)
+PRETRAINED_FACTORIES = ("compresslab.models.hf_causal_lm", "compresslab.models.lm.hf_causal_lm")
+
+
 class CausalLM(nn.Module):
     """A ``transformers`` causal LM whose forward maps token ids ``(B, T)`` to logits ``(B, T, V)``."""
 
