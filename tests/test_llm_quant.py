@@ -226,3 +226,12 @@ def test_bad_group_size_fails_before_training(make_cfg, tmp_path):
         run_experiment(make_cfg(["student=lenet300", "teacher=none", "quant=rtn", "quant.group_size=128"]))
     record = json.loads((tmp_path / "run" / "results.json").read_text())
     assert record["status"] == "failed" and "train_time_s" not in (record.get("student") or {})
+
+
+def test_a_post_training_job_names_the_trained_run_of_an_earlier_job(tmp_path):
+    from compresslab.reproduce.suite import earlier_runs
+
+    got = earlier_runs(["quant=gptq", "student.arch.path='{run:train}/artifacts/student_hf'"], {"train": tmp_path})
+    assert got == ["quant=gptq", f"student.arch.path='{tmp_path}/artifacts/student_hf'"]
+    with pytest.raises(ValueError, match="has not run before it"):
+        earlier_runs(["x='{run:later}'"], {"train": tmp_path})

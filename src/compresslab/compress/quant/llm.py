@@ -150,9 +150,6 @@ class RTNQuant(CompressionMethod):
         return packed_int_payload(student, context, self._records, structure,
                                   meta={"quant": self.name, "bits": self.bits, "group_size": self.group_size})
 
-    def calibration_data(self) -> list[torch.Tensor]:
-        return [self._example] if self._example is not None else []
-
     def report(self) -> dict[str, Any]:
         return dict(self._report)
 
