@@ -118,9 +118,9 @@ def test_every_artifact_format_and_zoo_model_is_in_its_allowlist():
     formats = [lowbit.FORMAT, lowrank.FORMAT, sparse.FORMAT,
                shared.FORMAT, structured.FORMAT, int8_pt2e.FORMAT, actquant.FORMAT,
                fused.FORMAT, onnx_qdq.FORMAT]
-    from compresslab.compress.codecs import nm, weight_only
+    from compresslab.compress.codecs import nm, packed_int, weight_only
 
-    formats += [nm.FORMAT, weight_only.FORMAT]
+    formats += [nm.FORMAT, weight_only.FORMAT, packed_int.FORMAT]
     assert sorted(formats) == ARTIFACT_LOADERS.names()
     assert all(callable(ARTIFACT_LOADERS.resolve(f)) for f in formats)
     import compresslab.models as zoo

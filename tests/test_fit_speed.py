@@ -22,9 +22,10 @@ class _Strategy:
         return tensor
 
 
-def test_the_train_tally_reports_the_sample_weighted_loss_and_the_accuracy_of_labelled_samples():
+@pytest.mark.parametrize("fold_every", [1 << 20, 4])  # reduced at the epoch's end / after each 4+ samples
+def test_the_train_tally_reports_the_sample_weighted_loss_and_the_accuracy_of_labelled_samples(fold_every):
     torch.manual_seed(0)
-    tally, logged = TrainTally(), {}
+    tally, logged = TrainTally(fold_every), {}
     module = SimpleNamespace(log=lambda name, value, **kw: logged.__setitem__(name, value))
     batches = [(torch.randn(5, 3), torch.tensor([0, 1, 2, UNLABELED, 1])), (torch.randn(2, 3), torch.tensor([2, 2]))]
     losses = [torch.tensor(0.5), torch.tensor(2.0)]

@@ -45,6 +45,8 @@ def test_every_arch_config_builds_and_runs(path):
     """Each config runs on both image sizes (2-D models), on 1-D input (1-D models), or on
     all of them (flat models); a shape it cannot take is refused with ConfigError."""
     cfg = OmegaConf.to_container(OmegaConf.load(path))
+    if cfg["_target_"].startswith("compresslab.models.") and cfg["_target_"].endswith("_lm"):
+        return check_language_model_config(cfg, path.stem)
     accepted = []
     for shape in [*IMAGE_SHAPES, SEQUENCE_SHAPE]:
         try:
@@ -59,6 +61,20 @@ def test_every_arch_config_builds_and_runs(path):
     assert accepted, f"{path.stem} builds for no input shape"
     takes_images = [s in accepted for s in IMAGE_SHAPES]
     assert all(takes_images) or not any(takes_images), f"{path.stem} takes only some image sizes: {accepted}"
+
+
+def check_language_model_config(cfg: dict, name: str) -> None:
+    """A causal LM config takes token blocks (B, T) -> logits (B, T, vocab) and refuses images."""
+    for shape in [*IMAGE_SHAPES, SEQUENCE_SHAPE]:
+        with pytest.raises(ConfigError, match="needs"):
+            build_model(cfg, shape, 10)
+    if cfg["_target_"].endswith("hf_causal_lm"):  # needs a checkpoint dir: tests/test_language_models.py
+        with pytest.raises(ConfigError, match="arch.path"):
+            build_model(cfg, (16,), 10)
+        return
+    model = build_model(cfg, (16,), 11).eval()
+    with torch.no_grad():
+        assert model(torch.randint(0, 11, (2, 16))).shape == (2, 16, 11), name
 
 
 def test_expected_zoo_configs_exist():

@@ -33,6 +33,9 @@ def test_wheel_installs_and_runs_a_job_outside_the_checkout(tmp_path):
                             str(tmp_path / "dist"), str(src)], capture_output=True, text=True, env=env, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("compresslab-*.whl")
+    import zipfile
+
+    assert "compresslab/data/corpora/tempest.txt" in zipfile.ZipFile(wheel).namelist()  # dataset=shakespeare's default
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],

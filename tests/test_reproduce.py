@@ -22,6 +22,9 @@ CLAIMS = ["hinton_omitted_class", "hinton_soft_targets", "han_pruning", "zhu_gup
           "deep_compression", "jacob_int8", "ternary_binary"]
 CLAIMS += ["deit_distillation"]  # issue 26: DeiT hard token vs soft vs no distillation (order 11)
 CLAIMS += ["michel_heads"]  # issue 26: attention heads by importance vs random (order 12)
+CLAIMS += ["lm_distillation"]  # issue 27: a distilled causal LM vs the same student alone (order 20)
+CLAIMS += ["gptq_vs_rtn"]  # issue 27: GPTQ vs RTN perplexity increase on one trained LM (order 21)
+CLAIMS += ["wanda_sparsegpt"]  # issue 27: Wanda / SparseGPT vs magnitude on one trained LM (order 22)
 KEYS = {"claim", "scale", "dataset", "paper", "metric", "paper_value", "ours_mean", "ours_std", "seeds", "verdict", "figure"}
 PAPER_CLAIMS = ["hinton_omitted_class", "hinton_mnist_distill", "han_pruning", "frankle_lottery", "deep_compression",
                 "ternary_binary"]

@@ -47,6 +47,7 @@ ARTIFACT_LOADERS = Allowlist(
         "compresslab.onnx_qdq/1": ("compresslab.compress.codecs.ort_int8", "load_payload"),
         "compresslab.nm/1": ("compresslab.compress.codecs.nm", "load_payload"),
         "compresslab.weight_only/1": ("compresslab.compress.codecs.weight_only", "load_payload"),
+        "compresslab.packed_int/1": ("compresslab.compress.codecs.packed_int", "load_payload"),
     },
     f"The file is not a compresslab artifact, or was written by a newer version (dense files say {DENSE_FORMAT!r}).",
     error=CheckpointError,

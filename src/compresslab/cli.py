@@ -232,6 +232,9 @@ def reproduce_main(argv: list[str] | None = None) -> int:
                              "scale and architectures; needs --data-root)")
     parser.add_argument("--data-root", type=Path, default=None,
                         help="dataset.root of every job (paper scale: the folder holding MNIST/raw/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a Hydra override added to every job, last (repeatable), e.g. "
+                             "--set dataset.path=../shared/data/text/shakespeare.txt")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
     if args.scale == "paper" and not args.list:
@@ -254,7 +257,8 @@ def reproduce_main(argv: list[str] | None = None) -> int:
         parser.error("--seeds must be >= 1")
     out = args.out or Path("outputs/reproduce") / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     suite = Suite(out=out, teacher_cache=args.teacher_cache, quick=args.quick, n_seeds=args.seeds,
-                  log=lambda msg: print(msg, flush=True), data_root=args.data_root)
+                  log=lambda msg: print(msg, flush=True), data_root=args.data_root,
+                  overrides=list(args.overrides))
     start = time.perf_counter()
     rows = suite.run(claims[c] for c in wanted)
     wall = time.perf_counter() - start

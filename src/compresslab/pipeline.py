@@ -30,7 +30,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import Callback
 
-from compresslab.artifact import atomic_torch_save, load_model_file, model_payload, save_model_file
+from compresslab.artifact import DENSE_FORMAT, atomic_torch_save, load_model_file, model_payload, save_model_file
 from compresslab.compress import CompressionMethod, build_methods
 from compresslab.compress.base import ExportContext
 from compresslab.compress.codecs.stacking import encodings_record
@@ -42,11 +42,13 @@ from compresslab.distill.cache import check_cache_allowed
 from compresslab.distributed import JobProcessGroup, install_hydra_ddp_fix, is_rank_zero
 from compresslab.errors import CheckpointError, ConfigError
 from compresslab.fit_speed import default_fit_kwargs
-from compresslab.measure import evaluate_accuracy, file_size, profile_many
+from compresslab.language import (check_no_fit_callbacks, check_same_vocabulary, check_untrained_roles, test_metrics,
+                                  untrained_fit, write_hf_checkpoint)
+from compresslab.measure import file_size, profile_many
 from compresslab.measure.backends import load_backends
 from compresslab.measure.fresh import measure_in_fresh_process
 from compresslab.measure.latency import LatencySettings
-from compresslab.measure.per_class import class_metrics, parse_class_bias
+from compresslab.measure.per_class import parse_class_bias
 from compresslab.models import build_model
 from compresslab.run_control import RunDirLock, as_interrupted
 from compresslab.search.pruning import pruned_epoch, search_callbacks
@@ -99,7 +101,9 @@ def validate(cfg: DictConfig, datamodule) -> list[CompressionMethod]:
         check_cache_allowed(datamodule)  # before the teacher trains, not at the student's fit
     check_student_regime(datamodule, cfg.distill.name)  # a transfer set without labels needs soft targets
     parse_class_bias(_eval_cfg(cfg).get("class_bias"), classes)
-    check_training_config(cfg)  # a fit runs steps (epochs >= 1 is run_options')
+    check_training_config(cfg)  # a fit runs steps (epochs >= 1 is run_options', 0 only for a trained LM)
+    check_untrained_roles(cfg)
+    check_same_vocabulary(student, teacher, cfg.distill.name)
     if cfg.distill.name != "none":  # losses, weights and feature taps, against fresh models: before any fit
         module = build_student_module(cfg, student, teacher, classes)
         train_set = getattr(datamodule, "train_set", None)  # feature shapes at the taps too (FSP pairs, OFD's BN)
@@ -122,8 +126,7 @@ def _eval_cfg(cfg: DictConfig) -> dict:
 
 
 def _trainer_with(trainer_cfg: DictConfig, extra: list, callbacks=(), **kwargs) -> pl.Trainer:
-    """Instantiate the configured Trainer with ``extra`` callbacks appended, and the project's progress bar
-    and no-op hook profiler unless configured otherwise (:func:`~compresslab.fit_speed.default_fit_kwargs`)."""
+    """The configured Trainer with ``extra`` callbacks and :func:`~compresslab.fit_speed.default_fit_kwargs`."""
     return instantiate(trainer_cfg, **{**kwargs, **default_fit_kwargs(trainer_cfg, [*callbacks, *extra], kwargs)})
 
 
@@ -197,6 +200,7 @@ class SavedModels:
     onnx: dict[str, dict] | None
     encodings: dict[str, Any]
     side_files: dict[str, dict[str, str]]
+    hf_checkpoint: str | None = None
 
 
 def fit_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], teacher, trainer_factory, logger,
@@ -209,6 +213,9 @@ def fit_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], teach
         student = method.prepare(student, dm)
     module = build_student_module(cfg, student, teacher, dm.num_classes)
     callbacks = [cb for m in methods for cb in m.callbacks()] + list(extra_callbacks)
+    check_no_fit_callbacks(int(cfg.student.epochs), [cb for m in methods for cb in m.callbacks()])
+    if int(cfg.student.epochs) == 0:  # a trained LM (hf_causal_lm) given to post-training methods as it is
+        return student.eval(), untrained_fit()
     fit = fit_with_checkpoints(module, dm, trainer_factory, run_dir / "checkpoints" / "student",
                                cfg.student.epochs, callbacks=callbacks, logger=logger or False,
                                resume=bool(cfg.resume))
@@ -233,13 +240,14 @@ def export_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], st
     atomic_torch_save(payload, student_path)
     ref_path = save_model_file(artifacts / "reference.pt", build_model(spec, shape, classes), spec, shape, classes)
     models = {"reference": load_model_file(ref_path), "student": load_model_file(student_path)}  # as saved
+    hf = write_hf_checkpoint(models["student"], artifacts) if payload["format"] == DENSE_FORMAT else None
     files: dict[str, Path | None] = {"reference": ref_path, "student": student_path}
     if teacher is not None:  # a user's checkpoint may be a Lightning one: measured from a model file
         models["teacher"] = teacher
         files["teacher"] = None if tinfo["source"] == "checkpoint" else Path(tinfo["path"])
     calibration = [x for m in methods for x in m.calibration_data()]
     onnx = deploy.export_step(cfg, files, models, dm, calibration, artifacts) if deploy.export_enabled(cfg) else None
-    return SavedModels(models, files, onnx, encodings_record(payload, methods), side)
+    return SavedModels(models, files, onnx, encodings_record(payload, methods), side, hf)
 
 
 def measure_models(cfg: DictConfig, saved: SavedModels, dm) -> dict[str, dict]:
@@ -256,15 +264,15 @@ def record_rows(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], saved
     rows: dict[str, dict | None] = {"teacher": None}
     if "teacher" in models:
         teacher = models["teacher"]
-        accuracy = {"acc_top1": evaluate_accuracy(teacher, dm.test_dataloader()),
-                    **class_metrics(teacher, dm, classes, with_bias=False)}
+        accuracy = test_metrics(teacher, dm, classes, with_bias=False)
         rows["teacher"] = teacher_row(profiles["teacher"], _size(Path(tinfo["path"])), accuracy, tinfo)
     rows["reference"] = {**profiles["reference"], **_size(files["reference"])}
-    accuracy = {"acc_top1": evaluate_accuracy(models["student"], dm.test_dataloader()),
-                **class_metrics(models["student"], dm, classes, _eval_cfg(cfg))}
+    accuracy = test_metrics(models["student"], dm, classes, eval_cfg=_eval_cfg(cfg))
     rows["student"] = student_row(profiles["student"], _size(files["student"]), accuracy, fit,
                                   {m.axis: {**m.report(), **saved.side_files[m.axis]} for m in methods})
     rows["student"]["encodings"] = saved.encodings
+    if saved.hf_checkpoint:
+        rows["student"]["hf_checkpoint"] = saved.hf_checkpoint
     add_ratios(rows)
     deploy.merge(rows, saved.onnx)
     return rows

@@ -64,9 +64,17 @@ class RecipeOptions:
     """``teacher.*`` / ``student.*`` training recipe."""
 
     partial: ClassVar[bool] = True
-    epochs: int = option(ge=1, hint="an untrained model is not a result; for a trained teacher pass teacher.ckpt")
+    epochs: int = option(ge=1, hint="an untrained model is not a result; for a trained teacher pass teacher.ckpt "
+                         "(0 only for a trained checkpoint: <role>=hf_causal_lm)")
     label_smoothing: float = option(ge=0, lt=1)
     optimizer: OptimizerOptions = option()
+
+
+@dataclass
+class PretrainedRecipeOptions(RecipeOptions):
+    """The recipe of a model that arrives trained (``hf_causal_lm``): ``epochs=0`` uses it as it is."""
+
+    epochs: int = option(ge=0, hint="0: the trained checkpoint as it is (post-training methods)")
 
 
 @dataclass
@@ -117,7 +125,16 @@ def check_run_options(cfg: Any) -> None:
     check_options(TopLevelOptions, {k: cfg[k] for k in ("seed", "resume") if k in cfg}, "")
     for key, schema in RUN_NODES.items():
         if cfg.get(key) is not None:
-            check_options(schema, cfg[key], key)
+            check_options(recipe_schema(cfg[key]) if schema is RecipeOptions else schema, cfg[key], key)
     teacher = cfg.get("teacher")
     if teacher is not None and teacher.get("arch") is not None and not teacher.get("ckpt"):
-        check_options(RecipeOptions, teacher, "teacher")
+        check_options(recipe_schema(teacher), teacher, "teacher")
+
+
+def recipe_schema(model_cfg: Any) -> type:
+    """:class:`PretrainedRecipeOptions` for a model that arrives trained, else :class:`RecipeOptions`."""
+    from compresslab.models.lm import PRETRAINED_FACTORIES
+
+    arch = model_cfg.get("arch") if hasattr(model_cfg, "get") else None
+    pretrained = arch is not None and arch.get("_target_") in PRETRAINED_FACTORIES
+    return PretrainedRecipeOptions if pretrained else RecipeOptions

@@ -118,9 +118,14 @@ def obtain_teacher(
             log(f"teacher: cached {path}")
             model, meta = load_cached_teacher(path, spec, shape, classes)
             return model, {"path": str(path), "source": "cache", **meta}
-        log(f"teacher: training {cfg.teacher.name} -> {path}")
         pl.seed_everything(int(cfg.seed), workers=True)
         model = build_model(spec, shape, classes)
+        if int(cfg.teacher.get("epochs", 1)) == 0:  # a trained checkpoint (hf_causal_lm) used as it is
+            meta = {k: None for k in META_KEYS}
+            if is_rank_zero():
+                save_model_file(path, model, spec, shape, classes, meta=meta)
+            return model.eval(), {"path": str(path), "source": "pretrained", **meta}
+        log(f"teacher: training {cfg.teacher.name} -> {path}")
         module = build_recipe_module(model, cfg.teacher, cfg, classes)
         work_dir = path.with_suffix(".work")
         fit = fit_with_checkpoints(  # resume=false (the way out of a damaged last.ckpt) holds for the teacher too

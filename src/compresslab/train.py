@@ -14,7 +14,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from compresslab.data.regime import labelled_cross_entropy
+from compresslab.data.regime import labelled_cross_entropy, token_rows
 from compresslab.files import AtomicCheckpointIO
 from compresslab.fit_callbacks import CheckpointOnPreemption, FitTime
 from compresslab.fit_speed import no_failing_nvml_probe, skip_noop_hooks
@@ -67,14 +67,15 @@ class ClassifierModule(pl.LightningModule):
         return self.model(x)
 
     def training_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Loss and logits for one training batch (subclasses add distillation terms)."""
-        logits = self.model(x)
+        """Loss and logits for one training batch (subclasses add distillation terms); sequence
+        outputs (a causal LM) are scored per position (:func:`~compresslab.data.regime.token_rows`)."""
+        logits, y = token_rows(self.model(x), y)
         return labelled_cross_entropy(logits, y, label_smoothing=self.label_smoothing), logits
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss, logits = self.training_loss(x, y)
-        self._tally.add(loss, logits, y)
+        self._tally.add(loss, *token_rows(logits, y))
         return loss
 
     def configure_callbacks(self):
@@ -82,7 +83,7 @@ class ClassifierModule(pl.LightningModule):
 
     def _eval_step(self, batch, stage: str) -> None:
         x, y = batch
-        logits = self.model(x)
+        logits, y = token_rows(self.model(x), y)
         loss = F.cross_entropy(logits, y)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)

@@ -3,6 +3,8 @@
 from compresslab.data.base import ClassificationDataModule
 from compresslab.data.embedded import DigitsDataModule, MNIST1DDataModule
 from compresslab.data.folder import ImageFolderDataModule
+from compresslab.data.text import ShakespeareDataModule, TextDataModule, TextFileDataModule
+from compresslab.data.wikitext import WikiText2DataModule
 from compresslab.data.vision import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule
 
 __all__ = [
@@ -14,4 +16,8 @@ __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "ImageFolderDataModule",
+    "TextDataModule",
+    "TextFileDataModule",
+    "ShakespeareDataModule",
+    "WikiText2DataModule",
 ]

@@ -6,7 +6,7 @@ data (labels that exist, a subset that is not empty) stay in :mod:`compresslab.d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 from compresslab.config_schema import check_options, option
 
@@ -30,6 +30,9 @@ class DatasetOptions:
     unlabeled_fraction: float = option(ge=0, le=1)
     subset_seed: int = option(ge=0, le=MAX_SEED)
     exclude_classes: Union[None, int, list[int]] = option(ge=0, hint="class labels")
+    block_size: int = option(ge=2, hint="tokens per training sequence (text datasets)")
+    vocab_size: int = option(ge=2, hint="BPE vocabulary size (dataset.tokenizer=bpe)")
+    tokenizer: Literal["char", "bpe"] = option()
 
 
 def check_dataset_options(**values: Any) -> None:

@@ -137,6 +137,17 @@ def student_split(pool: Sequence[int], labels: torch.Tensor, num_classes: int, t
     return picked, hidden
 
 
+def token_rows(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence outputs as rows of a classification: logits ``(B, T, C)`` and targets ``(B, T)`` (a
+    causal LM's next-token predictions) become ``(B·T, C)`` and ``(B·T,)``; ``(B, C)`` / ``(B,)`` pass as
+    they are. Every loss and accuracy then counts each position (token-weighted)."""
+    if logits.dim() > 2:
+        logits = logits.reshape(-1, logits.shape[-1])
+    if target.dim() > 1:
+        target = target.reshape(-1)
+    return logits, target
+
+
 def labelled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy averaged over the samples that carry a label (``target != UNLABELED``);
     0 (with a gradient path) for a batch without any label."""

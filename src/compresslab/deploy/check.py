@@ -17,6 +17,7 @@ from typing import Mapping
 
 import torch
 
+from compresslab.data.regime import token_rows
 from compresslab.child_process import child_main, run_child
 
 
@@ -38,7 +39,9 @@ def run_check(pairs: Mapping[str, Mapping[str, str]], inputs: torch.Tensor, labe
 
 
 def compare(torch_logits: torch.Tensor, onnx_logits: torch.Tensor, labels: torch.Tensor) -> dict:
-    """The figures of one model (see the module doc)."""
+    """The figures of one model (see the module doc); sequence logits are compared per position."""
+    torch_logits, labels = token_rows(torch_logits, labels)
+    onnx_logits, _ = token_rows(onnx_logits, labels)
     return {
         "max_abs_diff": float((torch_logits - onnx_logits).abs().max()),
         "max_abs_logit": float(torch_logits.abs().max()),

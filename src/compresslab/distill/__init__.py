@@ -18,7 +18,7 @@ from compresslab.distill.adapters import FeatureAdapter
 from compresslab.distill.losses import FeatureLoss, LogitLoss
 from compresslab.distill.losses_crd import CRDLoss
 from compresslab.distill.losses_factor import FTLoss
-from compresslab.distill.losses_logit import DKDLoss, KDLoss, LSKDLoss
+from compresslab.distill.losses_logit import DKDLoss, KDLoss, LSKDLoss, ReverseKLLoss
 from compresslab.distill.losses_maps import ABLoss, ATLoss, FSPLoss, HintLoss, NSTLoss, VIDLoss
 from compresslab.distill.losses_ofd import OFDLoss
 from compresslab.distill.losses_relational import CCLoss, DISTLoss, PKTLoss, RKDLoss, SPLoss
@@ -36,6 +36,7 @@ __all__ = [
     "KDLoss",
     "LSKDLoss",
     "DKDLoss",
+    "ReverseKLLoss",
     "HintLoss",
     "ATLoss",
     "SPLoss",

@@ -71,6 +71,10 @@ class TeacherOutputCache:
 def check_cache_allowed(datamodule) -> None:
     """Refuse the teacher-output cache for a dataset whose training samples are augmented (the
     teacher's output for a sample would change between epochs, so a cache would be wrong)."""
+    if getattr(datamodule, "is_language_model", False):
+        raise ConfigError("cache_teacher_outputs=true is not supported for language models: a sample's teacher "
+                          "output is a (block_size x vocab) matrix, not one row of logits. Set "
+                          "distill.cache_teacher_outputs=false (the teacher then runs on every batch).")
     augmented = getattr(datamodule, "has_augmentation", None)
     if augmented is not False:
         why = ("its training data is randomly augmented" if augmented else

@@ -1,4 +1,4 @@
-"""Logit distillation losses: KD, KD with logit standardization, DKD."""
+"""Logit distillation losses: KD, KD with logit standardization, DKD, reverse KL (MiniLLM)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from compresslab.distill.losses import LogitLoss
 from compresslab.errors import ConfigError
 
-__all__ = ["KDLoss", "LSKDLoss", "DKDLoss", "standardize_logits", "kd_divergence"]
+__all__ = ["KDLoss", "LSKDLoss", "DKDLoss", "ReverseKLLoss", "standardize_logits", "kd_divergence", "reverse_kl"]
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -25,6 +25,14 @@ def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
     # Σ_c p_t (log p_t − log p_s), averaged over the batch, in one fused kernel (fewer ops per step)
     kl = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
     return kl * temperature ** 2
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T² · KL(softmax(s/T) ‖ softmax(t/T))`` averaged over the rows: the *student's* distribution
+    first (mode-seeking), where KD's forward KL puts the teacher's first (mode-covering)."""
+    log_q = F.log_softmax(student / temperature, dim=1)
+    log_p = F.log_softmax(teacher / temperature, dim=1)
+    return (log_q.exp() * (log_q - log_p)).sum(dim=1).mean() * temperature ** 2
 
 
 class KDLoss(LogitLoss):
@@ -113,3 +121,26 @@ class DKDLoss(LogitLoss):
         log_q_s, log_q_t = F.log_softmax(s_nt, dim=1), F.log_softmax(t_nt, dim=1)
         nckd = (log_q_t.exp() * (log_q_t - log_q_s)).sum(1).mean() * t ** 2
         return self.warmup_factor(epoch) * (self.alpha * tckd + self.beta * nckd)
+
+
+class ReverseKLLoss(LogitLoss):
+    """Reverse-KL distillation, the objective of MiniLLM (Gu, Dong, Wei & Huang 2024, "MiniLLM: Knowledge
+    Distillation of Large Language Models", ICLR): ``T²·KL(q_student ‖ p_teacher)`` per token position,
+    which makes the student concentrate on the teacher's major modes instead of spreading mass over
+    everything the teacher finds plausible (forward KL, :class:`KDLoss`).
+
+    What this implements of the paper: its loss, computed exactly over the vocabulary at every position of
+    the training sequences (teacher-forced, the "token-level reverse KL" that DistiLLM, Ko et al. 2024,
+    compares against). What it does not: MiniLLM optimises the *sequence-level* reverse KL with policy
+    gradients on sequences sampled from the student (single-step decomposition, teacher-mixed sampling,
+    length normalisation); that sampling loop is not part of this loss.
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ConfigError(f"reverse KL temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, student, teacher, *, target=None, epoch=0):
+        return reverse_kl(student, teacher.detach(), self.temperature)

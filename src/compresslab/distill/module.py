@@ -29,7 +29,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
-from compresslab.data.regime import UNLABELED, labelled_cross_entropy
+from compresslab.data.regime import UNLABELED, labelled_cross_entropy, token_rows
 from compresslab.distill.cache import TeacherOutputCache, check_cache_allowed, open_cache
 from compresslab.distill.frozen_teacher import FrozenTeacher
 from compresslab.distill.loss_config import FeatureEntry, check_weight, logit_loss_from, parse_feature_losses
@@ -173,6 +173,9 @@ class DistillationModule(ClassifierModule):
         t_logits, t_feats = self.frozen_teacher.outputs(x, index)
         with capture(self.model, self.student_taps) as s_feats:
             logits = self.model(x)
+        if logits.dim() > 2:  # a causal LM: every logit loss per token position (token_rows)
+            t_logits, _ = token_rows(t_logits, y)
+            logits, y = token_rows(logits, y)
         # A partly labelled transfer set (dataset.unlabeled_fraction): the hard-label loss only where
         # a label exists; losses that need a class (DKD's target, CRD) get the teacher's prediction there.
         ce = labelled_cross_entropy(logits, y, label_smoothing=self.label_smoothing)

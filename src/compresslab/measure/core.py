@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.benchmark import Timer
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from compresslab.data.regime import token_rows
+from compresslab.measure.lm import decode_contenders, decode_references, is_causal_lm, lm_speed_figures
 from compresslab.measure.latency import LatencySettings, measure_latencies, summarize, time_interleaved
 
 
@@ -78,11 +80,12 @@ def mean_call_ms(model: nn.Module, example: torch.Tensor, calls: int) -> float:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, batches: Iterable, device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``model`` over (x, y) batches, in eval mode."""
+    """Top-1 accuracy of ``model`` over (x, y) batches, in eval mode (a causal LM's: per token)."""
     model.eval()
     correct = total = 0
     for x, y in batches:
-        pred = model(x.to(device)).argmax(dim=1).cpu()
+        logits, y = token_rows(model(x.to(device)), y)
+        pred = logits.argmax(dim=1).cpu()
         correct += int((pred == y).sum())
         total += int(y.numel())
     return correct / total if total else float("nan")
@@ -119,7 +122,8 @@ def profile_many(
     (interleaved; speed-ups with intervals relative to ``"reference"``; the noise gate's verdict
     as ``latency_reliable`` / ``latency_unreliable_reason`` on every row). ``backends``
     (``{backend: {name: callable}}``, e.g. ONNX Runtime sessions) are timed in the same rounds and
-    nested under each row's ``backends`` (:func:`compresslab.measure.backends.attach`)."""
+    nested under each row's ``backends`` (:func:`compresslab.measure.backends.attach`). A causal LM also
+    has its decode step timed in the same rounds and its LM speed keys (:mod:`compresslab.measure.lm`)."""
     settings = settings or LatencySettings()
     rows = {name: static_profile(model, example_b1) for name, model in models.items()}
     if not latency:
@@ -131,6 +135,11 @@ def profile_many(
         from compresslab.measure.backends import contenders as with_backends
 
         contenders, references = with_backends(models, backends)
+    decoders = decode_contenders(models, example_b1, example_bn)  # causal LMs: decode through the KV cache
+    if decoders:
+        references = {**(references or {n: "reference" for n in models if "reference" in models}),
+                      **decode_references(decoders)}
+        contenders = {**contenders, **decoders}
     result = measure_latencies(contenders, example_b1, example_bn, settings, references)
     gate = result["gate"]
     for name, row in rows.items():
@@ -141,6 +150,8 @@ def profile_many(
                    latency_unreliable_reason=gate["reason"], latency_unreliable_short=gate["short_reason"],
                    latency_load=gate["load"],
                    latency_self_check=gate["self_check"])
+        if is_causal_lm(models[name]):
+            row.update(lm_speed_figures(result["models"], name, example_b1, example_bn))
     if backends:
         from compresslab.measure.backends import attach
 

@@ -21,6 +21,7 @@ MODEL_DEFINITIONS = {
     "compresslab.models.mobilenetv2": ("MobileNetV2",),
     "compresslab.models.tv": ("torchvision_model",),
     "compresslab.models.vit": ("ViT", "DeiT"),
+    "compresslab.models.lm": ("llama_lm", "gpt2_lm", "hf_causal_lm"),
 }
 MODEL_FACTORIES = Allowlist(
     "architecture _target_",

@@ -7,6 +7,10 @@ that need the same run (a dense baseline) share it, and a completed run found th
 (re-running the suite into the same ``--out`` resumes it). Teachers come from the teacher cache
 (``<out>/teachers`` unless ``--teacher-cache``). Every number of the table is computed from the
 records the jobs wrote.
+
+A job may use an earlier job's run dir (same seed) in an override as ``{run:<job>}``: the
+post-training claims train ONE model in a first job and compress that very model in the next ones
+(``student=hf_causal_lm student.arch.path={run:train}/artifacts/student_hf student.epochs=0``).
 """
 
 from __future__ import annotations
@@ -85,6 +89,19 @@ def _settings(base_cfg) -> list[str]:
     return out
 
 
+def earlier_runs(overrides: Sequence[str], dirs: dict[str, Path]) -> list[str]:
+    """``overrides`` with each ``{run:<job>}`` replaced by that earlier job's run dir."""
+    out = []
+    for item in overrides:
+        for name, path in dirs.items():
+            item = item.replace("{run:" + name + "}", str(path))
+        if "{run:" in item:
+            raise ValueError(f"override {item!r} names a job that has not run before it (jobs run in their "
+                             f"listed order; done: {list(dirs)})")
+        out.append(item)
+    return out
+
+
 @dataclass
 class Job:
     claim: str
@@ -106,13 +123,15 @@ class Suite:
     n_seeds: int = 3
     log: Any = print
     data_root: Path | None = None
+    overrides: list[str] = field(default_factory=list)  # --set: added to every job, last
     jobs: list[Job] = field(default_factory=list)
 
     def job_overrides(self, claim: Claim, job: str, seed: int, settings: Sequence[str]) -> list[str]:
         cache = self.teacher_cache or self.out / "teachers"
         root = [f"dataset.root={Path(self.data_root).resolve()}"] if self.data_root is not None else []
         return [f"experiment={claim.preset or 'repro/' + claim.claim}", *settings, *root, *claim.jobs[job],
-                *(claim.quick_overrides(job) if self.quick else []), f"seed={seed}", f"paths.teacher_cache={cache}"]
+                *(claim.quick_overrides(job) if self.quick else []), *self.overrides, f"seed={seed}",
+                f"paths.teacher_cache={cache}"]
 
     def seeds(self, claim: Claim) -> list[int]:
         seeds = list(claim.seeds)
@@ -169,9 +188,12 @@ class Suite:
             claim_jobs: list[Job] = []
             t0 = time.perf_counter()
             for seed in self.seeds(claim):
+                dirs: dict[str, Path] = {}
                 for name in claim.jobs:
-                    job = Job(claim.claim, name, seed, self.job_overrides(claim, name, seed, settings))
+                    job = Job(claim.claim, name, seed, earlier_runs(self.job_overrides(claim, name, seed, settings), dirs))
                     self.run_job(job)
+                    if job.run_dir is not None:
+                        dirs[name] = job.run_dir.resolve()
                     claim_jobs.append(job)
                     self.jobs.append(job)
                     state = "reused" if job.reused else f"{job.wall_s:.1f}s" if not job.error else f"FAILED {job.error}"

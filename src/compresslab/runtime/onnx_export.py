@@ -30,8 +30,10 @@ def example_input(input_shape: Sequence[int], batch: int = 2) -> torch.Tensor:
 
 
 def onnx_bytes(model: nn.Module, example: torch.Tensor, opset: int = OPSET) -> bytes:
-    """Serialized ONNX model of ``model(example)`` with a dynamic batch dimension (dynamo exporter)."""
+    """Serialized ONNX model of ``model(example)`` with a dynamic batch dimension (dynamo exporter).
+    A model that declares ``input_dtype`` (a causal LM: token ids) is traced with the example in it."""
     model = model.eval() if not isinstance(model, torch.fx.GraphModule) else model
+    example = example.to(getattr(model, "input_dtype", example.dtype))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         _quiet_exporter()

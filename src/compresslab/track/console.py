@@ -8,7 +8,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-_COLUMNS = [
+_COLUMNS = [  # a key no model has (a language model's, an image model's) leaves no row
+    ("perplexity", "test perplexity", "{:.3f}"),
     ("acc_top1", "test acc", "{:.4f}"),
     ("acc_top1_last", "acc (last ep)", "{:.4f}"),
     ("params", "params", "{:,}"),
@@ -20,6 +21,10 @@ _COLUMNS = [
     ("latency_ms_bN", "lat bN (ms)", "{:.3f}"),
     ("speedup_b1", "speed-up b1", "{:.2f}x"),
     ("speedup", "speed-up bN", "{:.2f}x"),
+    ("prefill_tokens_per_s_b1", "prefill tok/s b1", "{:,.0f}"),
+    ("prefill_tokens_per_s_bN", "prefill tok/s bN", "{:,.0f}"),
+    ("decode_ms_per_token_b1", "decode ms/tok b1", "{:.3f}"),
+    ("decode_ms_per_token_bN", "decode ms/tok bN", "{:.3f}"),
     ("expected_speedup_macs", "MACs ratio", "{:.2f}x"),
     ("train_time_s", "train (s)", "{:.1f}"),
 ]
@@ -36,6 +41,8 @@ def _fmt(value: Any, pattern: str) -> str:
 
 #: Cells whose figure comes from the clock: marked when the noise gate did not trust it.
 _TIMED = {"latency_ms_b1", "latency_ms_bN", "speedup_b1", "speedup"}
+#: a language model's timed figures (marked the same way; no "deferred" row for models without them)
+_LM_TIMED = {"prefill_tokens_per_s_b1", "prefill_tokens_per_s_bN", "decode_ms_per_token_b1", "decode_ms_per_token_bN"}
 
 
 def cell(row: Mapping[str, Any], key: str, pattern: str) -> str:
@@ -47,7 +54,7 @@ def cell(row: Mapping[str, Any], key: str, pattern: str) -> str:
     ci = row.get(f"{key}_ci")
     if key.startswith("speedup") and isinstance(ci, (list, tuple)) and len(ci) == 2 and None not in ci:
         text += f" [{ci[0]:.2f}-{ci[1]:.2f}]"
-    if key in _TIMED and row.get(key) is not None and row.get("latency_reliable") is False:
+    if key in _TIMED | _LM_TIMED and row.get(key) is not None and row.get("latency_reliable") is False:
         text += f" (unreliable: {row.get('latency_unreliable_short') or row.get('latency_unreliable_reason')})"
     return text
 

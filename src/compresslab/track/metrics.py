@@ -11,7 +11,7 @@ from compresslab.measure.latency import DERIVED_TIMED_FIGURES, TIMED_FIGURES
 #: (``backends.onnxruntime.latency_ms_bN``) is judged by its last part (:func:`base_metric`).
 LOWER_IS_BETTER = {"size_bytes", "params", "params_nonzero", "macs", "latency_ms_b1", "latency_ms_bN",
                    "latency_ms_b1_p90", "latency_ms_bN_p90", "latency_ms_b1_iqr", "latency_ms_bN_iqr",
-                   "train_time_s"}
+                   "train_time_s", "perplexity", "nll_per_token"}
 
 
 def base_metric(metric: str) -> str:

@@ -32,6 +32,7 @@ Formats:
 - :mod:`.lowrank` ``compresslab.lowrank/1``: arch spec + factorization plan + state dict
 - :mod:`.weight_sharing` ``compresslab.shared/1``: Huffman-coded shared weights (Deep Compression)
 - :mod:`.fuse_bn` ``compresslab.fused/1``: BatchNorm folded into conv/linear
+- :mod:`.packed_int` ``compresslab.packed_int/1``: group-wise 2..8-bit codes + fp16 scales (RTN, GPTQ, AWQ, SmoothQuant)
 - :mod:`.ort_int8` ``compresslab.onnx_qdq/1``: an ONNX Runtime QDQ model's bytes (ONNX: those bytes)
 
 Codec helpers: :mod:`.bitpack` (bit-packing, dtype names, flat containers), :mod:`.huffman`,

@@ -104,19 +104,29 @@ def packed_bytes(weights: Mapping[str, torch.Tensor], bits: int) -> int:
     return total
 
 
-def load_payload(payload: Mapping[str, Any]) -> nn.Module:
-    """Rebuild the model of a :data:`FORMAT` payload with torchao weight-only Linear weights."""
+def quantized_skeleton(payload: Mapping[str, Any], state: Mapping[str, torch.Tensor],
+                       shapes: Mapping[str, Sequence[int]], label: str) -> nn.Module:
+    """The payload's model (arch spec + structure) with ``state`` loaded, each Linear named in
+    ``shapes`` checked to have that weight shape (its quantized weight is the caller's to set)."""
     model = build_structure(payload["arch"], payload["input_shape"], payload["num_classes"],
                             payload.get("structure"))
-    quantized = payload["quantized"]
-    missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
-    left = sorted(set(missing) - {f"{name}.weight" for name in quantized})
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    left = sorted(set(missing) - {f"{name}.weight" for name in shapes})
     if left or unexpected:
-        raise CheckpointError(f"weight_only artifact does not match its architecture: missing {left[:4]}, "
+        raise CheckpointError(f"{label} artifact does not match its architecture: missing {left[:4]}, "
                               f"unexpected {list(unexpected)[:4]}")
-    for name, rec in quantized.items():
+    for name, shape in shapes.items():
         module = model.get_submodule(name)
-        if not isinstance(module, nn.Linear) or tuple(module.weight.shape) != tuple(rec["shape"]):
-            raise CheckpointError(f"weight_only artifact: {name} is not a Linear of shape {rec['shape']}")
-        module.weight = nn.Parameter(decode_weight(rec), requires_grad=False)
+        if not isinstance(module, nn.Linear) or list(module.weight.shape) != [int(s) for s in shape]:
+            raise CheckpointError(f"{label} artifact: {name} is not a Linear of shape {list(shape)}")
+    return model
+
+
+def load_payload(payload: Mapping[str, Any]) -> nn.Module:
+    """Rebuild the model of a :data:`FORMAT` payload with torchao weight-only Linear weights."""
+    quantized = payload["quantized"]
+    model = quantized_skeleton(payload, payload["state_dict"], {n: r["shape"] for n, r in quantized.items()},
+                               "weight_only")
+    for name, rec in quantized.items():
+        model.get_submodule(name).weight = nn.Parameter(decode_weight(rec), requires_grad=False)
     return model.eval()

@@ -1,4 +1,5 @@
-"""Pruning: unstructured masks (magnitude, AGP, regularize-then-cut, lottery rewinding, N:M) and
+"""Pruning: unstructured masks (magnitude, AGP, regularize-then-cut, lottery rewinding, N:M), one-shot
+post-training pruning of Linear layers from calibration inputs (Wanda, SparseGPT) and
 structured channel removal (torch-pruning's criteria; Network Slimming; attention heads), as Lightning callbacks on the
 student; sensitivity analysis.
 
@@ -14,8 +15,10 @@ from compresslab.compress.prune.nm import NMPruning
 from compresslab.compress.prune.masks import agp_sparsity, magnitude_masks
 from compresslab.compress.prune.sensitivity import SensitivityAnalysis, layer_sensitivity, write_sensitivity
 from compresslab.compress.prune.slimming import NetworkSlimming
+from compresslab.compress.prune.sparsegpt import SparseGPTPruning
 from compresslab.compress.prune.structured import StructuredPruning
 from compresslab.compress.prune.unstructured import AGPPruning, L1ThresholdPruning, UnstructuredPruning
+from compresslab.compress.prune.wanda import WandaPruning
 from compresslab.compress.structure import resize_to_state_dict
 
 __all__ = [
@@ -26,8 +29,10 @@ __all__ = [
     "NMPruning",
     "NetworkSlimming",
     "SensitivityAnalysis",
+    "SparseGPTPruning",
     "StructuredPruning",
     "UnstructuredPruning",
+    "WandaPruning",
     "agp_sparsity",
     "layer_sensitivity",
     "magnitude_masks",

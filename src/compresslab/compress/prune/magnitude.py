@@ -7,8 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
 from compresslab.compress.common import dense_state
+from compresslab.compress.prune.masks import magnitude_masks
+from compresslab.compress.prune.nm import nm_mask
+from compresslab.compress.prune.oneshot import check_pattern, pattern_export, pattern_report, split_by_multiple
 from compresslab.compress.prune.options import MagnitudeOptions
 from compresslab.compress.prune.unstructured import UnstructuredPruning
 from compresslab.errors import ConfigError
@@ -33,12 +37,34 @@ class MagnitudePruning(UnstructuredPruning):
     initialization distribution instead of rewound — each tensor's values at ``rewind_to`` in a
     random order (seeded by ``lottery.reinit_seed``), i.e. a fresh i.i.d. sample of the same
     distribution, unrelated to the mask.
+
+    ``at: null`` is one-shot post-training magnitude pruning (the baseline of Wanda and SparseGPT,
+    Sun et al. 2024 Table 3): after training, each selected layer loses its ``final_sparsity``
+    smallest-|w| weights (or, with ``n``/``m``, all but the ``n`` largest of every ``m``
+    consecutive input weights), with no fine-tuning; the same layers, patterns and artifacts as
+    :mod:`compresslab.compress.prune.oneshot`.
     """
 
     options = MagnitudeOptions
 
-    def __init__(self, name: str, at: int = 5, rounds: int = 1, lottery: dict | None = None, **kwargs: Any) -> None:
+    def __init__(self, name: str, at: int | None = 5, rounds: int = 1, lottery: dict | None = None,
+                 n: int | None = None, m: int | None = None, **kwargs: Any) -> None:
+        kwargs["final_sparsity"] = check_pattern(n, m, kwargs.get("final_sparsity", 0.9))
         super().__init__(name, **kwargs)
+        self.n, self.m = (None, None) if n is None else (int(n), int(m))
+        if self.n is not None and at is not None:
+            raise ConfigError(f"prune.n/prune.m with prune=magnitude need prune.at=null (one-shot after training); "
+                              f"for N:M during training use prune=nm (got prune.at={at})")
+        self.post_training = at is None
+        self.codec_kind = "nm" if self.n is not None else "sparse"
+        self._skipped: list[str] = []
+        if self.post_training:
+            if rounds != 1 or (lottery or {}).get("enabled"):
+                raise ConfigError("prune.at=null prunes once after training: prune.rounds must be 1 and "
+                                  "prune.lottery.enabled false")
+            self.scope = "layer" if self.n is not None else self.scope
+            self.rounds, self.rewind_to, self.lottery, self.at, self._points = 1, 0, False, None, []
+            return
         self.at = int(at)
         lot = dict(lottery or {})
         self.lottery = bool(lot.get("enabled", False))
@@ -63,6 +89,29 @@ class MagnitudePruning(UnstructuredPruning):
 
     def points(self) -> list[tuple[int, float]]:
         return list(self._points)
+
+    def prunable(self, model: nn.Module) -> dict[str, nn.Module]:
+        layers, self._skipped = split_by_multiple(super().prunable(model), self.m)
+        return layers
+
+    @torch.no_grad()
+    def prune_after_training(self, student: nn.Module, datamodule) -> None:
+        weights = {k: v.weight for k, v in self.prunable(student).items()}
+        if self.n is None:
+            masks = magnitude_masks(weights, self.final_sparsity, self.scope)
+        else:
+            masks = {k: nm_mask(w, self.n, self.m) for k, w in weights.items()}
+        for k, w in weights.items():
+            w.masked_fill_(~masks[k], 0.0)
+
+    def finalize(self, student: nn.Module, datamodule) -> nn.Module:
+        student = super().finalize(student, datamodule)
+        if self.post_training:
+            self._report.update(pattern_report(self, student))
+        return student
+
+    def export(self, student: nn.Module, context: dict[str, Any]) -> dict | None:
+        return pattern_export(self, student, context, lambda: super(MagnitudePruning, self).export(student, context))
 
     def before_point(self, cb, trainer, pl_module, t: int) -> None:
         if self.lottery and cb.rewind_state is None and t >= self.rewind_to:

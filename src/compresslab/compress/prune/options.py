@@ -29,7 +29,8 @@ class UnstructuredOptions:
     select_after_pruning: bool = option()
     encoding: Literal[ENCODINGS] = option()
     compression: Literal[COMPRESSIONS] = option()
-    epochs: Optional[int] = option(ge=1, hint=EPOCHS_HINT)
+    # 0: a trained LM pruned without training (student.epochs=0); a schedule then fails to fit, by name
+    epochs: Optional[int] = option(ge=0, hint=EPOCHS_HINT)
 
 
 @dataclass
@@ -68,9 +69,11 @@ class LotteryOptions:
 class MagnitudeOptions(UnstructuredOptions):
     """``prune=magnitude`` and ``prune=lottery``."""
 
-    at: int = option(ge=0)
+    at: Optional[int] = option(ge=0, hint="null: one-shot after training, no fine-tuning")
     rounds: int = option(ge=1)
     lottery: Optional[LotteryOptions] = option()
+    n: Optional[int] = option(ge=1, hint="with prune.m and prune.at=null: n nonzeros in every m inputs")
+    m: Optional[int] = option(ge=2, le=256, hint="null: unstructured")
 
 
 @dataclass
@@ -162,3 +165,26 @@ class NMOptions:
     exclude: list[str] = option(hint="module-name patterns left dense")
     select_after_pruning: bool = option()
     epochs: Optional[int] = option(ge=1, hint=EPOCHS_HINT)
+
+
+@dataclass
+class OneShotOptions:
+    """``prune=wanda`` (and the base of ``prune=sparsegpt``): one-shot post-training pruning."""
+
+    final_sparsity: float = option(ge=0, lt=1, hint="fraction of each pruned layer's weights set to zero")
+    n: Optional[int] = option(ge=1, hint="null: unstructured; with prune.m: n nonzeros in every m inputs")
+    m: Optional[int] = option(ge=2, le=256, hint="null: unstructured; group size of N:M sparsity")
+    num_calibration_batches: int = option(ge=1)
+    calibration_split: Literal["train", "val"] = option()
+    include_classifier: bool = option(hint="prune the output layer (an LM's lm_head) too")
+    exclude: list[str] = option(hint="module-name patterns never pruned")
+    encoding: Literal[ENCODINGS] = option()
+    compression: Literal[COMPRESSIONS] = option()
+
+
+@dataclass
+class SparseGPTOptions(OneShotOptions):
+    """``prune=sparsegpt``."""
+
+    blocksize: int = option(ge=1, hint="columns per lazy-update block")
+    percdamp: float = option(gt=0, hint="Hessian dampening, a fraction of its mean diagonal")

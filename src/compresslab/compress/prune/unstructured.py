@@ -62,6 +62,9 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
     """
 
     codec_kind = "sparse"
+    #: True for a method that prunes once after training (no callback, no fine-tuning): its
+    #: :meth:`prune_after_training` runs at the start of :meth:`finalize`
+    post_training = False
 
     def __init__(
         self,
@@ -114,6 +117,9 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
     def add_penalty_grad(self, cb: UnstructuredPruningCallback, weights: dict[str, torch.Tensor]) -> None:
         """Add a regularizer's gradient to the prunable weights' grads (default: none)."""
 
+    def prune_after_training(self, student: nn.Module, datamodule) -> None:
+        """Prune the trained student in place (the :attr:`post_training` methods)."""
+
     def _check_schedule(self) -> None:
         pts = self.points()
         check_schedule_fits(pts[-1][0], self.unit, self.epochs, f"prune={self.name}")
@@ -126,14 +132,18 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
         return student
 
     def callbacks(self) -> list[Callback]:
+        if self.post_training:
+            return []
         self._callback = UnstructuredPruningCallback(self)
         return [self._callback]
 
     @torch.no_grad()
     def finalize(self, student: nn.Module, datamodule) -> nn.Module:
+        if self.post_training:
+            self.prune_after_training(student, datamodule)
         cb = self._callback
         layers = self.prunable(student)
-        selected = "val-best"
+        selected = "val-best, pruned after training (no fine-tuning)" if self.post_training else "val-best"
         if cb is not None and cb.masks:
             stale = any(bool((layers[n].weight.detach()[~m.to(layers[n].weight.device)] != 0).any())
                         for n, m in cb.masks.items() if n in layers)
@@ -161,7 +171,7 @@ class UnstructuredPruning(CompressionMethod, abc.ABC):
             "macs_after": count_macs(student, example),
             "macs_nonzero": nonzero_macs(student, example),
             "selected_weights": selected,
-            "schedule_done": bool(cb.done) if cb is not None else False,
+            "schedule_done": bool(cb.done) if cb is not None else self.post_training,
             "schedule_history": list(cb.history) if cb is not None else [],
             "layer_sparsity": {r["layer"]: round(r["sparsity"], 6) for r in self._table},
         })

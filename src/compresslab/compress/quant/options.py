@@ -111,3 +111,44 @@ class WeightOnlyOptions:
     group_size: Optional[int] = option(ge=1, hint="input weights per scale; null = one scale per output channel")
     include_classifier: bool = option()
     exclude: list[str] = option(hint="Linear name patterns left fp32")
+
+
+@dataclass
+class LLMQuantOptions:
+    """``quant=rtn`` (and the options ``gptq`` / ``awq`` share with it)."""
+
+    bits: int = option(ge=2, le=8, hint="bits per weight code")
+    group_size: Optional[int] = option(ge=1, hint="input weights per scale (must divide every selected Linear's "
+                                               "input width); null = one scale per output channel")
+    symmetric: bool = option()
+    include_classifier: bool = option(hint="quantize the output layer (lm_head) too")
+    exclude: list[str] = option(hint="Linear name patterns left fp32")
+    num_calibration_batches: int = option(ge=1)
+    calibration_split: Split = option()
+
+
+@dataclass
+class GPTQOptions(LLMQuantOptions):
+    """``quant=gptq``."""
+
+    damp: float = option(ge=0, lt=1, hint="dampening as a fraction of the mean Hessian diagonal")
+    act_order: bool = option()
+    block_size: int = option(ge=1)
+
+
+@dataclass
+class AWQOptions(LLMQuantOptions):
+    """``quant=awq``."""
+
+    n_grid: int = option(ge=2, le=1000, hint="exponents alpha = k / n_grid searched")
+
+
+@dataclass
+class SmoothQuantOptions:
+    """``quant=smoothquant``."""
+
+    alpha: float = option(ge=0, le=1, hint="migration strength")
+    include_classifier: bool = option(hint="quantize the output layer (lm_head) too")
+    exclude: list[str] = option(hint="Linear name patterns left fp32")
+    num_calibration_batches: int = option(ge=1)
+    calibration_split: Split = option()

@@ -20,7 +20,6 @@ carry ``backend`` and ``fallback_reason``:
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from typing import Any
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from compresslab.compress.base import CompressionMethod
+from compresslab.compress.calibration import calibration_batches
 from compresslab.compress.codecs import int8 as int8_pt2e
 from compresslab.compress.common import select_layers
 from compresslab.compress.quant import pt2e
@@ -37,14 +37,6 @@ from compresslab.compress.quant.options import PT2EOptions
 from compresslab.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def calibration_batches(datamodule, n: int, split: str = "train") -> list[torch.Tensor]:
-    """The inputs of the first ``n`` batches of the datamodule's ``split`` loader."""
-    if split not in ("train", "val"):
-        raise ConfigError(f"quant.calibration_split must be train or val, got {split!r}")
-    loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
-    return [batch[0].cpu() for batch in itertools.islice(loader, max(0, int(n)))]
 
 
 class PT2EInt8(CompressionMethod):
