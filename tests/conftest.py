@@ -12,8 +12,21 @@ from hydra.core.global_hydra import GlobalHydra
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+#: Under pytest-xdist (``make test`` runs ``-n 2``) every worker, and every process a test starts
+#: (they inherit os.environ), uses one intra-op thread: two workers with one thread per core each
+#: on CI's 2 cores would oversubscribe them, and torch's spinning OpenMP threads then wait on each
+#: other's time slices (many times slower than one thread). Set before torch is imported here.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
+TESTS_DIR = ROOT / "tests"
 
 #: Overrides that make a run take seconds: 1 epoch, few batches, short latency loops.
 FAST = [
@@ -48,3 +61,32 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), fast: bool = True)
 def make_cfg(tmp_path):
     """``make_cfg(overrides)`` -> a fast composed config writing under this test's tmp dir."""
     return lambda overrides=(), fast=True: compose_config(tmp_path, overrides, fast)
+
+
+def _shared_fixture_group(item) -> str | None:
+    """The xdist group of a test that uses a session- or module-scoped fixture defined in tests/
+    (the SLURM cluster, a module's trained model or export): ``--dist loadgroup`` (make test) runs
+    the group on one worker, so the fixture is built once, as in a serial run. A session fixture
+    names the group; the tests using a module's own fixtures form a group named after the module."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    shared = {}
+    for name in item.fixturenames:
+        for fixturedef in info.name2fixturedefs.get(name, ()):
+            if fixturedef.scope in ("session", "module") and TESTS_DIR in Path(fixturedef.func.__code__.co_filename).parents:
+                shared.setdefault(fixturedef.scope, []).append(name)
+    if shared.get("session"):
+        return min(shared["session"])
+    if shared.get("module"):
+        return item.module.__name__
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node ids
+def pytest_collection_modifyitems(config, items):
+    """Group the tests that share a session or module fixture of ours (:func:`_shared_fixture_group`)."""
+    for item in items:
+        group = _shared_fixture_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
