@@ -15,7 +15,8 @@ os.environ.setdefault("WANDB_SILENT", "true")
 #: Under pytest-xdist (``make test`` runs ``-n 2``) every worker, and every process a test starts
 #: (they inherit os.environ), uses one intra-op thread: two workers with one thread per core each
 #: on CI's 2 cores would oversubscribe them, and torch's spinning OpenMP threads then wait on each
-#: other's time slices (many times slower than one thread). Set before torch is imported here.
+#: other's time slices (many times slower than one thread). The variables reach the children (and
+#: the OpenMP runtime, when torch is first imported after this); set_num_threads this worker.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -74,7 +75,8 @@ def _shared_fixture_group(item) -> str | None:
     shared = {}
     for name in item.fixturenames:
         for fixturedef in info.name2fixturedefs.get(name, ()):
-            if fixturedef.scope in ("session", "module") and TESTS_DIR in Path(fixturedef.func.__code__.co_filename).parents:
+            where = getattr(getattr(fixturedef.func, "__code__", None), "co_filename", "")
+            if fixturedef.scope in ("session", "module") and TESTS_DIR in Path(where).parents:
                 shared.setdefault(fixturedef.scope, []).append(name)
     if shared.get("session"):
         return min(shared["session"])
