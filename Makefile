@@ -2,8 +2,8 @@
 # its ablation table) on the embedded digits dataset; `make test` runs the test suite.
 # Both create .venv and install the project on first use; the stamp file makes
 # later calls skip the install until pyproject.toml changes. `make test` runs the tests on
-# PYTEST_WORKERS pytest-xdist workers (2: CI's 2 cores; 0 runs them in this process), grouped
-# by pyproject's `--dist loadgroup` (the SLURM tests share one worker and its cluster).
+# PYTEST_WORKERS pytest-xdist workers (2: CI's 2 cores; 0 runs them in this process), a test
+# file per worker at a time (pyproject's `--dist loadfile`: the SLURM tests share one cluster).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python

@@ -27,7 +27,6 @@ if XDIST_WORKER:
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
-TESTS_DIR = ROOT / "tests"
 
 #: Overrides that make a run take seconds: 1 epoch, few batches, short latency loops.
 FAST = [
@@ -63,32 +62,3 @@ def make_cfg(tmp_path):
     """``make_cfg(overrides)`` -> a fast composed config writing under this test's tmp dir."""
     return lambda overrides=(), fast=True: compose_config(tmp_path, overrides, fast)
 
-
-def _shared_fixture_group(item) -> str | None:
-    """The xdist group of a test that uses a session- or module-scoped fixture defined in tests/
-    (the SLURM cluster, a module's trained model or export): ``--dist loadgroup`` (make test) runs
-    the group on one worker, so the fixture is built once, as in a serial run. A session fixture
-    names the group; the tests using a module's own fixtures form a group named after the module."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return None
-    shared = {}
-    for name in item.fixturenames:
-        for fixturedef in info.name2fixturedefs.get(name, ()):
-            where = getattr(getattr(fixturedef.func, "__code__", None), "co_filename", "")
-            if fixturedef.scope in ("session", "module") and TESTS_DIR in Path(where).parents:
-                shared.setdefault(fixturedef.scope, []).append(name)
-    if shared.get("session"):
-        return min(shared["session"])
-    if shared.get("module"):
-        return item.module.__name__
-    return None
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node ids
-def pytest_collection_modifyitems(config, items):
-    """Group the tests that share a session or module fixture of ours (:func:`_shared_fixture_group`)."""
-    for item in items:
-        group = _shared_fixture_group(item)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
