@@ -78,6 +78,20 @@ def test_int8_artifact_runs_onednn_int8_ops_close_to_fp32(int8_case):
         assert torch.allclose(loaded(x[:1]), out[:1], atol=1e-5)
 
 
+def test_public_lowering_keeps_the_batch_dynamic_and_refuses_a_batch_specialized_graph(monkeypatch):
+    mlp = build_model({"_target_": "compresslab.models.MLP", "hidden": [16]}, SHAPE, 10).eval()
+    example = torch.zeros(2, *SHAPE)
+    converted, _ = pt2e.quantize_pt2e(mlp, example, [torch.randn(8, *SHAPE)], "static")
+    lowered = pt2e.lower_x86(converted, example)  # torchao's public lower_pt2e_quantized_to_x86
+    assert pt2e.int8_ops(lowered) == ["onednn.qlinear_pointwise.default"]
+    x = torch.randn(5, *SHAPE)
+    with torch.no_grad():  # the flatten's reshape reads the batch size at run time
+        assert torch.allclose(lowered(x)[:1], lowered(x[:1]), atol=1e-6)
+    monkeypatch.setattr(pt2e, "_BATCH_SOURCE", "")  # torchao's export alone bakes in the example's batch
+    with pytest.raises(RuntimeError, match="specialized the batch dimension to 2"):
+        pt2e.lower_x86(converted, example)
+
+
 def test_int8_artifact_sizes_params_and_macs(int8_case):
     model = int8_case["model"]
     payload = read_payload(int8_case["path"])

@@ -80,7 +80,7 @@ def make_payload(converted: torch.fx.GraphModule, context: Mapping[str, Any], st
         "constants": pack_state(constants),
         "constants_dtype": dtypes,
         "qparams": graph_qparams(converted),
-        "torch_version": str(torch.__version__),
+        "torch_version": str(torch.version.__version__),
         "meta": dict(meta or {}),
     }
 

@@ -7,9 +7,10 @@ Flow (what PyTorch recommends since ``torch.ao.quantization`` was deprecated):
 uint8 per-tensor affine, static with observers calibrated on training batches, or dynamic
 for Linear layers) -> calibration -> ``convert_pt2e`` (a reference graph of
 quantize/dequantize ops around fp32 ops, with int8 weight constants) -> x86 lowering
-(:func:`lower_x86`: inductor's freezing passes rewrite the q/dq patterns into
-``onednn.qconv_pointwise`` / ``qlinear_pointwise`` calls on prepacked int8 weights), which
-runs real int8 compute in eager mode without code generation.
+(:func:`lower_x86`: torchao's ``lower_pt2e_quantized_to_x86``, whose freezing passes rewrite
+the q/dq patterns into ``onednn.qconv_pointwise`` / ``qlinear_pointwise`` calls on prepacked
+int8 weights), which runs real int8 compute in eager mode without code generation. Only
+public torch/torchao APIs are used.
 
 The artifact format (``compresslab.int8_pt2e/1``: plain data, no serialized graph) and its
 loader, which runs this same deterministic flow on a freshly built model and installs the
@@ -159,35 +160,39 @@ def _get_attr(gm: nn.Module, target: str):
     return getattr(owner, attr)
 
 
+# The strict ``torch.export`` inside torchao's lowering traces the module's inputs under this
+# source name; marking its dim 0 dynamic keeps the batch symbolic (``torch.compiler.config`` is
+# public, the name is what torch.export's strict tracer calls its flattened positional inputs).
+_BATCH_SOURCE = r"L\['flat_args'\]\[0\]$:0"
+
+
 def lower_x86(converted: torch.fx.GraphModule, example: torch.Tensor) -> torch.fx.GraphModule:
-    """Lower a converted PT2E graph to oneDNN int8 ops (torchao's ``lower_pt2e_quantized_to_x86``
-    with a dynamic batch dimension, and ``view`` made layout-agnostic)."""
-    from torch._inductor.constant_folding import constant_fold
-    from torch._inductor.fx_passes.freezing_patterns import freezing_passes
+    """Lower a converted PT2E graph to oneDNN int8 ops with torchao's public
+    ``lower_pt2e_quantized_to_x86`` (inductor's freezing passes rewrite the q/dq patterns into
+    ``onednn.qconv_pointwise`` / ``qlinear_pointwise`` on prepacked int8 weights).
+
+    torchao exports with no ``dynamic_shapes``; ``torch.compiler.config.dynamic_sources`` marks
+    the input's batch dimension dynamic for that export, so the lowered graph reads the batch
+    size at run time (``sym_size``) instead of baking in the example's. Two fixes on the result:
+    ``view`` becomes ``reshape`` (oneDNN outputs can be channels-last), and the graph is
+    re-wrapped in a plain ``GraphModule``, dropping the unlifted module's input check, which
+    the freezing passes' shape propagation pinned to the example's batch size. A graph that
+    still fails at batch 1 raises (the caller falls back to the reference graph)."""
+    from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
 
     _torchao()
-    decomp = torch.export.default_decompositions()
-    for op in list(decomp.keys()):
-        if not torch._export.utils._is_cia_op(op):
-            del decomp[op]
-    lowered = torch.export.export(converted, (example,), dynamic_shapes=({0: _batch_dim()},),
-                                  strict=False).run_decompositions(decomp).module()
-    graph = lowered.graph
-    aten = torch.ops.aten
-    for node in list(graph.nodes):
-        if node.target == aten.t.default:
-            with graph.inserting_before(node):
-                new = graph.call_function(aten.permute.default, args=(node.args[0], [1, 0]))
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-    lowered.recompile()
-    with torch.no_grad():
-        freezing_passes(lowered, (example,))
-        constant_fold(lowered)
-    for node in lowered.graph.nodes:  # oneDNN outputs can be channels-last: view -> reshape
-        if node.target == aten.view.default:
-            node.target = aten.reshape.default
-    lowered.recompile()
+    with torch.no_grad(), torch.compiler.config.patch(dynamic_sources=_BATCH_SOURCE):
+        lowered = lower_pt2e_quantized_to_x86(converted, (example,))
+    for node in lowered.graph.nodes:
+        if node.target == torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    lowered = torch.fx.GraphModule(lowered, lowered.graph)
+    try:
+        with torch.no_grad():
+            lowered(example[:1])
+    except RuntimeError as exc:
+        raise RuntimeError(f"the x86 lowering specialized the batch dimension to {example.shape[0]} "
+                           f"(batch 1 fails: {exc})") from exc
     return lowered
 
 
