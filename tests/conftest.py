@@ -12,6 +12,19 @@ from hydra.core.global_hydra import GlobalHydra
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+#: Under pytest-xdist (``make test`` runs ``-n 2``) every worker, and every process a test starts
+#: (they inherit os.environ), uses one intra-op thread: two workers with one thread per core each
+#: on CI's 2 cores would oversubscribe them, and torch's spinning OpenMP threads then wait on each
+#: other's time slices (many times slower than one thread). The variables reach the children (and
+#: the OpenMP runtime, when torch is first imported after this); set_num_threads this worker.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 
@@ -48,3 +61,4 @@ def compose_config(tmp_path: Path, overrides: list[str] = (), fast: bool = True)
 def make_cfg(tmp_path):
     """``make_cfg(overrides)`` -> a fast composed config writing under this test's tmp dir."""
     return lambda overrides=(), fast=True: compose_config(tmp_path, overrides, fast)
+

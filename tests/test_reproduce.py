@@ -107,7 +107,9 @@ def test_quick_suite_gives_a_row_and_a_figure_per_claim(tmp_path):
                           timeout=300)
     wall = time.perf_counter() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert wall < 120
+    # a guard against a claim's quick schedule turning into its full one (which take tens of minutes),
+    # not a speed target: the run shares 2 cores with an xdist neighbour in CI
+    assert wall < 280
     rows = json.loads((out / "reproduce.json").read_text())
     assert [r["claim"] for r in rows] == CLAIMS
     for r in rows:

@@ -38,7 +38,8 @@ LAUNCHER = ["-m", "hydra/launcher=slurm_local"]
 
 @pytest.fixture(scope="session")
 def slurm_cluster(request):
-    """The session's local cluster (started on first use, stopped by its pids at the end)."""
+    """The session's local cluster (started on first use, stopped by its pids at the end). `make test`
+    runs each test file on one xdist worker (--dist loadfile): keep the tests that use it in this file."""
     reason = unavailable_reason()
     if reason:
         if os.environ.get("COMPRESSLAB_REQUIRE_SLURM") == "1":
