@@ -220,6 +220,9 @@ def _axis_pairs():
 #: pairs with no student both methods accept, refused by validate (checked above)
 CANNOT_COMBINE = {("prune=heads", "quant=ort_int8"): "heads needs attention, ort_int8 refuses attention models"}
 
+#: the LLM quantization methods: hidden nn.Linear layers only, unless quant.include_classifier=true
+LINEAR_ONLY_QUANT = {"quant=rtn", "quant=gptq", "quant=awq", "quant=smoothquant"}
+
 PAIR_OVERRIDES = ["teacher=none", "student.epochs=12", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
                   "measure.latency_round_ms=1", "measure.latency_rounds=1"]
 
@@ -234,6 +237,8 @@ def test_every_pair_of_compression_axes_composes_and_validates(make_cfg):
         bn_student = ["student=resnet8"] if "prune=slimming" in pair else []  # slimming ranks BN scales
         if "prune=heads" in pair:  # head pruning needs attention heads
             bn_student = ["student=vit_tiny", "student.arch.depth=1"]
+        if "prune=slimming" in pair and set(pair) & LINEAR_ONLY_QUANT:  # resnet8's one Linear is its classifier
+            bn_student.append("quant.include_classifier=true")
         cfg = make_cfg([*pair, *PAIR_OVERRIDES, *bn_student])
         if dm is None:
             dm = build_datamodule(cfg)

@@ -186,6 +186,25 @@ def test_methods_on_a_tiny_llama(method):
         assert "model.layers.0.self_attn.q_proj" in rep["folded_into"]
 
 
+@pytest.mark.parametrize("method", [AWQQuant("awq", bits=4, group_size=16, n_grid=5),
+                                    SmoothQuant("smoothquant", alpha=0.5)])
+def test_smoothing_never_folds_into_a_linear_an_earlier_group_quantized(method):
+    """Linear -> in-place ReLU -> Linear: the second Linear's input *is* the first one's output tensor,
+    so the first is its producer; it was quantized with the first group, so 1/s goes to run time."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(inplace=True), nn.Linear(32, 32), nn.ReLU(inplace=True),
+                          nn.Linear(32, 10))
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        ref = model(x)
+    method.include_classifier = True
+    out = method.finalize(model, _Calib(x, 16))
+    rep = method.report()
+    assert rep["folded_into"] == {}  # the one Linear producer was already quantized: nothing folded
+    with torch.no_grad():
+        assert (out(x) - ref).abs().max() < 0.5 * ref.abs().max()
+
+
 def test_bad_options_name_the_key():
     with pytest.raises(ConfigError, match="quant.bits"):
         RTNQuant("rtn", bits=9)

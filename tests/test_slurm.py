@@ -275,7 +275,8 @@ def _slurm_log_err(sweep: Path, job_id: str, task: int) -> str:
 def test_preempted_job_checkpoints_requeues_and_resumes_where_it_was(cluster, tmp_path):
     # two identical jobs on one CPU each; an urgent job then takes one job's CPUs: SLURM preempts it
     per_job = max(1, cluster.cpus // 2)
-    epochs = 10  # full digits epochs: the fit must outlast the ~1 s from the first last.ckpt to the signal
+    epochs = 40  # full digits epochs: the fit must outlast the seconds from the first last.ckpt to the signal
+    # (an mlp epoch on resident digits tensors is ~0.1 s since issue #25; 10 epochs ended before the signal)
     sweep, proc = _sweep(cluster, tmp_path, [
         "+run=a,b", "teacher=none", "student=mlp", f"student.epochs={epochs}", "logger=wandb",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "measure.fresh_process=false",

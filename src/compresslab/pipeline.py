@@ -212,8 +212,9 @@ def fit_student(cfg: DictConfig, dm, methods: Sequence[CompressionMethod], teach
     for method in methods:
         student = method.prepare(student, dm)
     module = build_student_module(cfg, student, teacher, dm.num_classes)
-    callbacks = [cb for m in methods for cb in m.callbacks()] + list(extra_callbacks)
-    check_no_fit_callbacks(int(cfg.student.epochs), [cb for m in methods for cb in m.callbacks()])
+    method_callbacks = [cb for m in methods for cb in m.callbacks()]  # once: a method keeps the one it made
+    check_no_fit_callbacks(int(cfg.student.epochs), method_callbacks)
+    callbacks = method_callbacks + list(extra_callbacks)
     if int(cfg.student.epochs) == 0:  # a trained LM (hf_causal_lm) given to post-training methods as it is
         return student.eval(), untrained_fit()
     fit = fit_with_checkpoints(module, dm, trainer_factory, run_dir / "checkpoints" / "student",

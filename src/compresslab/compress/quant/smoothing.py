@@ -81,6 +81,8 @@ def fold_smoothing(model: nn.Module, group: Sequence[str], s: torch.Tensor, exam
     if producer is not None and not (_is_norm(producer, width) or
                                      (isinstance(producer, nn.Linear) and producer.out_features == width)):
         producer = None
+    if producer is not None and type(producer.weight.detach()) is not torch.Tensor:
+        producer = None  # already quantized by an earlier group (a torchao tensor): its codes stay as they are
     for layer in group:
         model.get_submodule(layer).weight.data.mul_(s.unsqueeze(0))
     if producer is None:
