@@ -170,13 +170,14 @@ class ClassificationDataModule(pl.LightningDataModule, ABC):
         """Fail early, naming the path and the download option, when files are missing."""
         if self.download:
             return
-        missing = [p for p in self.expected_files() if not Path(p).exists()]
+        self.refuse_missing([p for p in self.expected_files() if not Path(p).exists()],
+                            "Set dataset.root=<dir with the files>, or dataset.download=true on a machine with internet.")
+
+    def refuse_missing(self, missing: Sequence[Path], what_to_do: str) -> None:
+        """:class:`DatasetNotFoundError` naming the dataset, its root, the first missing paths and the way out."""
         if missing:
-            raise DatasetNotFoundError(
-                f"Dataset '{self.name}' not found under {self.root.resolve()} "
-                f"(missing: {', '.join(str(m) for m in missing[:3])}). "
-                f"Set dataset.root=<dir with the files>, or dataset.download=true on a machine with internet."
-            )
+            raise DatasetNotFoundError(f"Dataset '{self.name}' not found under {self.root.resolve()} "
+                                       f"(missing: {', '.join(str(m) for m in missing[:3])}). {what_to_do}")
 
     def prepare_data(self) -> None:
         self.check_available()

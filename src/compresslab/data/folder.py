@@ -11,7 +11,7 @@ from torchvision import datasets, transforms
 
 from compresslab.data.checks import check_image_tree, checked_loader, verify_images
 from compresslab.data.vision import IMAGENET_MEAN, IMAGENET_STD, _SharedTrainFiles
-from compresslab.errors import ConfigError, DatasetNotFoundError
+from compresslab.errors import ConfigError
 
 
 # ---- ImageNet-style folders --------------------------------------------------
@@ -69,14 +69,10 @@ class ImageFolderDataModule(_SharedTrainFiles):
 
     def check_available(self) -> None:
         # An ImageFolder tree cannot be downloaded, so check even with download=true.
-        missing = [p for p in self.expected_files() if not Path(p).is_dir()]
-        if missing:
-            raise DatasetNotFoundError(
-                f"Dataset '{self.name}' not found under {self.root.resolve()} "
-                f"(missing: {', '.join(str(m) for m in missing)}). Set dataset.root=<dir with "
-                f"{self.train_dir.name}/ and {self.test_dir.name}/ class folders>; torchvision cannot fetch an "
-                f"ImageFolder tree, so dataset.download=true does not help here."
-            )
+        self.refuse_missing([p for p in self.expected_files() if not Path(p).is_dir()],
+                            f"Set dataset.root=<dir with {self.train_dir.name}/ and {self.test_dir.name}/ class "
+                            "folders>; torchvision cannot fetch an ImageFolder tree, so dataset.download=true does "
+                            "not help here.")
 
     def train_transform(self) -> Callable:
         if self.augment:

@@ -17,6 +17,7 @@ sequences (GPTQ, AWQ, SmoothQuant, Wanda and SparseGPT calibrate on such segment
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -79,15 +80,9 @@ class TextDataModule(ClassificationDataModule):
         self.token_counts: dict[str, int] = {}
 
     # ---- what a subclass gives ------------------------------------------------------------
+    @abstractmethod
     def split_texts(self) -> tuple[str, str, str]:
-        """(train, val, test) texts: contiguous parts of :meth:`read_text`, test last."""
-        text = self.read_text()
-        n = len(text)
-        a, b = int(n * (1 - self.val_fraction - self.test_fraction)), int(n * (1 - self.test_fraction))
-        return text[:a], text[a:b], text[b:]
-
-    def read_text(self) -> str:
-        raise NotImplementedError
+        """(train, val, test) texts: a file's contiguous parts, or a dataset's own splits."""
 
     def tokenizer_cache_dir(self) -> Path | None:
         """Where a trained BPE tokenizer is cached (``<dataset.root>/tokenizers``)."""
@@ -180,7 +175,15 @@ class TextFileDataModule(TextDataModule):
             raise DatasetNotFoundError(f"dataset.path={str(self.path)!r}: no such file ({self.path.resolve()}). "
                                        "Point dataset.path at a UTF-8 text file.")
 
+    def split_texts(self) -> tuple[str, str, str]:
+        """(train, val, test): contiguous parts of the file, test last."""
+        text = self.read_text()
+        n = len(text)
+        a, b = int(n * (1 - self.val_fraction - self.test_fraction)), int(n * (1 - self.test_fraction))
+        return text[:a], text[a:b], text[b:]
+
     def read_text(self) -> str:
+        """The file's text (UTF-8)."""
         try:
             return self.path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:

@@ -28,6 +28,7 @@ under ``nm_skipped``). An N:M result is stored with the compact N:M codec
 
 from __future__ import annotations
 
+import abc
 import logging
 import time
 from typing import Any, Mapping, Sequence
@@ -126,9 +127,9 @@ class OneShotPruning(UnstructuredPruning):
                               f"(skipped for prune.m={self.m}: {self._skipped[:6]}); check prune.exclude / "
                               "prune.include_classifier / prune.m")
 
+    @abc.abstractmethod
     def pruned_weight(self, weight: torch.Tensor, stats: InputStats) -> torch.Tensor:
         """The pruned (and, for SparseGPT, reconstructed) weight from the layer's calibration statistics."""
-        raise NotImplementedError
 
     @torch.no_grad()
     def prune_after_training(self, student: nn.Module, datamodule) -> None:
