@@ -140,3 +140,105 @@ def test_only_inherited_no_op_step_hooks_are_skipped_and_a_fit_still_calls_the_o
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=loader)
     trainer.test(module, dataloaders=loader, verbose=False)
     assert Counting.calls == 3 and trainer.global_step == 3 and callable(module.on_validation_batch_end)
+
+
+class _TensorData:
+    """64 fixed samples of 1x4x4 in 3 classes, batches of 16 in a fixed order (train = val = test)."""
+
+    def __new__(cls):
+        import pytorch_lightning as pl
+        from torch.utils.data import DataLoader, TensorDataset
+
+        class Data(pl.LightningDataModule):
+            def __init__(self):
+                super().__init__()
+                g = torch.Generator().manual_seed(0)
+                self.data = TensorDataset(torch.randn(64, 1, 4, 4, generator=g), torch.randint(0, 3, (64,), generator=g))
+
+            def _loader(self):
+                return DataLoader(self.data, batch_size=16)
+
+            train_dataloader = val_dataloader = test_dataloader = _loader
+
+        return Data()
+
+
+class _EpochRates:
+    """The learning rate each training epoch starts with, and the global step at each epoch's end."""
+
+    def __new__(cls):
+        from pytorch_lightning.callbacks import Callback
+
+        class Rates(Callback):
+            def __init__(self):
+                self.lrs, self.steps = [], []
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                self.steps.append(trainer.global_step)
+
+        return Rates()
+
+
+def _fit(tmp_path, name, epochs=4, automatic=None, resume=False, **trainer_kwargs):
+    """A ClassifierModule (AdamW, cosine over 4 epochs) fitted by fit_with_checkpoints; returns the
+    module, the per-epoch rates callback and whether the fit ran Lightning's automatic loop."""
+    import pytorch_lightning as pl
+
+    from compresslab.models import MLP
+    from compresslab.train import ClassifierModule, fit_with_checkpoints
+
+    torch.manual_seed(0)
+    module = ClassifierModule(MLP((1, 4, 4), 3, hidden=[8]), 3, optimizer=partial(torch.optim.AdamW, lr=0.05),
+                              scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=4))
+    if automatic is not None:
+        module.automatic_optimization = automatic
+    rates, seen = _EpochRates(), []
+
+    class Mode(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen.append(pl_module.automatic_optimization)
+
+    factory = partial(pl.Trainer, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs)
+    fit_with_checkpoints(module, _TensorData(), factory, tmp_path / name, epochs, callbacks=[rates, Mode()],
+                         resume=resume)
+    return module, rates, seen[0]
+
+
+def _weights_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_the_module_steps_its_own_optimizer_and_trains_exactly_as_lightnings_automatic_loop(tmp_path):
+    manual, manual_rates, manual_mode = _fit(tmp_path, "manual")
+    auto, auto_rates, auto_mode = _fit(tmp_path, "auto", automatic=True)
+    assert (manual_mode, auto_mode) == (False, True)
+    # the cosine rate of each epoch (stepped once per epoch end), the step count and the weights, bit for bit
+    expected = [0.05 * (1 + torch.cos(torch.tensor(e * torch.pi / 4)).item()) / 2 for e in range(4)]
+    assert manual_rates.lrs == pytest.approx(expected, rel=1e-6)
+    assert manual_rates.lrs == auto_rates.lrs
+    assert manual_rates.steps == auto_rates.steps == [4, 8, 12, 16]
+    assert _weights_equal(manual, auto)
+
+
+@pytest.mark.parametrize("setting", [{"gradient_clip_val": 0.01}, {"accumulate_grad_batches": 2}])
+def test_clipping_or_accumulation_runs_lightnings_automatic_loop_and_takes_effect(tmp_path, setting):
+    clipped, _, mode = _fit(tmp_path, "set", epochs=1, **setting)
+    plain, _, plain_mode = _fit(tmp_path, "plain", epochs=1)
+    assert (mode, plain_mode) == (True, False)
+    assert not _weights_equal(clipped, plain)  # the setting changed the training
+
+
+# every=1: last.ckpt is written at the training epoch's end, after the scheduler's step; every=2: at the
+# end of validation, before it (Lightning runs the epoch's end again on resuming).
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_fit_resumed_from_an_epoch_end_checkpoint_continues_the_schedule_where_it_stopped(tmp_path, every):
+    whole, whole_rates, _ = _fit(tmp_path, "whole", check_val_every_n_epoch=every)
+    _fit(tmp_path, "split", epochs=2, check_val_every_n_epoch=every)  # stops after epoch 2 of 4
+    resumed, resumed_rates, mode = _fit(tmp_path, "split", resume=True, check_val_every_n_epoch=every)
+    assert mode is False
+    assert resumed_rates.lrs == whole_rates.lrs[2:]
+    assert _weights_equal(resumed, whole)

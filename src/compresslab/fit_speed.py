@@ -13,6 +13,11 @@ step is about 3 ms, so every 0.1 ms is 3 %):
   with the project's ten callbacks, each with a profiler context and a name string) and the module's,
   most of them the base class's no-ops; it skips an attribute that is not callable, so the no-ops are
   set to ``None`` on the instance.
+- :func:`manual_step_supported` and :class:`EpochSchedulerSteps`: Lightning's automatic optimization runs
+  each step through a closure, the ``optimizer_step``/``optimizer_zero_grad`` module hooks and their
+  wrappers (about 0.2 ms a step on a CPU); a :class:`~compresslab.train.ClassifierModule` steps its
+  optimizer in ``training_step`` instead, and this callback steps its epoch scheduler, wherever the
+  fit does not need the automatic loop.
 - :func:`no_failing_nvml_probe`: ``import lightning_fabric`` sets ``PYTORCH_NVML_BASED_CUDA_CHECK=1``,
   and torch's optimizers ask ``torch.cuda.is_available()`` on every ``step()``; on a machine without
   NVML that tries to ``dlopen`` ``libnvidia-ml.so.1`` on every step (about 0.2–0.5 ms), fails, and
@@ -31,9 +36,11 @@ import sys
 import time
 from typing import Any, Iterator
 
+import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.core.hooks import ModelHooks
 from pytorch_lightning.profilers import PassThroughProfiler
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 _NVML_FLAG = "PYTORCH_NVML_BASED_CUDA_CHECK"
 # Per-batch hooks whose return value Lightning does not use (on_train_batch_start's -1 is checked
@@ -96,6 +103,37 @@ def skip_noop_hooks(objects: list) -> list:
             if getattr(type(obj), name, None) is getattr(base, name) and name not in vars(obj):
                 setattr(obj, name, None)
     return objects
+
+
+def manual_step_supported(trainer: pl.Trainer) -> bool:
+    """Whether a fit on ``trainer`` can step the optimizer in ``training_step`` (Lightning's manual
+    optimization): not where the trainer clips gradients or accumulates them over batches, which only
+    the automatic loop does (Lightning refuses both settings with manual optimization)."""
+    clip = trainer.gradient_clip_val
+    return not (clip is not None and clip > 0) and trainer.accumulate_grad_batches == 1
+
+
+class EpochSchedulerSteps(Callback):
+    """Steps the epoch-interval learning-rate schedulers of a module that steps its own optimizer
+    (Lightning steps them only for automatic optimization): once at the end of every training epoch, as
+    the automatic loop does. A fit resumed from a checkpoint written at the epoch's end (after this
+    step) or at the end of its validation (before it: Lightning then runs the epoch's end again) goes on
+    with the schedule of an uninterrupted one. Does nothing for an automatically optimized module."""
+
+    @staticmethod
+    def can_step(scheduler: Any) -> bool:
+        """Whether the scheduler is stepped by count alone (not a plateau scheduler, which needs a metric)."""
+        return isinstance(scheduler, LRScheduler) and not isinstance(scheduler, ReduceLROnPlateau)
+
+    @staticmethod
+    def _epoch_schedulers(trainer: pl.Trainer, pl_module: pl.LightningModule) -> list:
+        if pl_module.automatic_optimization:
+            return []
+        return [config.scheduler for config in trainer.lr_scheduler_configs if config.interval == "epoch"]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for scheduler in self._epoch_schedulers(trainer, pl_module):
+            scheduler.step()
 
 
 def default_fit_kwargs(trainer_cfg: Any, callbacks: list, overrides: dict | None = None) -> dict:
