@@ -199,3 +199,20 @@ def test_quick_paper_scale_on_tiny_idx_files(tmp_path):
     assert record["data_regime"]["test_samples"] == 100
     assert row["ours_mean"] == pytest.approx(100 - 100 * record["student"]["acc_top1"])
     assert all(c["tolerance"] > 0 for c in row["checks"] if "2 SE" in c["check"])
+
+
+def test_a_one_seed_mean_is_printed_without_a_spread_and_several_seeds_with_theirs():
+    from compresslab.reproduce.output import markdown, table_rows
+
+    def row(values):
+        return {"paper": "P", "claim": "c", "paper_value": 1.0, "ours_mean": sum(values) / len(values),
+                "ours_std": 0.0 if len(values) == 1 else 0.5, "seeds": list(range(len(values))), "verdict": "partly",
+                "metric": "m", "statement": "s", "checks": [],
+                "metrics": {"m": {"label": "m", "mean": sum(values) / len(values),
+                                  "std": 0.0 if len(values) == 1 else 0.5, "values": values}}}
+
+    one, three = row([2.0]), row([1.5, 2.0, 2.5])
+    assert table_rows([one, three]) == [["P", "c", "1.00", "2.00", "partly"], ["P", "c", "1.00", "2.00 ± 0.50", "partly"]]
+    md_one, md_three = markdown([one], None, "cmd"), markdown([three], None, "cmd")
+    assert "± 0.00" not in md_one and "| m | 2.00 | 2.00 |" in md_one
+    assert "| m | 2.00 ± 0.50 | 1.50, 2.00, 2.50 |" in md_three

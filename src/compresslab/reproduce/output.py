@@ -16,6 +16,11 @@ def fmt(x: float | None, std: float | None = None, digits: int = 2) -> str:
     return f"{x:.{digits}f} ± {std:.{digits}f}" if std is not None else f"{x:.{digits}f}"
 
 
+def spread(std: float | None, seeds: Sequence) -> float | None:
+    """The std to print beside a mean: none for a single seed (its 0 is no measured spread)."""
+    return std if len(seeds) > 1 else None
+
+
 def figure(claim: Claim, row: dict, path: Path) -> Path:
     """The claim's figure (``repro.figure``): ``kind: bars`` (metrics side by side, the paper's
     numbers as markers) or ``kind: lines`` (``series: {label: {x: metric}}`` with ``hlines``)."""
@@ -67,7 +72,8 @@ def figure(claim: Claim, row: dict, path: Path) -> Path:
 
 
 def table_rows(rows: Sequence[dict]) -> list[list[str]]:
-    return [[r["paper"], r["claim"], fmt(r["paper_value"]), fmt(r["ours_mean"], r["ours_std"]), r["verdict"]]
+    return [[r["paper"], r["claim"], fmt(r["paper_value"]), fmt(r["ours_mean"], spread(r["ours_std"], r["seeds"])),
+             r["verdict"]]
             for r in rows]
 
 
@@ -98,7 +104,7 @@ def markdown(rows: Sequence[dict], wall_s: float | None, command: str) -> str:
             lines += [f"Schedule: {r['schedule']}", ""]
         lines += ["| metric | ours (mean ± std) | per seed |", "|---|---|---|"]
         for m in r["metrics"].values():
-            lines.append(f"| {m['label']} | {fmt(m['mean'], m['std'])} | "
+            lines.append(f"| {m['label']} | {fmt(m['mean'], spread(m['std'], r['seeds']))} | "
                          f"{', '.join(f'{v:.2f}' for v in m['values'])} |")
         lines += ["", "Verdict rule (on the mean over seeds; all hold: reproduced, some: partly, none: not reproduced):", ""]
         for c in r["checks"]:
