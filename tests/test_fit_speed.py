@@ -242,3 +242,19 @@ def test_a_fit_resumed_from_an_epoch_end_checkpoint_continues_the_schedule_where
     assert mode is False
     assert resumed_rates.lrs == whole_rates.lrs[2:]
     assert _weights_equal(resumed, whole)
+
+
+def test_a_plateau_scheduler_is_left_to_lightnings_automatic_loop_and_its_missing_monitor_named(tmp_path):
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from compresslab.models import MLP
+    from compresslab.train import ClassifierModule, fit_with_checkpoints
+
+    module = ClassifierModule(MLP((1, 4, 4), 3, hidden=[8]), 3, optimizer=partial(torch.optim.SGD, lr=0.1),
+                              scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau)
+    factory = partial(pl.Trainer, accelerator="cpu", logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0)
+    with pytest.raises(MisconfigurationException, match="monitor"):
+        fit_with_checkpoints(module, _TensorData(), factory, tmp_path / "plateau", 1, resume=False)
+    assert module.automatic_optimization  # not stepped by count in the manual path (it needs a metric)
